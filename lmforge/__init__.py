@@ -1,0 +1,13 @@
+"""lmforge: a language model's whole life in one PyTorch package.
+
+    import lmforge
+    llm = lmforge.load("preset:teenygpt")       # or a model folder, a .gguf file, "smollm2"
+    print(llm.generate("to be or not", max_new_tokens=40, temperature=0.8, seed=0))
+"""
+
+__version__ = "0.1.0"
+
+from lmforge.config import Config, get_preset, list_presets  # noqa: E402
+from lmforge.llm import LLM, load  # noqa: E402
+
+__all__ = ["Config", "LLM", "get_preset", "list_presets", "load", "__version__"]

@@ -1,0 +1,323 @@
+"""Model configuration: one `Config` grouped into sub-configs, and a table of named presets.
+
+Every decoder family lmforge serves (teenyGPT, GPT-2, Llama, Mistral, Qwen2, Falcon, SmolLM2) is one
+`Config`; `lmforge.models.DecoderLM` reads nothing else. Each preset cites where its numbers come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lmforge.errors import ConfigError
+
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
+GATED = ("swiglu", "geglu")
+
+
+@dataclass
+class AttentionConfig:
+    """Self-attention: heads, grouped/multi-query key-value heads, biases, sliding window."""
+
+    n_head: int = 12
+    n_kv_head: int | None = None  # None: = n_head (MHA); < n_head: GQA; 1: MQA
+    head_dim: int | None = None  # None: d_model // n_head
+    qkv_bias: bool = True
+    out_bias: bool = True
+    sliding_window: int | None = None  # Mistral: each query sees at most this many keys (itself included)
+    dropout: float = 0.0
+
+
+@dataclass
+class MLPConfig:
+    """Position-wise feed-forward block: hidden width and activation (gated ones use two input maps)."""
+
+    hidden: int = 3072
+    activation: Activation = "gelu"
+    bias: bool = True
+
+
+@dataclass
+class NormConfig:
+    """Normalisation: kind, epsilon, and where it sits (pre-norm with a final norm, or post-norm)."""
+
+    kind: Literal["layernorm", "rmsnorm"] = "layernorm"
+    eps: float = 1e-5
+    placement: Literal["pre", "post"] = "pre"
+    bias: bool = True  # LayerNorm bias
+
+
+@dataclass
+class PositionConfig:
+    """Positions: learned absolute embeddings, rotary (RoPE) with optional scaling, or none (NoPE)."""
+
+    kind: Literal["learned", "rope", "none"] = "learned"
+    rope_theta: float = 10000.0
+    # Hook for context extension: {"type": "linear", "factor": f} or the Llama-3 scheme
+    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    rope_scaling: dict[str, Any] | None = None
+
+
+@dataclass
+class Config:
+    """A decoder-only language model, fully described.
+
+    `family` names the checkpoint layout it maps to (`gpt2`, `llama`, `mistral`, `qwen2`, `falcon`,
+    or `lmforge` for shapes no other library has, such as teenyGPT's post-norm blocks).
+    """
+
+    name: str = "custom"
+    family: str = "lmforge"
+    vocab_size: int = 50257
+    block_size: int = 1024  # context length
+    d_model: int = 768
+    n_layer: int = 12
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    position: PositionConfig = field(default_factory=PositionConfig)
+    parallel_residual: bool = False  # Falcon/GPT-J: x + attn(ln(x)) + mlp(ln(x)), one shared norm
+    tie_embeddings: bool = True
+    lm_head_bias: bool = False
+    embed_dropout: float = 0.0  # on token (+ position) embeddings
+    resid_dropout: float = 0.0  # on each block's attention and MLP outputs
+    init: Literal["gpt2", "torch"] = "gpt2"  # gpt2: N(0, init_std), scaled residual projections
+    init_std: float = 0.02
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def n_head(self) -> int:
+        return self.attention.n_head
+
+    @property
+    def n_kv_head(self) -> int:
+        return self.attention.n_kv_head or self.attention.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim or self.d_model // self.attention.n_head
+
+    # ---- validation and (de)serialisation -----------------------------------------------------
+    def validate(self) -> Config:
+        """Check that the numbers fit together; raise `ConfigError` naming the field otherwise."""
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"config {self.name!r}: {msg}")
+
+        for f in ("vocab_size", "block_size", "d_model", "n_layer"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) > 0,
+                 f"{f} must be a positive integer, got {getattr(self, f)!r}")
+        a = self.attention
+        need(a.n_head > 0, f"attention.n_head must be positive, got {a.n_head}")
+        need(a.head_dim is not None or self.d_model % a.n_head == 0,
+             f"d_model ({self.d_model}) must be divisible by attention.n_head ({a.n_head}) "
+             "or attention.head_dim must be set")
+        need(self.n_head % self.n_kv_head == 0,
+             f"attention.n_head ({a.n_head}) must be a multiple of attention.n_kv_head ({self.n_kv_head})")
+        need(a.sliding_window is None or a.sliding_window > 0, "attention.sliding_window must be positive")
+        need(self.position.kind != "rope" or self.head_dim % 2 == 0, "RoPE needs an even head_dim")
+        need(self.mlp.hidden > 0, "mlp.hidden must be positive")
+        need(self.mlp.activation in Activation.__args__,
+             f"mlp.activation must be one of {list(Activation.__args__)}, got {self.mlp.activation!r}")
+        need(self.norm.kind in ("layernorm", "rmsnorm"),
+             f"norm.kind must be 'layernorm' or 'rmsnorm', got {self.norm.kind!r}")
+        need(self.norm.placement in ("pre", "post"),
+             f"norm.placement must be 'pre' or 'post', got {self.norm.placement!r}")
+        need(self.position.kind in ("learned", "rope", "none"),
+             f"position.kind must be 'learned', 'rope' or 'none', got {self.position.kind!r}")
+        need(not (self.parallel_residual and self.norm.placement == "post"),
+             "parallel_residual needs norm.placement='pre'")
+        for f in ("embed_dropout", "resid_dropout"):
+            need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready nested dict (the `model` section of `lmforge.json`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Build from a nested dict, rejecting unknown keys with the list of allowed ones."""
+        return _from_dict(cls, d, prefix="").validate()
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with dotted overrides applied, e.g. `replace(**{"attention.n_head": 4})`."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            node = d
+            *parents, leaf = key.split(".")
+            for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"unknown config field {key!r}")
+                node = node[p]
+            if leaf not in node:
+                raise ConfigError(f"unknown config field {key!r}; allowed here: {sorted(node)}")
+            node[leaf] = value
+        return Config.from_dict(d)
+
+
+def _from_dict(cls, d: dict[str, Any], prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or 'model'!r} must be a mapping, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {sorted(prefix + u for u in unknown)}; "
+                          f"allowed: {sorted(prefix + f for f in fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        sub = _SUBCONFIGS.get(name) if cls is Config else None
+        kwargs[name] = _from_dict(sub, value, prefix + name + ".") if sub else value
+    return cls(**kwargs)
+
+
+_SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig}
+
+
+# ================================================================================================
+# Presets. Each function returns a fresh Config; the comment says where the numbers come from.
+# ================================================================================================
+
+def _teenygpt() -> Config:
+    # Tomczak, "LLMs" (Deep Generative Modeling blog, post 20) and its teenygpt_example notebook:
+    # char vocab 29 (pad, a-z, space, BOS), 150 tokens, D=32, 8 heads, 4 post-LN blocks,
+    # MLP width 128 x D = 4096 with GELU, learned positions, dropout 0.1 on the embedding sum,
+    # untied output layer, biases everywhere, PyTorch default init. 1,089,181 parameters.
+    return Config(
+        name="teenygpt", family="lmforge", vocab_size=29, block_size=150, d_model=32, n_layer=4,
+        attention=AttentionConfig(n_head=8), mlp=MLPConfig(hidden=128 * 32, activation="gelu"),
+        norm=NormConfig(kind="layernorm", placement="post"), position=PositionConfig(kind="learned"),
+        tie_embeddings=False, lm_head_bias=True, embed_dropout=0.1, init="torch",
+        bos_id=28, pad_id=0,
+    )
+
+
+def _gpt2(name: str, n_layer: int, d_model: int, n_head: int) -> Config:
+    # Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", Table 2, and the
+    # released checkpoints' config.json: vocab 50257, context 1024, MLP 4d with tanh-GELU, pre-LN with a
+    # final LN, learned positions, tied embeddings, biases on. Dropout 0 for pre-training (as nanoGPT).
+    return Config(
+        name=name, family="gpt2", vocab_size=50257, block_size=1024, d_model=d_model, n_layer=n_layer,
+        attention=AttentionConfig(n_head=n_head), mlp=MLPConfig(hidden=4 * d_model, activation="gelu_tanh"),
+        norm=NormConfig(kind="layernorm", eps=1e-5), position=PositionConfig(kind="learned"),
+        tie_embeddings=True, bos_id=50256, eos_id=50256,
+    )
+
+
+def _llama_like(name: str, family: str, *, vocab: int, ctx: int, d: int, layers: int, heads: int,
+                kv: int, ffn: int, theta: float, eps: float, tied: bool, window: int | None = None,
+                qkv_bias: bool = False, head_dim: int | None = None) -> Config:
+    return Config(
+        name=name, family=family, vocab_size=vocab, block_size=ctx, d_model=d, n_layer=layers,
+        attention=AttentionConfig(n_head=heads, n_kv_head=kv, head_dim=head_dim, qkv_bias=qkv_bias,
+                                  out_bias=False, sliding_window=window),
+        mlp=MLPConfig(hidden=ffn, activation="swiglu", bias=False),
+        norm=NormConfig(kind="rmsnorm", eps=eps, bias=False),
+        position=PositionConfig(kind="rope", rope_theta=theta), tie_embeddings=tied,
+    )
+
+
+def _smollm2_135m() -> Config:
+    # HuggingFaceTB/SmolLM2-135M config.json (Allal et al. 2025, "SmolLM2"): 30 layers, d 576, 9 heads,
+    # 3 KV heads, SwiGLU FFN 1536, RoPE theta 1e5, RMSNorm eps 1e-5, vocab 49152, context 8192, tied.
+    c = _llama_like("smollm2-135m", "llama", vocab=49152, ctx=8192, d=576, layers=30, heads=9, kv=3,
+                    ffn=1536, theta=100000.0, eps=1e-5, tied=True)
+    c.bos_id, c.eos_id, c.pad_id = 1, 2, 2
+    return c
+
+
+def _llama_110m() -> Config:
+    # Karpathy's llama2.c "stories110M": dim 768, 12 layers, 12 heads (MHA), hidden 2048
+    # (= 2/3 * 4 * 768 rounded to 32), vocab 32000 (Llama-2 SentencePiece), context 1024, tied.
+    # 109.5M parameters.
+    c = _llama_like("llama-110m", "llama", vocab=32000, ctx=1024, d=768, layers=12, heads=12, kv=12,
+                    ffn=2048, theta=10000.0, eps=1e-5, tied=True)
+    c.bos_id, c.eos_id = 1, 2
+    return c
+
+
+def _mistral_7b() -> Config:
+    # Jiang et al. 2023, "Mistral 7B", Table 1: dim 4096, 32 layers, head_dim 128, hidden 14336,
+    # 32 heads, 8 KV heads, sliding window 4096, context 8192 (as released), vocab 32000. Untied.
+    c = _llama_like("mistral-7b", "mistral", vocab=32000, ctx=8192, d=4096, layers=32, heads=32, kv=8,
+                    ffn=14336, theta=10000.0, eps=1e-5, tied=False, window=4096)
+    c.bos_id, c.eos_id = 1, 2
+    return c
+
+
+def _falcon_7b() -> Config:
+    # Almazrouei et al. 2023, "The Falcon Series of Open Language Models", and tiiuae/falcon-7b
+    # config.json: d 4544, 32 layers, 71 heads of 64, multi-query attention (1 KV head), parallel
+    # attention + MLP sharing one LayerNorm, GELU MLP 4d, RoPE, no biases, vocab 65024, context 2048.
+    return Config(
+        name="falcon-7b", family="falcon", vocab_size=65024, block_size=2048, d_model=4544, n_layer=32,
+        attention=AttentionConfig(n_head=71, n_kv_head=1, qkv_bias=False, out_bias=False),
+        mlp=MLPConfig(hidden=4 * 4544, activation="gelu", bias=False),
+        norm=NormConfig(kind="layernorm", eps=1e-5), position=PositionConfig(kind="rope"),
+        parallel_residual=True, tie_embeddings=True, bos_id=11, eos_id=11,
+    )
+
+
+def _qwen2_0_5b() -> Config:
+    # Qwen/Qwen2-0.5B config.json (Yang et al. 2024, "Qwen2 Technical Report"): d 896, 24 layers,
+    # 14 heads, 2 KV heads, SwiGLU 4864, RoPE theta 1e6, RMSNorm 1e-6, vocab 151936, bias on Q/K/V only.
+    return _llama_like("qwen2-0.5b", "qwen2", vocab=151936, ctx=32768, d=896, layers=24, heads=14, kv=2,
+                       ffn=4864, theta=1000000.0, eps=1e-6, tied=True, qkv_bias=True)
+
+
+def _tiny(family: str) -> Config:
+    """A few-thousand-parameter model of each family, for tests: same code paths, tiny shapes."""
+    base = {
+        "gpt2": _gpt2("tiny-gpt2", 2, 64, 4),
+        "llama": _llama_like("tiny-llama", "llama", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=2,
+                             ffn=160, theta=10000.0, eps=1e-5, tied=False),
+        "mistral": _llama_like("tiny-mistral", "mistral", vocab=256, ctx=128, d=64, layers=2, heads=4,
+                               kv=2, ffn=160, theta=10000.0, eps=1e-5, tied=False, window=16),
+        "qwen2": _llama_like("tiny-qwen2", "qwen2", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=2,
+                             ffn=160, theta=1000000.0, eps=1e-6, tied=True, qkv_bias=True),
+        "falcon": dataclasses.replace(_falcon_7b(), name="tiny-falcon", vocab_size=256, block_size=128,
+                                      d_model=64, n_layer=2, attention=AttentionConfig(
+                                          n_head=4, n_kv_head=1, qkv_bias=False, out_bias=False),
+                                      mlp=MLPConfig(hidden=256, activation="gelu", bias=False),
+                                      bos_id=None, eos_id=None),
+        "teenygpt": dataclasses.replace(_teenygpt(), name="tiny-teenygpt", n_layer=2,
+                                        mlp=MLPConfig(hidden=4 * 32, activation="gelu")),
+    }[family]
+    if family == "gpt2":
+        base = dataclasses.replace(base, vocab_size=256, block_size=128, bos_id=None, eos_id=None)
+    return base
+
+
+PRESETS: dict[str, Any] = {
+    "teenygpt": _teenygpt,
+    "gpt2-124m": lambda: _gpt2("gpt2-124m", 12, 768, 12),
+    "gpt2-medium": lambda: _gpt2("gpt2-medium", 24, 1024, 16),  # 355M
+    "gpt2-large": lambda: _gpt2("gpt2-large", 36, 1280, 20),  # 774M
+    "gpt2-xl": lambda: _gpt2("gpt2-xl", 48, 1600, 25),  # 1558M
+    "smollm2-135m": _smollm2_135m,
+    "llama-110m": _llama_110m,
+    "mistral-7b": _mistral_7b,
+    "falcon-7b": _falcon_7b,
+    "qwen2-0.5b": _qwen2_0_5b,
+    **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
+}
+
+
+def list_presets() -> list[str]:
+    """Names of all presets."""
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> Config:
+    """A fresh `Config` for a named preset; an unknown name raises `ConfigError` naming the nearest ones."""
+    if name not in PRESETS:
+        near = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        raise ConfigError(f"unknown preset {name!r}.{hint} Available presets: {', '.join(PRESETS)}")
+    return PRESETS[name]().validate()

@@ -1,0 +1,328 @@
+"""`lmforge.load()` and `LLM`: a model, its tokenizer, and what a user does with them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge import __version__
+from lmforge.config import Config, get_preset
+from lmforge.errors import ConfigError, FormatError
+from lmforge.infer.generate import GenerationConfig, TextStream, generate_ids, iter_tokens
+from lmforge.interop import hf
+from lmforge.io import atomic_dir, write_json
+from lmforge.models import DecoderLM
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+# Tokens that end an assistant turn in common chat templates, besides the tokenizer's EOS.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LLM:
+    """A language model with its tokenizer: generate, chat, save.
+
+    Attributes:
+        model: the `DecoderLM` (a `torch.nn.Module`: (B, T) ids -> (B, T, vocab) logits).
+        tokenizer: an `lmforge.tokenizers.Tokenizer`, or None for a bare preset.
+    """
+
+    def __init__(self, model: DecoderLM, tokenizer=None, source: str = ""):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.source = source
+
+    @property
+    def config(self) -> Config:
+        """The model's `Config`."""
+        return self.model.config
+
+    def __repr__(self) -> str:
+        p = next(self.model.parameters())
+        return (f"LLM({self.config.name!r}, family={self.config.family}, params={self.model.num_params():,}, "
+                f"dtype={p.dtype}, device={p.device})")
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer (a bare preset); load a model folder, or pass "
+                              "tokenizer=<folder> to lmforge.load")
+        return self.tokenizer
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a prompt as generation sees it (the tokenizer's BOS included where it adds one)."""
+        tok = self._need_tokenizer()
+        if hasattr(tok, "normalize"):  # e.g. the teenyGPT character vocabulary: a-z and space only
+            prompt = tok.normalize(prompt) if prompt.strip() else prompt
+        return tok.encode(prompt, add_special_tokens=True)
+
+    def eos_ids(self, chat: bool = False) -> list[int]:
+        """Token ids that end generation: the tokenizer's and config's EOS, and end-of-turn tokens in chat."""
+        tok = self.tokenizer
+        ids = {i for i in (getattr(tok, "eos_id", None), self.config.eos_id) if i is not None}
+        if tok is not None and not ids and getattr(tok, "pad_id", None) is not None:
+            ids.add(tok.pad_id)  # teenyGPT: sequences end where padding starts
+        if chat and tok is not None:
+            ids |= {i for t in END_OF_TURN if (i := tok.token_to_id(t)) is not None}
+        return sorted(ids)
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for i in (getattr(tok, "pad_id", None), self.config.pad_id, getattr(tok, "eos_id", None)):
+            if i is not None:
+                return i
+        return 0
+
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 128, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 stop: list[str] | str | None = None, seed: int | None = None, truncate: bool = False,
+                 stream: bool = False) -> str | list[str] | Iterator[str]:
+        """Continue a prompt (or a batch of prompts of any lengths) and return the new text.
+
+        temperature 0 is greedy decoding. With `stream=True` (one prompt) returns an iterator of text
+        pieces as they are produced. Generation stops at EOS, at a stop string (not included in the
+        output), at max_new_tokens or when the context is full.
+        """
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, repetition_penalty=repetition_penalty,
+                               stop=tuple([stop] if isinstance(stop, str) else stop or ()), seed=seed,
+                               truncate=truncate).validate()
+        if stream:
+            if not isinstance(prompt, str):
+                raise ConfigError("stream=True takes one prompt, not a list")
+            return self._stream([self.encode_prompt(prompt)], gen, chat=False)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ConfigError("no prompts given")
+        return self._complete([self.encode_prompt(p) for p in prompts], gen, single=isinstance(prompt, str))
+
+    def _complete(self, ids: list[list[int]], gen: GenerationConfig, single: bool, chat: bool = False):
+        tok = self._need_tokenizer()
+        outs = generate_ids(self.model, ids, gen, self.eos_ids(chat), self._pad_id())
+        texts = []
+        for out in outs:
+            s = TextStream(self._decode, gen.stop)
+            for t in out:
+                s.push(t)
+                if s.stopped:
+                    break
+            texts.append(s.text)
+        del tok
+        return texts[0] if single else texts
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _stream(self, ids: list[list[int]], gen: GenerationConfig, chat: bool) -> Iterator[str]:
+        s = TextStream(self._decode, gen.stop)
+        eos = set(self.eos_ids(chat))
+        for nxt in iter_tokens(self.model, ids, gen, sorted(eos), self._pad_id()):
+            t = int(nxt[0])
+            if t in eos:
+                break
+            piece = s.push(t)
+            if piece:
+                yield piece
+            if s.stopped:
+                return
+        rest = s.flush()
+        if rest:
+            yield rest
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0,
+             stream: bool = False, **kwargs: Any) -> str | Iterator[str]:
+        """Reply to a conversation, rendered with the tokenizer's chat template (ChatML if it has none).
+
+        messages: [{"role": "system" | "user" | "assistant", "content": "..."}, ...]
+        """
+        tok = self._need_tokenizer()
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, **kwargs).validate()
+        if stream:
+            return self._stream([ids], gen, chat=True)
+        return self._complete([ids], gen, single=True, chat=True).strip()
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
+        """Write a model folder: config.json, model.safetensors, tokenizer files, lmforge.json.
+
+        Families with a `transformers` layout (GPT-2, Llama, Mistral, Qwen2) are written in it, so
+        `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads them too. The write is atomic.
+        """
+        cfg = self.config
+        dt = resolve_dtype(dtype)
+        sd = {k: (v.to(dt) if dt and v.is_floating_point() else v).detach().cpu()
+              for k, v in self.model.state_dict().items()}
+        layout = "hf" if hf.exportable(cfg) is None else "native"
+        if layout == "hf":
+            tensors, config_json = hf.to_hf_state_dict(cfg, sd), hf.to_hf_config(cfg)
+            config_json["torch_dtype"] = str(dt or next(self.model.parameters()).dtype).removeprefix("torch.")
+        else:
+            tensors = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+            config_json = {"model_type": "lmforge", **cfg.to_dict()}
+        with atomic_dir(folder) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
+            write_json(tmp / "config.json", config_json)
+            write_json(tmp / "lmforge.json", {"format_version": 1, "lmforge_version": __version__,
+                                              "weights_layout": layout, "config": cfg.to_dict()})
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp)
+        return Path(folder)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+def build(cfg: Config, state_dict: dict[str, torch.Tensor] | None, source: str,
+          dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> DecoderLM:
+    """A `DecoderLM` for `cfg` holding `state_dict`, checked tensor by tensor before anything loads."""
+    model = DecoderLM(cfg, init_weights=state_dict is None)
+    if state_dict is not None:
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing or unexpected:
+            raise FormatError(f"{source}: weights do not match the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+        for k, v in expected.items():
+            if tuple(state_dict[k].shape) != tuple(v.shape):
+                raise FormatError(f"{source}: tensor {k!r} has shape {tuple(state_dict[k].shape)}, "
+                                  f"the config needs {tuple(v.shape)}")
+        model.load_state_dict({k: v.to(v.dtype if dtype else v.dtype) for k, v in state_dict.items()})
+    return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    files = [folder / "model.safetensors"]
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise FormatError(f"{index}: not a valid safetensors index ({e})") from e
+        files = [folder / s for s in shards]
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.exists():
+            raise FormatError(f"{folder}: missing weights file {f.name}")
+        try:
+            out.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+            raise FormatError(f"{f}: cannot read safetensors file ({e}); the file is truncated or corrupt") from e
+    return out
+
+
+def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
+    from lmforge.tokenizers import load_tokenizer
+
+    meta_path, cfg_path = folder / "lmforge.json", folder / "config.json"
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        config_json = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    except ValueError as e:
+        raise FormatError(f"{folder}: config file is not valid JSON ({e})") from e
+    if meta is not None:
+        cfg = Config.from_dict(meta["config"])
+        layout = meta.get("weights_layout", "native")
+    elif config_json is not None:
+        cfg, layout = hf.from_hf_config(config_json, str(cfg_path)), "hf"
+    else:
+        raise FormatError(f"{folder}: no config.json or lmforge.json; not a model folder")
+    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+        tensors = _read_safetensors(folder)
+    else:
+        pickles = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if not pickles:
+            raise FormatError(f"{folder}: no model.safetensors found")
+        tensors = {}
+        for p in pickles:
+            tensors.update(_load_pickle(p, allow_pickle))
+    sd = hf.from_hf_state_dict(cfg, tensors, str(folder)) if layout == "hf" else dict(tensors)
+    if layout != "hf" and cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd.get("tok_emb.weight")
+    model = build(cfg, sd, str(folder), dtype, device)
+    tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
+    return LLM(model, tok, str(folder))
+
+
+def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if not allow_pickle:
+        raise FormatError(f"{path}: refusing to read a pickle file ({path.suffix}): unpickling can run code. "
+                          "Convert it to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust it; "
+                          "it is then read with weights_only=True")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FormatError(f"{path}: cannot load with weights_only=True ({e})") from e
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FormatError(f"{path}: expected a dict of tensors")
+    return obj
+
+
+def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
+         tokenizer: str | os.PathLike | None = None, allow_pickle: bool = False) -> LLM:
+    """Load a model from a preset, a model folder (lmforge or Hugging Face), a .gguf file or a short name.
+
+    Args:
+        source: "preset:<name>" (random weights), a folder with config.json + model.safetensors,
+            a .gguf file, or a short name such as "smollm2".
+        dtype: "float32", "bfloat16" or "float16" (default: as stored, float32 for presets).
+        device: where to put the weights.
+        tokenizer: a folder or tokenizer.json to use instead of the model's own.
+        allow_pickle: allow .bin/.pt weights (read with weights_only=True); off by default.
+    """
+    dt = resolve_dtype(dtype)
+    src = str(source)
+    if src.startswith("preset:"):
+        cfg = get_preset(src.removeprefix("preset:"))
+        tok = None
+        if cfg.name == "teenygpt" or cfg.name == "tiny-teenygpt":
+            from lmforge.tokenizers import CharTokenizer
+
+            tok = CharTokenizer()
+        llm = LLM(build(cfg, None, src, dt, device), tok, src)
+    else:
+        path = Path(src).expanduser()
+        if not path.exists():
+            from lmforge.interop import registry
+
+            resolved = registry.resolve(src)
+            if resolved is None:
+                raise FormatError(f"{src}: no such file or folder, and not a preset (use 'preset:<name>') "
+                                  f"or a known short name ({', '.join(registry.SHORT_NAMES)})")
+            path = resolved
+        if path.is_dir():
+            llm = _load_folder(path, dt, device, allow_pickle)
+        elif path.suffix == ".gguf":
+            from lmforge.interop import gguf as gguf_io
+
+            llm = gguf_io.load_gguf(path, dtype=dt, device=device)
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            raise FormatError(f"{path}: a bare pickle file has no config; put it in a model folder with "
+                              "config.json (pickles also need allow_pickle=True)")
+        elif path.name == "tokenizer.json":
+            raise FormatError(f"{path}: this is a tokenizer, not a model")
+        else:
+            raise FormatError(f"{path}: unknown model format; expected a model folder, a .gguf file or "
+                              "'preset:<name>'")
+    if tokenizer is not None:
+        from lmforge.tokenizers import load_tokenizer
+
+        llm.tokenizer = load_tokenizer(tokenizer)
+    return llm

@@ -1,0 +1,95 @@
+"""Building blocks shared by the decoder: norms, feed-forward blocks, rotary position embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import GATED, Config
+
+
+def make_norm(cfg: Config) -> nn.Module:
+    """LayerNorm (optionally without bias) or RMSNorm over `d_model`."""
+    if cfg.norm.kind == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm.eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm.eps, bias=cfg.norm.bias)
+
+
+_ACT = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swiglu": F.silu,
+    "geglu": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: proj(act(fc(x))), or for gated kinds proj(act(gate) * up).
+
+    A gated MLP keeps gate and up in one `fc` (2*hidden outputs, gate first): one matmul instead of
+    two, which at batch-1 decode is one weight read instead of two kernel launches.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        h = cfg.mlp.hidden
+        self.gated = cfg.mlp.activation in GATED
+        self.act = _ACT[cfg.mlp.activation]
+        self.fc = nn.Linear(cfg.d_model, 2 * h if self.gated else h, bias=cfg.mlp.bias)
+        self.proj = nn.Linear(h, cfg.d_model, bias=cfg.mlp.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, h) or (B, T, 2h)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(self.act(gate) * up)
+        return self.proj(self.act(h))
+
+
+def rope_inv_freq(cfg: Config) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) for RoPE, with the configured scaling applied."""
+    hd, theta = cfg.head_dim, cfg.position.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    sc = cfg.position.rope_scaling
+    if not sc:
+        return inv_freq.float()
+    kind = sc.get("type") or sc.get("rope_type")
+    if kind == "linear":  # position interpolation (Chen et al. 2023): positions / factor
+        return (inv_freq / sc["factor"]).float()
+    if kind == "llama3":  # Llama 3.1: scale long wavelengths, keep short ones, blend in between
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        scaled = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+        return scaled.float()
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
+
+
+class Rotary(nn.Module):
+    """Precomputed cos/sin tables for RoPE (Su et al. 2021), in the rotate-half layout of HF Llama."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        t = torch.arange(cfg.block_size, dtype=torch.float32)
+        freqs = torch.outer(t, rope_inv_freq(cfg))  # (T, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (B, T) -> cos, sin: (B, 1, T, hd), broadcast over heads
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle. x: (B, nh, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
