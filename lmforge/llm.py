@@ -44,8 +44,21 @@ class LLM:
 
     def __init__(self, model: DecoderLM, tokenizer=None, source: str = ""):
         self.model = model.eval()
-        self.tokenizer = tokenizer
         self.source = source
+        self.tokenizer = tokenizer
+
+    @property
+    def tokenizer(self):
+        """The tokenizer (None for a bare preset)."""
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        if tok is not None and tok.vocab_size > self.model.config.vocab_size:
+            raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's "
+                              f"({self.model.config.vocab_size}); use a matching tokenizer or a model with "
+                              "vocab_size >= the tokenizer's")
+        self._tokenizer = tok
 
     @property
     def config(self) -> Config:

@@ -131,7 +131,9 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> Config:
     for attr, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "pad_token_id")):
         v = d.get(key)
         setattr(cfg, attr, v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None))
-    if cfg.head_dim * cfg.n_head != cfg.d_model and d.get("head_dim") is None:
+    if cfg.attention.head_dim is not None and cfg.attention.head_dim * cfg.n_head == cfg.d_model:
+        cfg.attention.head_dim = None  # the default; keeps configs comparable
+    if cfg.attention.head_dim is None and cfg.d_model % cfg.n_head:
         raise FormatError(f"{source}: hidden_size is not divisible by num_attention_heads")
     return cfg.validate()
 

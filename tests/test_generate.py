@@ -1,0 +1,133 @@
+"""Generation: greedy and sampled decoding, filters, stop strings, streaming, batches, bad input."""
+
+import pytest
+import torch
+
+from lmforge.config import get_preset
+from lmforge.errors import ConfigError
+from lmforge.infer.generate import GenerationConfig, TextStream, generate_ids, sample_next
+from lmforge.models import DecoderLM
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = DecoderLM(get_preset("tiny-llama")).eval()
+    with torch.no_grad():  # sharpen the random model so that sampling and greedy differ visibly
+        m.lm_head.weight.mul_(20)
+    return m
+
+
+def _naive_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_equals_uncached_argmax_loop(model):
+    prompt = [5, 17, 99, 3]
+    out = generate_ids(model, [prompt], GenerationConfig(max_new_tokens=20, temperature=0))[0]
+    assert out == _naive_greedy(model, prompt, 20)
+
+
+def test_batch_of_different_lengths_equals_each_alone(model):
+    prompts = [[5, 17, 99, 3], [8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    gen = GenerationConfig(max_new_tokens=16, temperature=0)
+    batch = generate_ids(model, prompts, gen)
+    assert batch == [generate_ids(model, [p], gen)[0] for p in prompts]
+
+
+def test_seed_makes_sampling_reproducible(model):
+    gen = GenerationConfig(max_new_tokens=24, temperature=1.0, seed=123)
+    a = generate_ids(model, [[5, 6]], gen)[0]
+    b = generate_ids(model, [[5, 6]], gen)[0]
+    c = generate_ids(model, [[5, 6]], GenerationConfig(max_new_tokens=24, temperature=1.0, seed=7))[0]
+    assert a == b and a != c
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    greedy = generate_ids(model, [[9, 9, 9]], GenerationConfig(max_new_tokens=12, temperature=0))[0]
+    for gen in (GenerationConfig(max_new_tokens=12, temperature=1.5, top_k=1, seed=1),
+                GenerationConfig(max_new_tokens=12, temperature=1.5, top_p=1e-6, seed=1)):
+        assert generate_ids(model, [[9, 9, 9]], gen)[0] == greedy
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    top3 = set(torch.topk(logits[0], 3).indices.tolist())
+    picks = sample_next(logits, GenerationConfig(temperature=1.0, top_k=3), g)
+    assert set(picks.tolist()) == top3
+    probs = logits[0].softmax(-1)
+    order = probs.argsort(descending=True)
+    nucleus = set()
+    total = 0.0
+    for i in order.tolist():  # smallest set reaching 0.6
+        nucleus.add(i)
+        total += probs[i].item()
+        if total >= 0.6:
+            break
+    picks = sample_next(logits, GenerationConfig(temperature=1.0, top_p=0.6), g)
+    assert set(picks.tolist()) == nucleus
+
+
+def test_repetition_penalty_follows_ctrl():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    gen = GenerationConfig(temperature=0, repetition_penalty=4.0)
+    # 2.0 -> 0.5 and -2.0 -> -8.0, so the unseen 1.0 wins
+    assert sample_next(logits, gen, None, seen).item() == 2
+
+
+def test_eos_stops_a_row_and_is_kept(model):
+    prompt = [5, 17, 99, 3]
+    free = generate_ids(model, [prompt], GenerationConfig(max_new_tokens=10, temperature=0))[0]
+    eos = free[3]
+    out = generate_ids(model, [prompt], GenerationConfig(max_new_tokens=10, temperature=0), eos_ids=[eos])[0]
+    assert out == free[:free.index(eos) + 1]
+
+
+def test_generation_stops_at_the_context(model):
+    prompt = list(range(1, 120))
+    out = generate_ids(model, [prompt], GenerationConfig(max_new_tokens=50, temperature=0))[0]
+    assert len(out) == model.config.block_size - len(prompt)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -0.1}, "temperature"),
+    ({"top_k": -1}, "top_k"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"max_new_tokens": -3}, "max_new_tokens"), ({"stop": [""]}, "stop"),
+])
+def test_bad_generation_settings_are_rejected(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        GenerationConfig(**kwargs).validate()
+
+
+def test_prompt_longer_than_context(model):
+    long = list(range(1, 200))
+    with pytest.raises(ConfigError, match="context is 128"):
+        generate_ids(model, [long], GenerationConfig(max_new_tokens=4, temperature=0))
+    out = generate_ids(model, [long], GenerationConfig(max_new_tokens=4, temperature=0, truncate=True))[0]
+    assert out == []  # the kept 128 tokens fill the context
+    out = generate_ids(model, [long[:126]], GenerationConfig(max_new_tokens=4, temperature=0))[0]
+    assert len(out) == 2
+
+
+def test_empty_prompt_without_bos_is_an_error(model):
+    with pytest.raises(ConfigError, match="empty prompt"):
+        generate_ids(model, [[]], GenerationConfig(max_new_tokens=4))
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings():
+    vocab = {1: b"Hel", 2: b"lo", 3: b" \xe2\x82", 4: b"\xac!", 5: b" EN", 6: b"D", 7: b"x"}
+
+    def decode(ids):
+        return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    s = TextStream(decode, stop=["END"])
+    pieces = [s.push(t) for t in (1, 2, 3, 4, 5)]
+    assert pieces == ["Hel", "lo", " ", "\u20ac!", " "]  # euro sign whole; "EN" could start "END"
+    assert s.push(6) == "" and s.stopped and s.text == "Hello \u20ac! "
