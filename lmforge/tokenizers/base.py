@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError
+from lmforge.io import atomic_write_bytes
 from lmforge.tokenizers.chat import CHATML_TEMPLATE, render_chat_template
 
 # tokenizer_config.json keys that decide what a tokenizer does; `hash()` digests these and tokenizer.json.
@@ -109,8 +109,8 @@ class Tokenizer(ABC):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tok_json, config = self._to_json()
-        _atomic_write(folder / "tokenizer.json", json.dumps(tok_json, ensure_ascii=False, indent=2))
-        _atomic_write(folder / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))
+        atomic_write_bytes(folder / "tokenizer.json", json.dumps(tok_json, ensure_ascii=False, indent=2).encode())
+        atomic_write_bytes(folder / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2).encode())
         return folder
 
     def hash(self) -> str:
@@ -136,16 +136,3 @@ class Tokenizer(ABC):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
                 f"eos_id={self.eos_id}, pad_id={self.pad_id})")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
