@@ -377,14 +377,14 @@ def test_train_tokenizer_command(tmp_path, capsys):
     rows = [json.dumps({"text": line}) for line in CORPUS.splitlines() if line]
     (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "tok"
-    assert main(["train-tokenizer", str(tmp_path / "docs"), str(tmp_path / "c.jsonl"), str(out),
+    assert main(["train-tokenizer", str(tmp_path / "docs"), str(tmp_path / "c.jsonl"), "--out", str(out),
                  "--vocab-size", "500"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("trained byte-level BPE: vocab 500 from") and "\n" not in line
     tok = load_tokenizer(out)
     assert tok.vocab_size == 500 and tok.decode(tok.encode(CORPUS)) == CORPUS
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
-    with pytest.raises(FormatError, match=r"bad.jsonl:1 has no string \"text\""):
+    with pytest.raises(FormatError, match=r"bad.jsonl.*line 1.*text"):
         train_tokenizer([str(tmp_path / "bad.jsonl")], str(out))
-    assert main(["train-tokenizer", str(tmp_path / "missing"), str(out)]) == 2
+    assert main(["train-tokenizer", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
