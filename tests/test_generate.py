@@ -131,3 +131,28 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
     pieces = [s.push(t) for t in (1, 2, 3, 4, 5)]
     assert pieces == ["Hel", "lo", " ", "\u20ac!", " "]  # euro sign whole; "EN" could start "END"
     assert s.push(6) == "" and s.stopped and s.text == "Hello \u20ac! "
+
+
+def test_packed_linears_change_nothing_but_speed():
+    from lmforge.infer.packed import PackedLinear, pack_linears
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = DecoderLM(get_preset("tiny-gpt2")).eval().to(dtype)
+        x = torch.randint(0, 256, (2, 20))
+        keys = list(model.state_dict())
+        with torch.no_grad():
+            plain = model(x)
+        pack_linears(model)
+        assert isinstance(model.blocks[0].attn.qkv, PackedLinear)
+        assert list(model.state_dict()) == keys and model.lm_head.weight is model.tok_emb.weight
+        with torch.no_grad():
+            assert torch.equal(model(x), plain)
+            model.blocks[0].mlp.fc.weight.mul_(2)  # an in-place update must reach the packed copy
+            changed = model(x)
+        fresh = DecoderLM(get_preset("tiny-gpt2")).eval().to(dtype)
+        fresh.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert torch.equal(changed, fresh(x)) and not torch.equal(changed, plain)
+        model(x).float().sum().backward()  # with gradients it is a plain nn.Linear
+        assert model.blocks[0].attn.qkv.weight.grad is not None

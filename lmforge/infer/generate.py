@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.infer.packed import pack_linears
 from lmforge.models import DecoderLM
 
 
@@ -109,6 +110,7 @@ def iter_tokens(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
     gen.validate()
     cfg = model.config
     device = model.tok_emb.weight.device
+    pack_linears(model)  # CPU: multiply from prepacked weights (no-op elsewhere and when done before)
     ids, mask = prepare_prompts(prompts, cfg.block_size, gen, pad_id)
     B, T = ids.shape
     steps = min(gen.max_new_tokens, cfg.block_size - T)

@@ -1,0 +1,67 @@
+"""Prepacked linear layers for CPU inference: a drop-in replacement for `nn.Linear`.
+
+At batch-1 decode every weight is read once per token, so decode speed is the speed of matrix-vector
+products. oneDNN (bf16) and MKL (fp32) multiply faster from weights reordered once into their blocked
+layouts than from a plain row-major matrix, which `F.linear` uses as it is. Measured on 2 cores
+(AVX-512), one thread, one token through a 50257 x 768 LM head: fp32 17.4 ms -> 8.5 ms, bf16 12.9 ms ->
+6.8 ms; a 3072 x 768 bf16 MLP weight 205 us -> 99 us (bench/README.md has whole-model figures).
+
+`pack_linears(model)` swaps each `nn.Linear` for a `PackedLinear`: a subclass holding the very same
+`weight` and `bias` parameters (state dict keys, tied weights and optimizers are unaffected) plus a
+packed copy used when no gradient is needed. An in-place change of a weight (an optimizer step,
+`load_state_dict`) or a new storage (`.to(dtype)`) is noticed and the copy rebuilt on the next call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and (weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and torch._C.has_mkl)))
+
+
+class PackedLinear(nn.Linear):
+    """`nn.Linear` that multiplies from a copy of its weight prepacked for MKL (fp32) or oneDNN (bf16)."""
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)  # not nn.Linear's: the parameters are shared, not created
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._packed: torch.Tensor | None = None
+        self._packed_key: tuple | None = None
+
+    def _key(self) -> tuple:
+        w = self.weight
+        return (w.data_ptr(), w.dtype, w._version)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (torch.is_grad_enabled() and w.requires_grad) or x.dtype != w.dtype or not _can_pack(w):
+            return F.linear(x, w, self.bias)
+        if self._packed_key != self._key():
+            with torch.no_grad():
+                if w.dtype == torch.bfloat16:
+                    self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+                else:
+                    self._packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), 1)
+            self._packed_key = self._key()
+        if w.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [None], "")
+        shape = x.shape
+        y = torch.ops.mkl._mkl_linear(x.reshape(-1, shape[-1]), self._packed, w, self.bias, 1)
+        return y.view(*shape[:-1], self.out_features)
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Swap every `nn.Linear` in `model` for a `PackedLinear`, in place (idempotent). Returns the model."""
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Linear:
+            setattr(model, name, PackedLinear(child))
+        else:
+            pack_linears(child)
+    return model
