@@ -1,0 +1,193 @@
+"""Run checkpoints: `<run>/checkpoints/step-N/` = model folder + optimizer.pt + state.json, written atomically.
+
+A checkpoint is built in a temporary folder beside its final name, fsync'ed, and renamed into place
+(`lmforge.io.atomic_dir`), so `step-N/` either exists whole or not at all, and older checkpoints are
+pruned only after the new one is in place. `state.json` is written last and lists the sha256 of every
+other file, so a checkpoint damaged later (truncated copy, bad disk) is recognised and skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.errors import FormatError
+from lmforge.io import atomic_dir, write_json
+
+CKPT_DIR = "checkpoints"
+STATE_FILE = "state.json"
+OPTIM_FILE = "optimizer.pt"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+# ---- RNG state <-> JSON ------------------------------------------------------------------------
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a training step can touch (torch CPU drives dropout; CUDA if present)."""
+    np_state = np.random.get_state()
+    py = random.getstate()
+    state = {
+        "torch": _b64(torch.get_rng_state()),
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state()` captured."""
+    torch.set_rng_state(_unb64(state["torch"]))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# ---- save / find / load ------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """`<run_dir>/checkpoints/step-<step>`."""
+    return Path(run_dir) / CKPT_DIR / f"step-{step}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `step-N` folder, newest first (whole or not)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, llm, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write `checkpoints/step-<step>/` atomically, then prune all but the newest `keep_last` (0 keeps all).
+
+    `llm` is an `LLM` (model + tokenizer) saved as a model folder; `state` is JSON-ready run state
+    (step, RNGs, data position, ...), to which the file checksums and a completion marker are added.
+    The model's train/eval mode is left as it was.
+    """
+    target = checkpoint_dir(run_dir, step)
+    with atomic_dir(target) as tmp:
+        llm.save(tmp)
+        torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        # state.json last: its presence with matching checksums is what "whole" means
+        write_json(tmp / STATE_FILE, {**state, "step": step, "format_version": FORMAT_VERSION, "files": files,
+                                      "complete": True})
+    if keep_last > 0:
+        for _, old in list_checkpoints(run_dir)[keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def verify_checkpoint(folder: Path) -> dict[str, Any]:
+    """The checkpoint's state.json if the checkpoint is whole; FormatError saying what is wrong otherwise."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{folder}: no {STATE_FILE} (incomplete checkpoint)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e}); truncated or corrupt") from None
+    if not isinstance(state, dict) or state.get("complete") is not True or not isinstance(state.get("files"), dict):
+        raise FormatError(f"{path}: no completion marker; the checkpoint was not finished")
+    for name, digest in state["files"].items():
+        f = folder / name
+        if not f.is_file():
+            raise FormatError(f"{folder}: {name} is missing")
+        if _sha256(f) != digest:
+            raise FormatError(f"{f}: checksum mismatch (truncated or corrupt)")
+    return state
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint folder and its state."""
+
+    path: Path
+    step: int
+    state: dict[str, Any]
+
+
+def find_latest(run_dir: str | Path) -> Checkpoint | None:
+    """The newest whole checkpoint; damaged newer ones are skipped with a warning naming the problem."""
+    for step, folder in list_checkpoints(run_dir):
+        try:
+            state = verify_checkpoint(folder)
+        except FormatError as e:
+            warnings.warn(f"skipping checkpoint {folder.name}: {e}", stacklevel=2)
+            continue
+        return Checkpoint(folder, step, state)
+    return None
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> Checkpoint | None:
+    """`resume`: None/"none" (start fresh), "auto" (newest whole checkpoint, if any) or a checkpoint folder."""
+    if resume in (None, "", "none", "never"):
+        return None
+    if resume == "auto":
+        return find_latest(run_dir)
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise FormatError(f"--resume {resume}: no such checkpoint folder; use 'auto' or a checkpoints/step-N folder")
+    state = verify_checkpoint(folder)
+    return Checkpoint(folder, int(state["step"]), state)
+
+
+def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Load optimizer.pt (tensors and plain containers only: `weights_only=True`)."""
+    sd = torch.load(folder / OPTIM_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(sd)
+
+
+def load_model_weights(folder: Path, model: torch.nn.Module) -> None:
+    """Copy the checkpoint's weights into `model` in place (same config), exactly."""
+    from lmforge.llm import load
+
+    saved = load(folder).model
+    with torch.no_grad():
+        ours = model.state_dict()
+        for k, v in saved.state_dict().items():
+            ours[k].copy_(v)
+
+
+def clean_stale_temps(run_dir: str | Path) -> None:
+    """Remove temporary folders a killed run left beside its checkpoints (never whole checkpoints)."""
+    root = Path(run_dir) / CKPT_DIR
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True)

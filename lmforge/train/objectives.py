@@ -1,0 +1,120 @@
+"""Training objectives: what the one loop minimises, as a pluggable component.
+
+An `Objective` turns (model, batch) into a scalar loss plus summable statistics. The trainer knows
+nothing else about it, so masked LM, SFT, DPO or a reward model plug into the same loop by adding an
+`Objective` (and a batch source producing the dicts it reads), never a copy of the loop.
+
+Batches are dicts of tensors. The causal-LM objectives read:
+    input_ids: (B, T) token ids fed to the model
+    labels:    (B, T) the next token at each position (already shifted)
+    loss_mask: (B, T) bool, optional; False where a target is padding and must not count
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+Batch = dict[str, torch.Tensor]
+
+
+class Objective:
+    """Base class: `loss(model, batch) -> (loss, stats)`.
+
+    `loss` is what backward() is called on (already averaged as the objective defines it). `stats` are
+    0-d float tensors that add up across batches (sums and counts, never means), so evaluation over
+    many batches is exact; `summarize(stats)` turns the totals into reportable metrics, `"loss"` among
+    them computed the same way as the training loss.
+    """
+
+    name = "objective"
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss and summable statistics for one (micro-)batch."""
+        raise NotImplementedError
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, float]:
+        """Metrics (loss, and whatever else the objective reports) from summed statistics."""
+        raise NotImplementedError
+
+    def tokens(self, batch: Batch) -> int:
+        """Tokens the model processes for this batch (for tokens/s and MFU)."""
+        return int(batch["input_ids"].numel())
+
+
+class CausalLM(Objective):
+    """Next-token cross-entropy.
+
+    Args:
+        reduction: "token_mean" averages the NLL over counted target tokens (the usual LM loss);
+            "sequence_sum" sums it over each sequence's positions and averages over the batch, in nats
+            per sequence (teenyGPT's seed reports this).
+        mask_padding: when True, targets where `loss_mask` is False (padding) are ignored
+            (`ignore_index`); when False every position counts, padding included (the seed's loss).
+
+    Stats: nll (summed over counted targets), tokens (counted targets), correct (top-1 hits among them),
+    sequences. Summaries: loss, ppl = exp(nll / tokens), acc = correct / tokens, nll_per_token.
+    """
+
+    name = "causal_lm"
+
+    def __init__(self, reduction: Literal["token_mean", "sequence_sum"] = "token_mean", mask_padding: bool = True):
+        if reduction not in ("token_mean", "sequence_sum"):
+            raise ValueError(f"reduction must be 'token_mean' or 'sequence_sum', got {reduction!r}")
+        self.reduction = reduction
+        self.mask_padding = mask_padding
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """Labels with uncounted positions set to IGNORE_INDEX."""
+        labels = batch["labels"]
+        mask = batch.get("loss_mask")
+        if self.mask_padding and mask is not None:
+            labels = labels.masked_fill(~mask.bool(), IGNORE_INDEX)
+        return labels
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-entropy of `model(input_ids)` against the (masked) labels."""
+        logits = model(batch["input_ids"])  # (B, T, V)
+        labels = self.targets(batch)  # (B, T)
+        B = labels.shape[0]
+        # fp32 log-softmax: under bf16 autocast the logits are bf16, whose 8-bit mantissa would round the loss
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                              reduction="none").view_as(labels)  # (B, T), 0 where ignored
+        counted = labels != IGNORE_INDEX
+        n_tok = counted.sum()
+        total = nll.sum()
+        if self.reduction == "token_mean":
+            loss = total / n_tok.clamp(min=1)
+        else:
+            loss = total / B
+        with torch.no_grad():
+            correct = ((logits.argmax(-1) == labels) & counted).sum()
+        stats = {"nll": total.detach().double(), "tokens": n_tok.double(), "correct": correct.double(),
+                 "sequences": torch.tensor(float(B), dtype=torch.float64)}
+        return loss, stats
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, float]:
+        """loss (as trained), nll_per_token, ppl, acc."""
+        tokens = max(totals.get("tokens", 0.0), 1.0)
+        per_tok = totals["nll"] / tokens
+        out = {"loss": per_tok if self.reduction == "token_mean" else totals["nll"] / max(totals["sequences"], 1.0),
+               "nll_per_token": per_tok, "ppl": math.exp(min(per_tok, 700.0)), "acc": totals["correct"] / tokens}
+        if self.reduction == "sequence_sum":
+            out["nll_per_sequence"] = out["loss"]
+        return out
+
+
+OBJECTIVES = {"causal_lm": CausalLM}
+
+
+def build_objective(name: str, **kwargs) -> Objective:
+    """An objective by name (`causal_lm`), with its keyword options."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](**kwargs)

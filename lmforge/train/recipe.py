@@ -1,0 +1,348 @@
+"""YAML recipes: load, apply `key=value` overrides, validate everything before any work starts.
+
+A recipe has six sections (every key optional except model.preset; defaults are the dataclasses'):
+
+    model:      preset: <name>, then any `Config` field (nested or dotted) overriding the preset
+    tokenizer:  path (a folder with tokenizer.json) or kind: bpe (trained on the data) | char (teenyGPT)
+    data:       kind: tokens (random windows of prepared shards) | passages (teenyGPT's padded lines),
+                path (a prepared folder) or source (an embedded corpus / file, prepared into the run)
+    train:      `TrainConfig` (loop, evaluation, checkpoints, dtype, threads)
+    optim:      `OptimConfig` (AdamW, schedule, clipping)
+    run:        dir (the run folder), samples
+
+Overrides use dotted keys and YAML values: `train.max_steps=10`, `model.n_layer=2`, `optim.lr=1e-3`.
+Errors are `ConfigError`s naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmforge.config import Config, get_preset
+from lmforge.errors import ConfigError, FormatError
+from lmforge.train.optim import OptimConfig
+from lmforge.train.trainer import TrainConfig
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer: an existing folder, or one built for the run (saved in `<run.dir>/tokenizer`)."""
+
+    path: str | None = None  # folder holding tokenizer.json; wins over `kind`
+    kind: Literal["bpe", "char"] = "bpe"  # bpe: byte-level BPE trained on data.source's train split
+    vocab_size: int = 4096  # bpe only
+    min_frequency: int = 2  # bpe only
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from."""
+
+    kind: Literal["tokens", "passages"] = "tokens"
+    path: str | None = None  # tokens: a prepared folder (manifest.json, train.bin, val.bin); null: prepare `source`
+    source: str = "shakespeare"  # embedded corpus name, or a .txt/.md/.jsonl file or folder
+    max_chars: int = 149  # passages: characters per passage (+ BOS, padded to max_chars + 1 tokens)
+    max_sequences: int | None = None  # passages: use only the first N of each split (quick trials, tests)
+
+
+@dataclass
+class RunConfig:
+    """The run folder and what to show at the end."""
+
+    dir: str = "runs/pretrain"
+    samples: int = 2  # samples printed at each of temperature 0.1 and 1.0 at the end; 0: none
+    sample_tokens: int = 100
+    sample_prompt: str = ""  # "" starts from BOS (or the end-of-text token)
+
+
+SECTIONS = {"tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+            "run": RunConfig}
+
+
+@dataclass
+class Recipe:
+    """A validated recipe; `model_config` is the resolved model `Config` (vocab from the tokenizer)."""
+
+    model: dict[str, Any]
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source: str = ""  # the file it came from
+
+    def model_config(self, vocab_size: int | None = None) -> Config:
+        """The preset with the recipe's overrides; vocab_size follows the tokenizer unless the recipe sets it."""
+        overrides = {k: v for k, v in _flatten(self.model).items() if k != "preset"}
+        if vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size
+        try:
+            return get_preset(self.model["preset"]).replace(**overrides)
+        except ConfigError as e:
+            raise ConfigError(f"model: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what config.yaml holds)."""
+        out: dict[str, Any] = {"model": dict(self.model)}
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return out
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "rope_scaling":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`"train.max_steps=10"` -> ("train.max_steps", 10); the value is read as YAML (numbers, true, null...)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or "." not in key:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.max_steps=10)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (creating sub-dicts), returning the dict."""
+    for item in overrides:
+        key, value = parse_override(item)
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = node[p]
+        node[leaf] = value
+    return d
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp, name: str) -> Any:
+    """`value` checked against the annotation `tp` (int -> float and numeric strings like '1e-3' accepted)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, name)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{name} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _section(cls, d: Any, name: str):
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{name} must be a mapping of keys to values, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in d.items():
+        if k not in fields:
+            near = difflib.get_close_matches(str(k), fields, n=1)
+            hint = f" (did you mean {name}.{near[0]}?)" if near else ""
+            raise ConfigError(f"unknown field {name}.{k}{hint}; allowed: {', '.join(fields)}")
+        kwargs[k] = coerce(v, hints[k], f"{name}.{k}")
+    return cls(**kwargs)
+
+
+def _check_model_types(model: dict[str, Any]) -> None:
+    """Type-check model overrides against `Config` and its sub-configs."""
+    from lmforge import config as cfg_mod
+
+    for key, value in _flatten(model).items():
+        if key == "preset":
+            continue
+        cls, parts = Config, key.split(".")
+        for p in parts[:-1]:
+            sub = cfg_mod._SUBCONFIGS.get(p) if cls is Config else None
+            if sub is None:
+                raise ConfigError(f"unknown field model.{key}")
+            cls = sub
+        hints = typing.get_type_hints(cls, vars(cfg_mod))
+        if parts[-1] not in hints:
+            near = difflib.get_close_matches(parts[-1], list(hints), n=1)
+            hint = f" (did you mean {'.'.join(['model', *parts[:-1], near[0]])}?)" if near else ""
+            raise ConfigError(f"unknown field model.{key}{hint}; allowed: {', '.join(hints)}")
+        coerce(value, hints[parts[-1]], f"model.{key}")
+
+
+def from_dict(d: dict[str, Any], source: str = "") -> Recipe:
+    """Build and validate a `Recipe` from a nested dict (see `validate` for what is checked)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source or 'recipe'}: must be a YAML mapping with sections model, tokenizer, data, "
+                          "train, optim, run")
+    allowed = ["model", *SECTIONS]
+    for k in d:
+        if k not in allowed:
+            near = difflib.get_close_matches(str(k), allowed, n=1)
+            raise ConfigError(f"unknown section {k!r}{f' (did you mean {near[0]}?)' if near else ''}; "
+                              f"allowed: {', '.join(allowed)}")
+    model = d.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("preset"), str):
+        raise ConfigError("model.preset is required: the name of a preset (e.g. gpt2-124m, llama-110m, teenygpt); "
+                          "other model.* keys override its fields")
+    _check_model_types(model)
+    sections = {name: _section(cls, d.get(name), name) for name, cls in SECTIONS.items()}
+    return validate(Recipe(model=dict(model), source=source, **sections))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `section.key=value` overrides, validate (files included) and return it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"recipe {path} not found; pass --config with a YAML file such as "
+                          "recipes/gpt2-124m/pretrain.yaml")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FormatError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(d).__name__}")
+    return from_dict(apply_overrides(d, overrides or []), str(path))
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(r: Recipe) -> Recipe:
+    """Check values, ranges, cross-field consistency and that named files exist. Returns `r`."""
+    t, o, tk, dt = r.train, r.optim, r.tokenizer, r.data
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+        _need(getattr(t, name) >= 1, f"train.{name} must be a positive integer, got {getattr(t, name)}")
+    for name in ("eval_every", "patience", "checkpoint_every", "keep_last", "threads"):
+        _need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    _need(t.max_epochs is None or t.max_epochs >= 1, f"train.max_epochs must be >= 1 or null, got {t.max_epochs}")
+    _need(t.time_budget is None or t.time_budget > 0, f"train.time_budget must be > 0 seconds or null, "
+          f"got {t.time_budget}")
+    _need(t.schedule_clock == "steps" or t.time_budget is not None, "train.schedule_clock: time needs "
+          "train.time_budget (seconds)")
+    _need(t.peak_flops is None or t.peak_flops > 0, f"train.peak_flops must be > 0 or null, got {t.peak_flops}")
+    _need(t.min_delta >= 0, f"train.min_delta must be >= 0, got {t.min_delta}")
+    _need(t.seq_len is None or t.seq_len >= 1, f"train.seq_len must be a positive integer or null, got {t.seq_len}")
+    _need(t.device == "cpu" or t.device.startswith("cuda"), f"train.device must be 'cpu' or 'cuda[:N]', got "
+          f"{t.device!r}")
+    _need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _need(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    _need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1 and optim.beta2 must be in [0, 1), got "
+          f"{o.beta1}, {o.beta2}")
+    _need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    _need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    _need(r.run.samples >= 0 and r.run.sample_tokens >= 1, "run.samples must be >= 0 and run.sample_tokens >= 1")
+    _need(bool(r.run.dir), "run.dir must name the run folder")
+
+    # files
+    if tk.path is not None:
+        p = Path(tk.path)
+        _need(p.is_dir() and (p / "tokenizer.json").is_file() or p.is_file(),
+              f"tokenizer.path {tk.path}: no such tokenizer folder (it must hold tokenizer.json); train one with "
+              "`lmforge train-tokenizer`, or set tokenizer.path: null and tokenizer.kind: bpe | char")
+    else:
+        _need(tk.kind == "char" or tk.vocab_size >= 300, f"tokenizer.vocab_size must be >= 300 for byte-level BPE "
+              f"(256 bytes + special tokens), got {tk.vocab_size}")
+    if dt.kind == "tokens" and dt.path is not None:
+        from lmforge.data import read_manifest
+
+        _need(Path(dt.path).is_dir(), f"data.path {dt.path}: no such folder; prepare one with `lmforge prepare "
+              "--out <folder>`, or set data.path: null to prepare data.source into the run folder")
+        read_manifest(dt.path)  # FormatError naming the missing/truncated file
+    if dt.kind == "passages":
+        _need(dt.max_chars >= 8, f"data.max_chars must be >= 8, got {dt.max_chars}")
+        _need(dt.max_sequences is None or dt.max_sequences >= t.batch_size, f"data.max_sequences must be >= "
+              f"train.batch_size ({t.batch_size}) or null, got {dt.max_sequences}")
+        _need(dt.path is None, "data.path is for kind: tokens; passages are built from data.source")
+    else:
+        _need(t.max_epochs is None, "train.max_epochs needs data.kind: passages (token windows have no epochs); "
+              "bound the run with train.max_steps")
+    if dt.path is None:
+        from lmforge.data.corpus import is_embedded
+
+        _need(is_embedded(dt.source) or Path(dt.source).exists(),
+              f"data.source {dt.source!r}: not an embedded corpus (shakespeare) and no such file or folder")
+
+    # model: resolves (preset name, field names, shapes) with the vocabulary the run will have
+    cfg = r.model_config(vocab_size=29 if tk.path is None and tk.kind == "char" else None)
+    seq = t.seq_len or cfg.block_size
+    _need(seq <= cfg.block_size, f"train.seq_len ({seq}) exceeds the model's context model.block_size "
+          f"({cfg.block_size})")
+    if dt.kind == "passages":
+        _need(dt.max_chars + 1 <= cfg.block_size, f"data.max_chars + 1 ({dt.max_chars + 1}, with BOS) exceeds "
+              f"model.block_size ({cfg.block_size})")
+    if "vocab_size" in _flatten(r.model) and tk.path is None and tk.kind == "bpe":
+        _need(cfg.vocab_size >= tk.vocab_size, f"model.vocab_size ({cfg.vocab_size}) is smaller than "
+              f"tokenizer.vocab_size ({tk.vocab_size}); drop model.vocab_size to follow the tokenizer")
+    return r
+
+
+def dump_yaml(d: dict[str, Any]) -> str:
+    """The recipe dict as YAML, sections in their usual order."""
+    return yaml.safe_dump(d, sort_keys=False, default_flow_style=False)

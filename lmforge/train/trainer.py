@@ -1,0 +1,412 @@
+"""The one training loop. Objectives and batch sources plug in; the loop itself is never copied.
+
+Per optimizer step: `grad_accum` micro-batches through `objective.loss` (bf16 autocast optional),
+a check that the loss is finite, gradient clipping, AdamW with the warmup + cosine schedule. Around it:
+periodic validation with early stopping (the best model kept in `<run>/best`), atomic checkpoints that
+resume bit-identically (weights, optimizer, every RNG, data position), SIGTERM/SIGINT handling,
+`metrics.jsonl` + `curves.png`, and a progress bar with tokens/s, MFU and ETA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError, LMForgeError
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.batches import BatchSource
+from lmforge.train.metrics import MetricsLog, peak_flops, plot_curves
+from lmforge.train.objectives import Objective
+from lmforge.train.optim import OptimConfig, build_optimizer, lr_at
+
+
+class TrainingDiverged(LMForgeError):
+    """The loss (or gradient norm) became NaN/inf; the run stopped without saving the broken state."""
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings (the `train` section of a recipe)."""
+
+    max_steps: int = 1000  # optimizer updates
+    max_epochs: int | None = None  # for sources with epochs (padded sequences); None: no limit
+    time_budget: float | None = None  # seconds of training; stops (with a checkpoint) when spent
+    # "time": the lr schedule advances with max(step / max_steps, elapsed / time_budget), so a run cut by its
+    # time budget still ends annealed (quickstart). Wall-clock dependent: not bit-reproducible on resume.
+    schedule_clock: Literal["steps", "time"] = "steps"
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int | None = None  # tokens per window for token shards; None: the model's block_size
+    eval_every: int = 100  # steps between validations; 0: only at the end
+    eval_batches: int = 8  # validation batches (token shards); padded sequences use the whole split
+    patience: int = 0  # early stopping: validations without improvement before stopping; 0: off
+    min_delta: float = 0.0  # improvement smaller than this does not count
+    checkpoint_every: int = 100  # steps between checkpoints; 0: only at the end (and on a signal)
+    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    log_every: int = 1  # steps between train rows in metrics.jsonl
+    seed: int = 1337
+    threads: int = 0  # torch intra-op threads; 0: torch's default. Resume with the same count for bit-identity
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast matmuls, fp32 master weights
+    compile: bool = False  # torch.compile the model for training steps
+    device: str = "cpu"
+    peak_flops: float | None = None  # FLOP/s for MFU; None: measured once by a matmul benchmark and cached
+    progress: bool = True  # tqdm progress bar
+    objective: Literal["causal_lm"] = "causal_lm"
+    loss_reduction: Literal["token_mean", "sequence_sum"] = "token_mean"
+    mask_padding: bool = True  # ignore padding targets (pad after pad) in the loss
+
+
+@dataclass
+class TrainResult:
+    """What a `fit()` did."""
+
+    step: int
+    stopped: str  # max_steps | max_epochs | time_budget | early_stopping | signal:SIGTERM | signal:SIGINT
+    train_loss: float | None = None
+    val: dict[str, float] = field(default_factory=dict)  # last validation metrics
+    best_val: float | None = None
+    best_step: int | None = None
+    elapsed: float = 0.0
+    tokens_per_s: float = 0.0
+    resumed_from: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 when the run ended by itself; 128 + signal number when a signal stopped it (checkpoint saved)."""
+        if self.stopped.startswith("signal:"):
+            return 128 + int(getattr(signal, self.stopped.split(":")[1]))
+        return 0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective: Objective, batches, dtype: str = "float32",
+             device: str = "cpu") -> dict[str, float]:
+    """`objective.summarize` of its stats summed over `batches`, in eval mode (no dropout); {} if no batches."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    dev = torch.device(device)
+    try:
+        for batch in batches:
+            if dev.type != "cpu":
+                batch = {k: v.to(dev) for k, v in batch.items()}
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                _, stats = objective.loss(model, batch)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+    finally:
+        model.train(was_training)
+    return objective.summarize(totals) if totals else {}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, Python and numpy global RNGs."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class Trainer:
+    """Train `model` on batches from `data` with `objective`.
+
+    Args:
+        model: a `DecoderLM` (or any module the objective can call); moved to `cfg.device`.
+        objective: an `Objective`.
+        data: a `BatchSource` (training batches, state, validation batches).
+        cfg: loop settings; `optim`: optimizer and schedule.
+        run_dir: where checkpoints, metrics.jsonl, curves.png, best/ and model/ go; None keeps nothing on disk.
+        tokenizer: saved into every model folder the run writes.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, data: BatchSource, cfg: TrainConfig,
+                 optim: OptimConfig, run_dir: str | Path | None = None, tokenizer=None):
+        self.cfg, self.optim_cfg = cfg, optim
+        self.model = model.to(cfg.device)
+        self.objective, self.data, self.tokenizer = objective, data, tokenizer
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.optimizer = build_optimizer(self.model, optim)
+        self.step = 0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.tokens_seen = 0
+        self.last_val: dict[str, float] = {}
+        self._signal: str | None = None
+        self._train_model = torch.compile(self.model) if cfg.compile else self.model
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.run_dir else None
+        self._amp = cfg.dtype == "bfloat16"
+        self._device_type = torch.device(cfg.device).type
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self._amp)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._device_type == "cpu":
+            return batch
+        return {k: v.to(self.cfg.device, non_blocking=True) for k, v in batch.items()}
+
+    def _llm(self):
+        from lmforge.llm import LLM
+
+        was_training = self.model.training
+        llm = LLM(self.model, self.tokenizer)  # LLM() puts the model in eval mode
+        self.model.train(was_training)
+        return llm
+
+    def save_model(self, folder: str | Path) -> Path:
+        """Write the current weights (+ tokenizer) as a model folder that `lmforge.load` reads."""
+        was_training = self.model.training
+        try:
+            return self._llm().save(folder)
+        finally:
+            self.model.train(was_training)
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics over `data.eval_batches()`: loss, ppl, acc (and the objective's others)."""
+        return evaluate(self.model, self.objective, self.data.eval_batches(), self.cfg.dtype, self.cfg.device)
+
+    def _state(self, elapsed: float) -> dict[str, Any]:
+        return {"rng": ckpt.rng_state(), "data": self.data.state_dict(), "best_val": self.best_val,
+                "best_step": self.best_step, "bad_evals": self.bad_evals, "tokens_seen": self.tokens_seen,
+                "elapsed": elapsed, "threads": torch.get_num_threads(),
+                "schedule": {"lr": lr_at(self.step, self.optim_cfg, self.cfg.max_steps),
+                             "max_steps": self.cfg.max_steps, **asdict(self.optim_cfg)}}
+
+    def save_checkpoint(self, elapsed: float = 0.0) -> Path | None:
+        """Checkpoint the current step into `<run>/checkpoints/step-N/` (atomic; prunes to keep_last)."""
+        if self.run_dir is None:
+            return None
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self._llm(), self.optimizer, self._state(elapsed),
+                                    keep_last=self.cfg.keep_last)
+        self.model.train()
+        return path
+
+    def _restore(self, c: ckpt.Checkpoint) -> float:
+        s = c.state
+        ckpt.load_model_weights(c.path, self.model)
+        ckpt.load_optimizer_state(c.path, self.optimizer)
+        self.data.load_state_dict(s["data"])
+        ckpt.set_rng_state(s["rng"])
+        self.step, self.best_val, self.best_step = int(s["step"]), s.get("best_val"), s.get("best_step")
+        self.bad_evals, self.tokens_seen = int(s.get("bad_evals", 0)), int(s.get("tokens_seen", 0))
+        if s.get("threads") and s["threads"] != torch.get_num_threads():
+            print(f"warning: the checkpoint was written with {s['threads']} threads, this run has "
+                  f"{torch.get_num_threads()}; results will not be bit-identical (set train.threads)",
+                  file=sys.stderr)
+        return float(s.get("elapsed", 0.0))
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._signal = signal.Signals(signum).name
+        # a second signal gets the default behaviour (atomic writes keep the saved checkpoints whole)
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+    @contextlib.contextmanager
+    def _signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(row)
+
+    def _validate(self, pbar, elapsed: float) -> bool:
+        """Run validation, log it, track the best; True when early stopping says stop."""
+        val = self.evaluate()
+        if not val:
+            return False
+        self.last_val = val
+        self._log({"step": self.step, "split": "val", **val})
+        improved = self.best_val is None or val["loss"] < self.best_val - self.cfg.min_delta
+        if improved:
+            self.best_val, self.best_step, self.bad_evals = val["loss"], self.step, 0
+            if self.run_dir is not None and self.cfg.patience > 0:
+                self.save_model(self.run_dir / "best")
+        else:
+            self.bad_evals += 1
+        msg = (f"step {self.step}: val loss {val['loss']:.4f} ppl {val['ppl']:.2f} acc {val['acc']:.3f}"
+               f"{' (best)' if improved else f' (best {self.best_val:.4f} at step {self.best_step})'}")
+        (pbar.write if pbar is not None else print)(msg)
+        if self.run_dir is not None:
+            plot_curves(self.metrics.rows(), self.run_dir / "curves.png", title=str(self.run_dir))
+        return self.cfg.patience > 0 and self.bad_evals >= self.cfg.patience
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self, resume: str | None = None) -> TrainResult:
+        """Train until max_steps / max_epochs / time_budget / early stopping / a signal.
+
+        resume: None (fresh; refuses a run folder that already has checkpoints), "auto" (newest whole
+        checkpoint, or fresh if none) or a checkpoint folder.
+        """
+        cfg = self.cfg
+        start = self.run_dir and ckpt.resolve_resume(self.run_dir, resume)
+        if self.run_dir is not None:
+            ckpt.clean_stale_temps(self.run_dir)
+            if not start and resume in (None, "", "none", "never") and ckpt.list_checkpoints(self.run_dir):
+                raise ConfigError(f"run folder {self.run_dir} already has checkpoints; pass --resume auto to "
+                                  "continue it, or choose another run.dir")
+        elapsed0 = 0.0
+        if start:
+            elapsed0 = self._restore(start)
+            self.metrics.truncate_after(self.step)
+            print(f"resumed from {start.path} (step {self.step})", file=sys.stderr)
+        else:
+            seed_everything(cfg.seed)
+            if self.metrics is not None:
+                self.metrics.reset()
+        resumed_from = self.step if start else None
+
+        peak = cfg.peak_flops or peak_flops(torch.bfloat16 if self._amp else torch.float32, cfg.device)
+        flops_per_tok = None
+        pbar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            total = cfg.max_steps
+            if cfg.max_epochs is not None and getattr(self.data, "steps_per_epoch", None):
+                total = min(total, cfg.max_epochs * self.data.steps_per_epoch)
+            pbar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.model.train()
+        t_start = time.perf_counter()
+        stopped, train_loss, tok_s, last_ckpt = "max_steps", None, 0.0, self.step if start else -1
+        rate_tokens, rate_time = 0, 0.0
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        with self._signals():
+            while True:
+                elapsed = elapsed0 + time.perf_counter() - t_start
+                if self._signal:
+                    stopped = f"signal:{self._signal}"
+                    break
+                if self.step >= cfg.max_steps:
+                    stopped = "max_steps"
+                    break
+                if cfg.patience and self.bad_evals >= cfg.patience:  # an early-stopped run, resumed
+                    stopped = "early_stopping"
+                    break
+                if cfg.max_epochs is not None and self.data.epoch is not None and self.data.epoch >= cfg.max_epochs:
+                    stopped = "max_epochs"
+                    break
+                if cfg.time_budget is not None and elapsed >= cfg.time_budget:
+                    stopped = "time_budget"
+                    break
+
+                t0 = time.perf_counter()
+                sched_step = self.step
+                if cfg.schedule_clock == "time" and cfg.time_budget:
+                    sched_step = max(self.step, int(elapsed / cfg.time_budget * cfg.max_steps))
+                lr = lr_at(sched_step, self.optim_cfg, cfg.max_steps)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                loss_sum, n_tok = 0.0, 0
+                for _ in range(cfg.grad_accum):
+                    batch = self._to_device(self.data.next_batch())
+                    if flops_per_tok is None and hasattr(self.model, "estimate_flops"):
+                        flops_per_tok = self.model.estimate_flops(batch["input_ids"].shape[1])
+                    with self._autocast():
+                        loss, _ = self.objective.loss(self._train_model, batch)
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item()
+                    n_tok += self.objective.tokens(batch)
+                train_loss = loss_sum / cfg.grad_accum
+                # the norm is computed even without clipping: NaN gradients under a finite loss must stop
+                # the run too, before they reach the weights (and a checkpoint)
+                if self.optim_cfg.grad_clip > 0:
+                    gnorm = float(nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip))
+                else:
+                    gnorm = float(nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                if not math.isfinite(train_loss) or not math.isfinite(gnorm):
+                    self._diverged(train_loss, gnorm, pbar)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens_seen += n_tok
+
+                dt = time.perf_counter() - t0
+                rate_tokens, rate_time = rate_tokens + n_tok, rate_time + dt
+                if rate_time > 2.0:  # a rate over the last couple of seconds, not one noisy step
+                    tok_s, rate_tokens, rate_time = rate_tokens / rate_time, 0, 0.0
+                elif tok_s == 0.0:
+                    tok_s = n_tok / dt
+                mfu = flops_per_tok * tok_s / peak if flops_per_tok and peak else 0.0
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    row = {"step": self.step, "split": "train", "loss": train_loss, "lr": lr,
+                           "tokens": self.tokens_seen, "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
+                    row["grad_norm"] = gnorm
+                    if self.data.epoch is not None:
+                        row["epoch"] = self.data.epoch
+                    self._log(row)
+                if pbar is not None:
+                    pbar.update(1)
+                    budget = ""
+                    if cfg.time_budget is not None:  # tqdm's ETA counts steps; the budget may end the run first
+                        budget = f" budget left {max(cfg.time_budget - elapsed, 0) / 60:.1f} min"
+                    pbar.set_postfix_str(f"loss {train_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s MFU {mfu:.1%}"
+                                         f"{budget}", refresh=False)
+
+                stop_early = False
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    stop_early = self._validate(pbar, elapsed)
+                if self.run_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(elapsed0 + time.perf_counter() - t_start)
+                    last_ckpt = self.step
+                if stop_early:
+                    stopped = "early_stopping"
+                    break
+
+        elapsed = elapsed0 + time.perf_counter() - t_start
+        if stopped != "early_stopping" and (not cfg.eval_every or self.step % cfg.eval_every) and \
+                not stopped.startswith("signal") and self.step != resumed_from:
+            self._validate(pbar, elapsed)  # the run's final numbers
+        if pbar is not None:
+            pbar.close()
+        if self.run_dir is not None:
+            if last_ckpt != self.step:
+                self.save_checkpoint(elapsed)
+            if not stopped.startswith("signal"):
+                self.save_model(self.run_dir / "model")
+            plot_curves(self.metrics.rows(), self.run_dir / "curves.png", title=str(self.run_dir))
+            self.metrics.close()
+        if stopped.startswith("signal"):
+            print(f"{stopped.split(':')[1]} received: saved checkpoint step-{self.step} in "
+                  f"{self.run_dir / ckpt.CKPT_DIR if self.run_dir else '(no run folder)'}; continue with "
+                  "--resume auto", file=sys.stderr)
+        return TrainResult(step=self.step, stopped=stopped, train_loss=train_loss, val=self.last_val,
+                           best_val=self.best_val, best_step=self.best_step, elapsed=elapsed,
+                           tokens_per_s=tok_s, resumed_from=resumed_from)
+
+    def _diverged(self, loss: float, gnorm: float | None, pbar) -> None:
+        if pbar is not None:
+            pbar.close()
+        self._log({"step": self.step + 1, "split": "event", "event": "non_finite",
+                   "loss": str(loss), "grad_norm": str(gnorm)})
+        if self.metrics is not None:
+            self.metrics.close()
+        last = ckpt.find_latest(self.run_dir) if self.run_dir else None
+        where = f"the last good checkpoint is {last.path} (step {last.step}); " if last else "no checkpoint was saved; "
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gnorm}"
+        raise TrainingDiverged(
+            f"non-finite {what} at step {self.step + 1}: training stopped without saving the broken state; {where}"
+            "lower optim.lr, raise optim.warmup_steps, keep optim.grad_clip > 0 or use train.dtype=float32, then "
+            "resume with --resume auto")
