@@ -44,6 +44,7 @@ def _trainer(run_dir=None, steps=30, objective=None, **kw):
                    OptimConfig(lr=3e-3, warmup_steps=5, min_lr=3e-4), run_dir=run_dir)
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss(tmp_path):
     tr = _trainer(tmp_path, steps=30)
     before = tr.evaluate()["loss"]
@@ -131,6 +132,7 @@ def test_causal_lm_masking_by_hand():
     assert summary["acc"] == 0.5 and summary["ppl"] == pytest.approx(math.exp(summary["loss"]))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
     class Explodes(CausalLM):
         calls = 0
@@ -149,6 +151,7 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
     assert not (tmp_path / "checkpoints" / "step-13").exists()
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_best(tmp_path):
     # nothing after the first validation "improves" by min_delta
     tr = _trainer(tmp_path, steps=200, patience=2, min_delta=100.0, eval_every=3, checkpoint_every=0)
