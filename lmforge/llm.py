@@ -127,7 +127,6 @@ class LLM:
         return self._complete([self.encode_prompt(p) for p in prompts], gen, single=isinstance(prompt, str))
 
     def _complete(self, ids: list[list[int]], gen: GenerationConfig, single: bool, chat: bool = False):
-        tok = self._need_tokenizer()
         outs = generate_ids(self.model, ids, gen, self.eos_ids(chat), self._pad_id())
         texts = []
         for out in outs:
@@ -137,7 +136,6 @@ class LLM:
                 if s.stopped:
                     break
             texts.append(s.text)
-        del tok
         return texts[0] if single else texts
 
     def _decode(self, ids: list[int]) -> str:
