@@ -179,7 +179,7 @@ def emit(record: dict[str, Any]) -> None:
 
     def rnd(v):
         if isinstance(v, float):
-            return round(v, 4) if abs(v) < 10 else round(v, 1)
+            return float(f"{v:.5g}")
         if isinstance(v, dict):
             return {k: rnd(x) for k, x in v.items()}
         if isinstance(v, list):
