@@ -156,3 +156,24 @@ def test_packed_linears_change_nothing_but_speed():
             assert torch.equal(changed, fresh(x)) and not torch.equal(changed, plain)
         model(x).float().sum().backward()  # with gradients it is a plain nn.Linear
         assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_blas_decode_matches_and_gives_the_threads_back():
+    from lmforge.infer.packed import blas_decode, pack_linears
+
+    torch.manual_seed(0)
+    model = DecoderLM(get_preset("tiny-gpt2")).eval()
+    x = torch.randint(0, 256, (3, 1))
+    with torch.no_grad():
+        plain = model(x)
+        pack_linears(model)
+        threads = torch.get_num_threads()
+        with blas_decode():
+            fast = model(x)
+        assert torch.get_num_threads() == threads
+        with blas_decode(enabled=False):
+            assert torch.get_num_threads() == threads
+        with pytest.raises(RuntimeError), blas_decode():
+            raise RuntimeError("boom")  # an error inside must still restore the thread count
+        assert torch.get_num_threads() == threads
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.infer.packed import pack_linears
+from lmforge.infer.packed import blas_decode, pack_linears
 from lmforge.models import DecoderLM
 
 
@@ -133,6 +133,7 @@ def iter_tokens(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device) if gen.stop_at_eos else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
+    fp32_cpu = device.type == "cpu" and model.tok_emb.weight.dtype == torch.float32
     cache = model.new_cache(B, max_len=T + steps)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
     for step in range(steps):
@@ -146,7 +147,8 @@ def iter_tokens(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
             if bool(done.all()):
                 return
         if step + 1 < steps:
-            logits = model(nxt[:, None], cache=cache, logits_to_keep=1)[:, -1]
+            with blas_decode(fp32_cpu):
+                logits = model(nxt[:, None], cache=cache, logits_to_keep=1)[:, -1]
 
 
 def generate_ids(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfig,

@@ -14,6 +14,11 @@ packed copy used when no gradient is needed. An in-place change of a weight (an 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +58,8 @@ class PackedLinear(nn.Linear):
         if w.dtype == torch.bfloat16:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [None], "")
         shape = x.shape
+        if getattr(_blas, "active", False) and x.numel() <= _BLAS_MAX_ROWS * shape[-1]:
+            return _blas_linear(x.reshape(-1, shape[-1]), w, self.bias).view(*shape[:-1], self.out_features)
         y = torch.ops.mkl._mkl_linear(x.reshape(-1, shape[-1]), self._packed, w, self.bias, 1)
         return y.view(*shape[:-1], self.out_features)
 
@@ -65,3 +72,60 @@ def pack_linears(model: nn.Module) -> nn.Module:
         else:
             pack_linears(child)
     return model
+
+
+# ---- fp32 decode through numpy's BLAS ----------------------------------------------------------------
+#
+# MKL, as PyTorch's CPU wheels call it, computes a matrix-vector product on one thread (about 14-18 GB/s
+# of weights here, prepacked or not) while OpenBLAS, bundled with numpy, splits it across its threads
+# (32 GB/s with 2). The two thread pools must not spin against each other (both busy-wait between calls:
+# 2 OpenMP + 2 OpenBLAS threads on 2 cores made decoding 10x slower), so `blas_decode()` lends the
+# threads to OpenBLAS and runs PyTorch's own ops on one thread for as long as it is active.
+
+_BLAS_MAX_ROWS = 16
+_blas = threading.local()
+_blas.active = False
+
+
+def _openblas():
+    """numpy's OpenBLAS thread controller, or None (another BLAS, or threadpoolctl missing)."""
+    global _OPENBLAS
+    if _OPENBLAS is False:
+        try:
+            from threadpoolctl import ThreadpoolController
+            libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
+            _OPENBLAS = libs[0] if libs else None
+        except Exception:  # pragma: no cover - no threadpoolctl / unusual numpy build
+            _OPENBLAS = None
+    return _OPENBLAS
+
+
+_OPENBLAS = False
+
+
+@contextmanager
+def blas_decode(enabled: bool = True) -> Iterator[None]:
+    """Within this block, fp32 `PackedLinear`s with at most 16 rows multiply through numpy's OpenBLAS on
+    all of PyTorch's intra-op threads, and PyTorch itself runs on one thread. Used around decode steps of
+    fp32 models on the CPU; `enabled=False` (or no OpenBLAS) makes it a no-op."""
+    lib = _openblas() if enabled and not getattr(_blas, "active", False) else None
+    if lib is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    if lib.num_threads != threads:
+        lib.set_num_threads(threads)
+    torch.set_num_threads(1)
+    _blas.active = True
+    try:
+        yield
+    finally:
+        _blas.active = False
+        torch.set_num_threads(threads)
+
+
+def _blas_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T (+ bias) for a few fp32 rows, computed by numpy's BLAS on tensors shared without copies."""
+    xn, wn = x.detach().contiguous().numpy(), w.detach().numpy()
+    y = torch.from_numpy(wn.dot(xn[0])[None] if xn.shape[0] == 1 else np.dot(xn, wn.T))
+    return y.add_(bias) if bias is not None else y
