@@ -63,6 +63,21 @@ def test_cached_decoding_equals_full_forward(name):
             assert (full - _incremental(model, x, split)).abs().max() <= 1e-5
 
 
+def test_bf16_model_keeps_an_fp32_cache_on_cpu():
+    torch.manual_seed(0)
+    model = DecoderLM(get_preset("tiny-llama")).eval()
+    x = torch.randint(1, model.config.vocab_size, (2, 32))
+    with torch.no_grad():
+        reference = model(x)  # fp32 throughout
+        model.to(torch.bfloat16)
+        assert model.new_cache(2).k[0].dtype == torch.float32
+        assert model.new_cache(2, dtype=torch.bfloat16).k[0].dtype == torch.bfloat16
+        cached = _incremental(model, x, 8)
+    assert cached.dtype == torch.bfloat16
+    err = (cached.float() - reference).abs().max().item()
+    assert err < 0.05 * reference.abs().max().item(), err  # bf16 weights, fp32 attention
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_left_padded_batch_equals_each_prompt_alone(name):
     torch.manual_seed(1)

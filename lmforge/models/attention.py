@@ -68,12 +68,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, L, hs), L = slots filled incl. these T
+            q = q.to(k.dtype)  # a cache may be kept in higher precision than the model (see new_cache)
         # mask None means "plain causal, queries and keys aligned" (or a single query seeing all keys)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh,
         )  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs).to(x.dtype))
 
 
 def build_mask(key_valid: torch.Tensor | None, q_start: int, T: int, L: int, window: int | None,

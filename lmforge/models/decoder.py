@@ -156,7 +156,15 @@ class DecoderLM(nn.Module):
         return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * size
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """A preallocated KV cache for `batch_size` rows and up to `max_len` (default: context) slots."""
+        """A preallocated KV cache for `batch_size` rows and up to `max_len` (default: context) slots.
+
+        By default it holds the model's dtype, except that a bf16/fp16 model on the CPU keeps an fp32
+        cache: PyTorch's CPU attention is several times slower in bf16 than in fp32 for the single query
+        of a decode step (SmolLM2 shape, 350 keys: 339 us vs 42 us), so attention then runs in fp32 on
+        the exactly upcast keys and values and its output is cast back.
+        """
         p = self.tok_emb.weight
+        if dtype is None:
+            dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
         return KVCache(self.config, batch_size, min(max_len or self.config.block_size, self.config.block_size),
-                       dtype or p.dtype, p.device)
+                       dtype, p.device)
