@@ -135,15 +135,19 @@ class PeakRSS:
     not possible, the lifetime peak from getrusage is reported and `exact` is False.
     """
 
+    def __init__(self, trim: bool = True):
+        self.trim = trim
+
     def __enter__(self) -> PeakRSS:
         import ctypes
         import gc
 
         gc.collect()
-        try:  # hand freed heap pages back to the OS, or a block that reuses them would show no growth
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        if self.trim:  # hand freed heap pages back to the OS, or a block that reuses them would show no growth
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
         self.start_mb = rss_mb()
         try:
             Path("/proc/self/clear_refs").write_text("5")

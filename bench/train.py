@@ -4,8 +4,11 @@ One step is what `lmforge.train` does per optimizer step, written out here so th
 on the trainer: forward, cross-entropy on fp32 logits, backward, gradient clipping to norm 1, AdamW step
 (fused kernel, as the trainer's default), zero grads. Both sides hold identical weights and run the same
 loss code, the same optimizer settings (lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices only), the
-same batch and threads, in one process; steps alternate between the sides so that load from other
-processes hits both alike. Cases:
+same batch and threads. Each side runs in a process of its own, set up as its library sets up a training
+process: lmforge's applies the trainer's malloc setting (`lmforge/train/allocator.py`: freed memory is kept
+for the next step instead of being faulted in afresh; `--no-keep-memory` leaves it out), transformers' is a
+plain Python process. The parent runs the sides' steps in turn so that load from other processes hits both
+alike, and each step's minor page faults are counted. Cases:
 
   {gpt2,llama}-fp32       fp32 weights and math (GPT-2 124M shape; llama2.c stories110M shape)
   {gpt2,llama}-bf16       fp32 master weights, forward under torch.autocast("cpu", dtype=torch.bfloat16)
@@ -68,77 +71,120 @@ def optimizer_state_mb(opt: torch.optim.Optimizer) -> float:
                if isinstance(t, torch.Tensor)) / common.MB
 
 
-def run_case(name: str, args, peaks: dict[str, float]) -> dict[str, Any]:
+def _worker(conn, side: str, name: str, args) -> None:
+    """One side of a case in a process of its own, set up as that library sets up a training process.
+
+    Commands from the parent: "warmup" (untimed steps; replies with the first loss and sizes), "step" (one
+    timed step; replies with its seconds, page faults, peak RSS and other processes' CPU), "stop".
+    """
+    import resource
+
+    common.set_threads(args.threads)
+    kept = False
+    if side == "lmforge" and args.keep_memory:
+        from lmforge.train.allocator import keep_freed_memory
+
+        kept = keep_freed_memory()  # what Trainer does (TrainConfig.keep_memory, on by default)
     model_name, mode = name.split("-")
     ours, hf = make_pair(PRESETS[model_name])
+    info = {"model": ours.config.name, "vocab": ours.config.vocab_size, "flops_tok": ours.estimate_flops(args.seq)}
+    model = ours if side == "lmforge" else hf
+    del ours, hf
+    gc.collect()
     if mode == "bf16pure":
-        ours, hf = ours.to(torch.bfloat16), hf.to(torch.bfloat16)
-    vocab = ours.config.vocab_size
+        model = model.to(torch.bfloat16)
+    vocab = info["vocab"]
     B, T = args.batch, args.seq
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, vocab, (B, T + 1), generator=g)
+    data = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mode == "bf16" else contextlib.nullcontext
-    forward = {"lmforge": lambda: ours(x), "hf": lambda: hf(input_ids=x, use_cache=False).logits}
-    opts = {"lmforge": make_optimizer(ours, args.optim), "hf": make_optimizer(hf, args.optim)}
-    params = {"lmforge": list(ours.parameters()), "hf": list(hf.parameters())}
+    forward = (lambda: model(x)) if side == "lmforge" else (lambda: model(input_ids=x, use_cache=False).logits)
+    opt = make_optimizer(model, args.optim)
+    params = list(model.parameters())
 
-    def step(side: str) -> float:
+    def step() -> float:
         with amp():
-            logits = forward[side]()
+            logits = forward()
         loss = F.cross_entropy(logits.float().view(-1, vocab), y.view(-1))
         loss.backward()
         if args.clip:
-            torch.nn.utils.clip_grad_norm_(params[side], args.clip)
-        opts[side].step()
-        opts[side].zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         return loss.detach().item()
 
-    sides = ("lmforge", "hf")
-    first_loss = {}
-    for i in range(args.warmup):
-        for s in sides:
-            loss = step(s)
-            if i == 0:
-                first_loss[s] = loss
-    times: dict[str, list[float]] = {s: [] for s in sides}
-    delta: dict[str, float] = dict.fromkeys(sides, 0.0)
-    peak: dict[str, float] = dict.fromkeys(sides, 0.0)
-    busy: dict[str, list[float]] = {s: [] for s in sides}
-    waited = 0.0
-    for _ in range(args.steps):
-        waited += common.wait_quiet(args.wait_quiet)
-        for s in sides:
-            gc.collect()
-            with common.PeakRSS() as mem, common.Contention() as other:
-                t = time.perf_counter()
-                step(s)
-                times[s].append(time.perf_counter() - t)
-            delta[s], peak[s] = max(delta[s], mem.delta_mb), max(peak[s], mem.peak_mb)
-            busy[s].append(other.cores)
+    while (cmd := conn.recv()) != "stop":
+        if cmd == "warmup":
+            losses = [step() for _ in range(args.warmup)]
+            conn.send({**info, "first_loss": losses[0] if losses else None, "keep_memory": kept,
+                       "weights_mb": common.tensor_mb(model), "optimizer_state_mb": optimizer_state_mb(opt)})
+            continue
+        gc.collect()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        with common.PeakRSS(trim=False) as mem, common.Contention() as other:
+            t = time.perf_counter()
+            step()
+            dt = time.perf_counter() - t
+        conn.send({"s": dt, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+                   "peak_mb": mem.peak_mb, "others": other.cores})
 
-    flops_tok = ours.estimate_flops(T)
+
+def run_case(name: str, args, peaks: dict[str, float]) -> dict[str, Any]:
+    """Both sides of one case, each in its own process, stepping in turn; one summary record."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    sides = ("lmforge", "hf")
+    conns, procs = {}, {}
+    for s in sides:
+        conns[s], child = ctx.Pipe()
+        procs[s] = ctx.Process(target=_worker, args=(child, s, name, args), daemon=True)
+        procs[s].start()
+    try:
+        info = {}
+        for s in sides:  # one side at a time, so warm-up steps do not share the cores
+            conns[s].send("warmup")
+            info[s] = conns[s].recv()
+        runs: dict[str, list[dict]] = {s: [] for s in sides}
+        waited = 0.0
+        for _ in range(args.steps):
+            waited += common.wait_quiet(args.wait_quiet)
+            for s in sides:
+                conns[s].send("step")
+                runs[s].append(conns[s].recv())
+        for s in sides:
+            conns[s].send("stop")
+    finally:
+        for p in procs.values():
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+    B, T = args.batch, args.seq
+    mode = name.split("-")[1]
+    flops_tok = info["lmforge"]["flops_tok"]
     peak_flops = peaks["bf16" if mode.startswith("bf16") else "fp32"] * 1e9
-    out: dict[str, Any] = {"case": name, "model": ours.config.name, "mode": mode, "batch": B, "seq": T,
+    out: dict[str, Any] = {"case": name, "model": info["lmforge"]["model"], "mode": mode, "batch": B, "seq": T,
                            "threads": torch.get_num_threads(), "steps": args.steps, "optimizer": args.optim,
                            "clip": args.clip}
     summ = {}
     for s in sides:
         # best-of-N is the primary figure: other processes share this machine and only ever slow a step down
-        ts = sorted(times[s])
+        ts = sorted(r["s"] for r in runs[s])
         tps = B * T / ts[0]
         summ[s] = {"tok_s_best": tps, "tok_s_median": B * T / ts[len(ts) // 2], "step_s_best": ts[0],
-                   "mfu": tps * flops_tok / peak_flops, "rss_delta_mb": delta[s], "peak_rss_mb": peak[s],
-                   "weights_mb": common.tensor_mb(ours if s == "lmforge" else hf),
-                   "optimizer_state_mb": optimizer_state_mb(opts[s]), "first_loss": first_loss[s],
-                   "others_cores": sum(busy[s]) / len(busy[s])}
+                   "mfu": tps * flops_tok / peak_flops, "peak_rss_mb": max(r["peak_mb"] for r in runs[s]),
+                   "page_faults_per_step": sorted(r["faults"] for r in runs[s])[len(ts) // 2],
+                   "keep_memory": info[s]["keep_memory"], "weights_mb": info[s]["weights_mb"],
+                   "optimizer_state_mb": info[s]["optimizer_state_mb"], "first_loss": info[s]["first_loss"],
+                   "others_cores": sum(r["others"] for r in runs[s]) / len(runs[s])}
     out.update({"lmforge_tok_s": summ["lmforge"]["tok_s_best"], "hf_tok_s": summ["hf"]["tok_s_best"],
                 "ratio": summ["lmforge"]["tok_s_best"] / summ["hf"]["tok_s_best"],
                 "median_ratio": summ["lmforge"]["tok_s_median"] / summ["hf"]["tok_s_median"],
                 "lmforge_mfu": summ["lmforge"]["mfu"], "hf_mfu": summ["hf"]["mfu"],
                 "flops_per_token": flops_tok, "peak_gflops": peak_flops / 1e9, "waited_s": waited,
                 # CPU cores other processes used during the timed steps; above ~0.2 the figures are disturbed
-                "others_cores": sum(map(sum, busy.values())) / sum(map(len, busy.values())), **summ})
+                "others_cores": sum(summ[s]["others_cores"] for s in sides) / len(sides), **summ})
     return out
 
 
@@ -158,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping for both sides (0: off)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each round of timed steps, wait up to S seconds for other processes to go idle")
+    ap.add_argument("--no-keep-memory", dest="keep_memory", action="store_false",
+                    help="run lmforge's side without the trainer's malloc setting (lmforge/train/allocator.py), "
+                         "so that only the models differ")
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 2 x 64, 1 warm-up + 2 timed steps")
     args = ap.parse_args(argv)
     if args.quick:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,3 +232,32 @@ def test_pretrain_cli_end_to_end(tmp_path, capsys):
     assert main(["pretrain", "--config", str(p), "--set", "model.n_layer=1", "--resume", "auto"]) == 0
     assert main(["pretrain", "--config", str(p), "--set", "model.n_layer=1"]) == 2
     assert "--resume auto" in capsys.readouterr().err
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from lmforge.train.allocator import keep_freed_memory
+print(keep_freed_memory())
+for i in range(6):
+    if i == 2:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 * 1024 * 1024)  # 64 MiB, allocated and freed like a step's activations
+    del x
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
+def test_keep_freed_memory_stops_refaulting_large_buffers():
+    def run(env_value):
+        env = {**os.environ, "LMFORGE_KEEP_MEMORY": env_value}
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    applied, kept_faults = run("1")
+    off, default_faults = run("0")
+    assert applied and not off
+    pages = 4 * 16 * 1024 * 1024 // 4096  # one 64 MiB buffer in 4 KiB pages
+    assert kept_faults < pages // 10  # kept: the same pages come back every time
+    assert default_faults > 10 * max(kept_faults, 4)  # glibc's default maps every large buffer afresh

@@ -26,6 +26,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError, LMForgeError
 from lmforge.train import checkpoint as ckpt
+from lmforge.train.allocator import keep_freed_memory
 from lmforge.train.batches import BatchSource
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_curves
 from lmforge.train.objectives import Objective
@@ -60,6 +61,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0: torch's default. Resume with the same count for bit-identity
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast matmuls, fp32 master weights
     compile: bool = False  # torch.compile the model for training steps
+    keep_memory: bool = True  # CPU: malloc keeps freed memory for the next step (allocator.py; ~10% faster)
     device: str = "cpu"
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured once by a matmul benchmark and cached
     progress: bool = True  # tqdm progress bar
@@ -138,6 +140,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        if cfg.keep_memory and torch.device(cfg.device).type == "cpu":
+            keep_freed_memory()
         self.optimizer = build_optimizer(self.model, optim)
         self.step = 0
         self.best_val: float | None = None
