@@ -60,12 +60,12 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         hs, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
-        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        qk, v = self.qkv(x).split([(nh + nkv) * hs, nkv * hs], dim=-1)
+        qk = qk.view(B, T, nh + nkv, hs).transpose(1, 2)  # (B, nh + nkv, T, hs): queries, then keys
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # one rotation for queries and keys together
+        q, k = qk.split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, L, hs), L = slots filled incl. these T
             q = q.to(k.dtype)  # a cache may be kept in higher precision than the model (see new_cache)
