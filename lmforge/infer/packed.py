@@ -39,24 +39,32 @@ class PackedLinear(nn.Linear):
         self.bias = linear.bias
         self._packed: torch.Tensor | None = None
         self._packed_key: tuple | None = None
+        self._kind = "plain"  # "bf16" (oneDNN), "fp32" (MKL) or "plain" (F.linear), set with the packed copy
 
-    def _key(self) -> tuple:
+    def _repack(self, key: tuple) -> None:
         w = self.weight
-        return (w.data_ptr(), w.dtype, w._version)
+        with torch.no_grad():
+            if not _can_pack(w):
+                self._packed, self._kind = None, "plain"
+            elif w.dtype == torch.bfloat16:
+                self._packed, self._kind = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1), "bf16"
+            else:
+                self._packed, self._kind = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), 1), "fp32"
+        self._packed_key = key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decode calls this ~100 times per token, so the common path is kept to a few attribute reads
         w = self.weight
-        if (torch.is_grad_enabled() and w.requires_grad) or x.dtype != w.dtype or not _can_pack(w):
+        if x.dtype != w.dtype or (w.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, w, self.bias)
-        if self._packed_key != self._key():
-            with torch.no_grad():
-                if w.dtype == torch.bfloat16:
-                    self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-                else:
-                    self._packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), 1)
-            self._packed_key = self._key()
-        if w.dtype == torch.bfloat16:
+        key = (w.data_ptr(), w._version)  # a new dtype or device is a new storage, hence a new data_ptr
+        if key != self._packed_key:
+            self._repack(key)
+        kind = self._kind
+        if kind == "bf16":
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [None], "")
+        if kind == "plain":
+            return F.linear(x, w, self.bias)
         shape = x.shape
         if getattr(_blas, "active", False) and x.numel() <= _BLAS_MAX_ROWS * shape[-1]:
             return _blas_linear(x.reshape(-1, shape[-1]), w, self.bias).view(*shape[:-1], self.out_features)
