@@ -159,7 +159,7 @@ def test_packed_linears_change_nothing_but_speed():
 
 
 def test_blas_decode_matches_and_gives_the_threads_back():
-    from lmforge.infer.packed import blas_decode, pack_linears
+    from lmforge.infer.packed import _openblas, blas_decode, pack_linears
 
     torch.manual_seed(0)
     model = DecoderLM(get_preset("tiny-gpt2")).eval()
@@ -169,6 +169,8 @@ def test_blas_decode_matches_and_gives_the_threads_back():
         pack_linears(model)
         threads = torch.get_num_threads()
         with blas_decode():
+            if _openblas() is not None:  # numpy's wheels bundle OpenBLAS: the BLAS path is really taken
+                assert torch.get_num_threads() == 1 and _openblas().num_threads == threads
             fast = model(x)
         assert torch.get_num_threads() == threads
         with blas_decode(enabled=False):

@@ -102,7 +102,9 @@ def _openblas():
         try:
             from threadpoolctl import ThreadpoolController
             libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
-            _OPENBLAS = libs[0] if libs else None
+            # numpy's own copy (its wheels bundle one under numpy.libs); another package's OpenBLAS is not
+            # the one `np.dot` calls
+            _OPENBLAS = next((lib for lib in libs if "numpy" in lib.filepath), None)
         except Exception:  # pragma: no cover - no threadpoolctl / unusual numpy build
             _OPENBLAS = None
     return _OPENBLAS
