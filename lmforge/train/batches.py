@@ -119,6 +119,12 @@ def shift_padded(seqs: torch.Tensor, pad_id: int) -> Batch:
     return {"input_ids": x, "labels": y, "loss_mask": x != pad_id}
 
 
+def padded_batches(seqs: torch.Tensor, batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """`shift_padded` batches of `seqs` in order, the last one possibly smaller (evaluation)."""
+    for i in range(0, len(seqs), batch_size):
+        yield shift_padded(seqs[i:i + batch_size], pad_id)
+
+
 class PaddedSequences(BatchSource):
     """Fixed-length padded sequences, reshuffled every epoch (permutation seeded by seed + epoch).
 
@@ -167,7 +173,5 @@ class PaddedSequences(BatchSource):
 
     def eval_batches(self) -> Iterator[Batch]:
         """All validation sequences, in order."""
-        if self.val_seqs is None:
-            return
-        for i in range(0, len(self.val_seqs), self.batch_size):
-            yield shift_padded(self.val_seqs[i:i + self.batch_size], self.pad_id)
+        if self.val_seqs is not None:
+            yield from padded_batches(self.val_seqs, self.batch_size, self.pad_id)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.errors import FormatError
+from lmforge.errors import ConfigError, FormatError
 from lmforge.io import atomic_dir, write_json
 
 CKPT_DIR = "checkpoints"
@@ -154,9 +154,23 @@ def find_latest(run_dir: str | Path) -> Checkpoint | None:
     return None
 
 
+FRESH = (None, "", "none", "never")  # values of `resume` that mean "start a new run"
+
+
+def check_resume(run_dir: str | Path, resume: str | None) -> None:
+    """Refuse, before any work, a fresh start in a run folder that already has checkpoints (it would mix
+    two runs) and a `resume` that is neither "auto" nor a folder."""
+    if resume in FRESH:
+        if list_checkpoints(run_dir):
+            raise ConfigError(f"run folder {run_dir} already has checkpoints; pass --resume auto to continue it, "
+                              "or set run.dir to a new folder")
+    elif resume != "auto" and not Path(resume).is_dir():
+        raise ConfigError(f"--resume {resume}: not 'auto', 'none' or a checkpoint folder")
+
+
 def resolve_resume(run_dir: str | Path, resume: str | None) -> Checkpoint | None:
     """`resume`: None/"none" (start fresh), "auto" (newest whole checkpoint, if any) or a checkpoint folder."""
-    if resume in (None, "", "none", "never"):
+    if resume in FRESH:
         return None
     if resume == "auto":
         return find_latest(run_dir)

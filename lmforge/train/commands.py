@@ -22,8 +22,8 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_bytes, write_json
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.batches import PaddedSequences, TokenWindows, shift_padded
-from lmforge.train.objectives import CausalLM
+from lmforge.train.batches import PaddedSequences, TokenWindows, padded_batches
+from lmforge.train.objectives import CausalLM, build_objective
 from lmforge.train.recipe import Recipe, dump_yaml, load_recipe
 from lmforge.train.trainer import Trainer, TrainResult, evaluate
 
@@ -114,11 +114,7 @@ def _passage_data(recipe: Recipe, tok):
     source = PaddedSequences(seqs["train"], t.batch_size, pad, seed=t.seed,
                              val_seqs=seqs["val"] if len(seqs["val"]) else None)
     test = seqs["test"] if len(seqs["test"]) else None
-    test_batches = None
-    if test is not None:
-        def test_batches():
-            for i in range(0, len(test), t.batch_size):
-                yield shift_padded(test[i:i + t.batch_size], pad)
+    test_batches = (lambda: padded_batches(test, t.batch_size, pad)) if test is not None else None
     return source, test_batches, test, {"train_sequences": len(seqs["train"]), "val_sequences": len(seqs["val"]),
                                         "test_sequences": len(seqs["test"]),
                                         "steps_per_epoch": source.steps_per_epoch}
@@ -131,21 +127,13 @@ def resolved_dict(recipe: Recipe, cfg) -> dict[str, Any]:
     return d
 
 
-def _check_resume(run_dir: Path, resume: str | None) -> None:
-    if resume in (None, "", "none", "never") and ckpt.list_checkpoints(run_dir):
-        raise ConfigError(f"run folder {run_dir} already has checkpoints; pass --resume auto to continue it, or "
-                          "set run.dir to a new folder")
-    if resume not in (None, "", "none", "never", "auto") and not Path(resume).is_dir():
-        raise ConfigError(f"--resume {resume}: not 'auto', 'none' or a checkpoint folder")
-
-
 def setup_run(recipe: Recipe, resume: str | None = None) -> Run:
     """Tokenizer, data, model, objective and `Trainer` for a validated recipe; writes config.yaml."""
     from lmforge.models import DecoderLM
 
     t = recipe.train
     run_dir = Path(recipe.run.dir)
-    _check_resume(run_dir, resume)
+    ckpt.check_resume(run_dir, resume)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +165,7 @@ def setup_run(recipe: Recipe, resume: str | None = None) -> Run:
 
     torch.manual_seed(t.seed)  # the model's initial weights depend on the seed only
     model = DecoderLM(cfg)
-    objective = CausalLM(t.loss_reduction, mask_padding=t.mask_padding)
+    objective = build_objective(t.objective, reduction=t.loss_reduction, mask_padding=t.mask_padding)
     trainer = Trainer(model, objective, source, t, recipe.optim, run_dir=run_dir, tokenizer=tok)
     info.update(params=model.num_params(), flops_per_token=model.estimate_flops(seq_len), seq_len=seq_len)
     return Run(recipe, run_dir, tok, trainer, test_batches, test_seqs, info)

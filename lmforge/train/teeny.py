@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.train.batches import pad_sequences, shift_padded
+from lmforge.train.batches import pad_sequences, padded_batches
 from lmforge.train.objectives import CausalLM
 from lmforge.train.trainer import evaluate
 
@@ -37,13 +37,10 @@ def sequence_report(model: nn.Module, seqs: torch.Tensor, pad_id: int, batch_siz
     the model ends a sequence). Unmasked: all T-1 positions, as the seed. Accuracies are over counted
     positions; unmasked every sequence has T-1 of them, so it equals the seed's mean per-sequence accuracy.
     """
-    def batches():
-        for i in range(0, len(seqs), batch_size):
-            yield shift_padded(seqs[i:i + batch_size], pad_id)
-
     out: dict[str, float] = {"sequences": float(len(seqs))}
     for tag, masked in (("masked", True), ("unmasked", False)):
-        m = evaluate(model, CausalLM("sequence_sum", mask_padding=masked), batches(), dtype, device)
+        m = evaluate(model, CausalLM("sequence_sum", mask_padding=masked),
+                     padded_batches(seqs, batch_size, pad_id), dtype, device)
         out.update({f"nll_per_seq_{tag}": m["nll_per_sequence"], f"nll_per_token_{tag}": m["nll_per_token"],
                     f"acc_{tag}": m["acc"], f"ppl_{tag}": m["ppl"]})
     return out

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.errors import ConfigError, LMForgeError
+from lmforge.errors import LMForgeError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.allocator import keep_freed_memory
 from lmforge.train.batches import BatchSource
@@ -174,11 +174,7 @@ class Trainer:
 
     def save_model(self, folder: str | Path) -> Path:
         """Write the current weights (+ tokenizer) as a model folder that `lmforge.load` reads."""
-        was_training = self.model.training
-        try:
-            return self._llm().save(folder)
-        finally:
-            self.model.train(was_training)
+        return self._llm().save(folder)
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics over `data.eval_batches()`: loss, ppl, acc (and the objective's others)."""
@@ -195,10 +191,8 @@ class Trainer:
         """Checkpoint the current step into `<run>/checkpoints/step-N/` (atomic; prunes to keep_last)."""
         if self.run_dir is None:
             return None
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self._llm(), self.optimizer, self._state(elapsed),
+        return ckpt.save_checkpoint(self.run_dir, self.step, self._llm(), self.optimizer, self._state(elapsed),
                                     keep_last=self.cfg.keep_last)
-        self.model.train()
-        return path
 
     def _restore(self, c: ckpt.Checkpoint) -> float:
         s = c.state
@@ -264,12 +258,10 @@ class Trainer:
         checkpoint, or fresh if none) or a checkpoint folder.
         """
         cfg = self.cfg
-        start = self.run_dir and ckpt.resolve_resume(self.run_dir, resume)
         if self.run_dir is not None:
+            ckpt.check_resume(self.run_dir, resume)
             ckpt.clean_stale_temps(self.run_dir)
-            if not start and resume in (None, "", "none", "never") and ckpt.list_checkpoints(self.run_dir):
-                raise ConfigError(f"run folder {self.run_dir} already has checkpoints; pass --resume auto to "
-                                  "continue it, or choose another run.dir")
+        start = self.run_dir and ckpt.resolve_resume(self.run_dir, resume)
         elapsed0 = 0.0
         if start:
             elapsed0 = self._restore(start)
@@ -356,8 +348,8 @@ class Trainer:
                 mfu = flops_per_tok * tok_s / peak if flops_per_tok and peak else 0.0
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     row = {"step": self.step, "split": "train", "loss": train_loss, "lr": lr,
-                           "tokens": self.tokens_seen, "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
-                    row["grad_norm"] = gnorm
+                           "tokens": self.tokens_seen, "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4),
+                           "grad_norm": gnorm}
                     if self.data.epoch is not None:
                         row["epoch"] = self.data.epoch
                     self._log(row)
