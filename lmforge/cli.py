@@ -20,16 +20,18 @@ from collections.abc import Callable
 
 from lmforge.errors import LMForgeError
 
-# name -> "module:function". Keep alphabetical within each stage of the model's life.
-COMMANDS: dict[str, str] = {
-    "quickstart": "lmforge.train.quickstart:quickstart",
-    "train-tokenizer": "lmforge.tokenizers.commands:train_tokenizer",
-    "prepare": "lmforge.data.commands:prepare",
-    "pretrain": "lmforge.train.commands:pretrain",
-    "generate": "lmforge.infer.commands:generate",
-    "chat": "lmforge.infer.commands:chat",
-    "convert": "lmforge.interop.commands:convert",
-    "eval": "lmforge.evaluate.commands:eval_",
+# name -> ("module:function", one-line help). The help is here, not read from the function, so that
+# `lmforge --help` lists every command without importing any of them. Keep the order of a model's life.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("lmforge.train.quickstart:quickstart",
+                   "train a BPE tokenizer and a small GPT on the embedded corpus, then sample"),
+    "train-tokenizer": ("lmforge.tokenizers.commands:train_tokenizer", "train a tokenizer on a corpus"),
+    "prepare": ("lmforge.data.commands:prepare", "tokenize a corpus into memory-mapped token shards"),
+    "pretrain": ("lmforge.train.commands:pretrain", "pre-train a model from a YAML recipe"),
+    "generate": ("lmforge.infer.commands:generate", "continue a prompt with a model"),
+    "chat": ("lmforge.infer.commands:chat", "chat with a model (its chat template), one turn or interactively"),
+    "convert": ("lmforge.interop.commands:convert", "convert a model between lmforge, Hugging Face and GGUF"),
+    "eval": ("lmforge.evaluate.commands:eval_", "evaluate a model (perplexity, bits per byte)"),
 }
 
 
@@ -109,15 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Only the chosen command's module is imported; the others get a one-line help entry.
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
-    for name, target in COMMANDS.items():
+    for name, (target, short) in COMMANDS.items():
         if name == chosen:
             fn = _load(target)
-            p = sub.add_parser(name, help=_parse_docstring(fn.__doc__)[0].split("\n")[0],
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            p = sub.add_parser(name, help=short, formatter_class=argparse.RawDescriptionHelpFormatter)
             build_parser_for(fn, p)
             p.set_defaults(_fn=fn)
         else:
-            sub.add_parser(name, add_help=False)
+            sub.add_parser(name, help=short, add_help=False)
     args = parser.parse_args(argv)
     if not getattr(args, "_fn", None):
         parser.print_help()
