@@ -15,6 +15,9 @@ from lmforge.errors import ConfigError
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
+# Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
+TOKEN_MIXERS = ("attention",)
+CHANNEL_MIXERS = ("mlp", "none")
 
 
 @dataclass
@@ -78,6 +81,10 @@ class Config:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
+    # Every layer is "token_mixer+channel_mixer" (see lmforge.models.mixers): `block` for all layers,
+    # `layers` (n_layer entries) per layer; an entry without "+channel" takes `block`'s channel mixer.
+    block: str = "attention+mlp"
+    layers: list[str] | None = None
     parallel_residual: bool = False  # Falcon/GPT-J: x + attn(ln(x)) + mlp(ln(x)), one shared norm
     tie_embeddings: bool = True
     lm_head_bias: bool = False
@@ -101,6 +108,19 @@ class Config:
     @property
     def head_dim(self) -> int:
         return self.attention.head_dim or self.d_model // self.attention.n_head
+
+    def layer_mixers(self) -> list[tuple[str, str]]:
+        """(token mixer, channel mixer) of every layer, from `block` and `layers`."""
+        default_token, _, default_channel = self.block.partition("+")
+        out = []
+        for spec in self.layers if self.layers is not None else [self.block] * self.n_layer:
+            token, plus, channel = str(spec).partition("+")
+            out.append((token, channel if plus else default_channel or "mlp"))
+        return out
+
+    def uses(self, mixer: str) -> bool:
+        """Whether any layer uses this token or channel mixer."""
+        return any(mixer in pair for pair in self.layer_mixers())
 
     # ---- validation and (de)serialisation -----------------------------------------------------
     def validate(self) -> Config:
@@ -133,6 +153,16 @@ class Config:
              f"position.kind must be 'learned', 'rope' or 'none', got {self.position.kind!r}")
         need(not (self.parallel_residual and self.norm.placement == "post"),
              "parallel_residual needs norm.placement='pre'")
+        need(self.layers is None or (isinstance(self.layers, list) and len(self.layers) == self.n_layer),
+             f"layers must list one block per layer (n_layer={self.n_layer}), got {self.layers!r}")
+        for i, (token, channel) in enumerate(self.layer_mixers()):
+            where = f"layers[{i}]" if self.layers is not None else "block"
+            need(token in TOKEN_MIXERS, f"{where}: unknown token mixer {token!r}; valid: {', '.join(TOKEN_MIXERS)} "
+                 "(a block is written 'token+channel', e.g. 'attention+mlp')")
+            need(channel in CHANNEL_MIXERS,
+                 f"{where}: unknown channel mixer {channel!r}; valid: {', '.join(CHANNEL_MIXERS)}")
+        need(not (self.parallel_residual and any(c == "none" for _, c in self.layer_mixers())),
+             "parallel_residual needs a channel mixer in every layer")
         for f in ("embed_dropout", "resid_dropout"):
             need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
         return self
