@@ -160,6 +160,21 @@ class DecoderLM(nn.Module):
             cache.next_pos += attention_mask.sum(1) if attention_mask is not None else T
         return self.norm_f(x) if self.norm_f is not None else x
 
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary losses (MoE load balancing, router z-loss) of the last forward, or None.
+
+        The training objective adds it to the loss; mixers leave theirs in `last_aux_loss`."""
+        losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def moe_stats(self) -> dict[str, torch.Tensor]:
+        """Routing statistics of the last forward summed over MoE layers (dropped assignments/tokens, losses)."""
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modules():
+            for key, v in getattr(m, "last_stats", {}).items():
+                out[key] = out[key] + v if key in out else v
+        return out
+
     # ---- accounting --------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); `non_embedding` leaves out token/position tables."""
@@ -179,6 +194,8 @@ class DecoderLM(nn.Module):
         T = seq_len or cfg.block_size
         # every nn.Linear, the LM head included (tied or not, it is a real matmul)
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        # batched expert weights are not nn.Linear: count what one token multiplies by (top-k experts)
+        n_matmul += sum(m.active_expert_params() for m in self.modules() if hasattr(m, "active_expert_params"))
         return 6.0 * n_matmul + 12.0 * self._n_attention_layers() * cfg.n_head * cfg.head_dim * T
 
     def _n_attention_layers(self) -> int:

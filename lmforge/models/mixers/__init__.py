@@ -57,4 +57,5 @@ def token_mixers() -> dict[str, type]:
 def channel_mixers() -> dict[str, type]:
     """Channel mixer classes by config name ("none": the block has no channel mixer, as Mamba's)."""
     from lmforge.models.layers import MLP
-    return {"mlp": MLP}
+    from lmforge.models.mixers.moe import MoE
+    return {"mlp": MLP, "moe": MoE}
