@@ -82,6 +82,10 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         if init_weights and cfg.init == "gpt2":  # skipped when weights are about to be loaded
             self.apply(self._init_weights)
+        if init_weights:  # mixers with parameters of their own meaning (Mamba's A, dt) re-set them
+            for m in self.modules():
+                if hasattr(m, "init_extra"):
+                    m.init_extra()
 
     def _init_weights(self, m: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections back into the residual stream get 1/sqrt(2L)

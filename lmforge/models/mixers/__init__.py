@@ -51,7 +51,8 @@ class MixerContext:
 def token_mixers() -> dict[str, type]:
     """Token mixer classes by config name."""
     from lmforge.models.mixers.attention import Attention
-    return {"attention": Attention}
+    from lmforge.models.mixers.mamba import Mamba
+    return {"attention": Attention, "mamba": Mamba}
 
 
 def channel_mixers() -> dict[str, type]:
