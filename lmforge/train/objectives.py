@@ -134,11 +134,18 @@ class CausalLM(Objective):
         return out
 
 
-OBJECTIVES = {"causal_lm": CausalLM}
+# name -> the class, or "module:Class" for objectives defined above `train` (align's), imported when used
+OBJECTIVES: dict[str, type[Objective] | str] = {"causal_lm": CausalLM}
 
 
 def build_objective(name: str, **kwargs) -> Objective:
     """An objective by name (`causal_lm`), with its keyword options."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](**kwargs)
+    cls = OBJECTIVES[name]
+    if isinstance(cls, str):
+        import importlib
+
+        module, _, attr = cls.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    return cls(**kwargs)
