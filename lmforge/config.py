@@ -16,7 +16,7 @@ from lmforge.errors import ConfigError
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
 # Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "linear_attention")
+TOKEN_MIXERS = ("attention", "mamba", "linear_attention", "retention")
 CHANNEL_MIXERS = ("mlp", "moe", "none")
 
 
@@ -200,8 +200,9 @@ class Config:
             need(m.n_shared >= 0, "moe.n_shared must be >= 0")
             need(m.capacity_factor is None or m.capacity_factor > 0,
                  f"moe.capacity_factor must be positive (or null for no limit), got {m.capacity_factor}")
-        need(not self.uses("linear_attention") or self.n_kv_head == self.n_head,
-             "linear_attention has no grouped KV heads: set attention.n_kv_head = attention.n_head")
+        for kind in ("linear_attention", "retention"):
+            need(not self.uses(kind) or self.n_kv_head == self.n_head,
+                 f"{kind} has no grouped KV heads: set attention.n_kv_head = attention.n_head")
         if self.uses("mamba"):
             s = self.ssm
             for f in ("d_state", "d_conv", "expand"):
@@ -384,6 +385,15 @@ def _tiny_linear() -> Config:
     return c
 
 
+def _tiny_retnet() -> Config:
+    # Sun et al. 2023, "Retentive Network": pre-LN blocks of multi-scale retention + FFN, rotary-style
+    # relative positions on q/k, no biases. Test size.
+    c = _llama_like("tiny-retnet", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=128,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block = "retention+mlp"
+    return c
+
+
 def _tiny_mamba() -> Config:
     c = _mamba("tiny-mamba", 64, 2, 256, 128)
     c.ssm.d_state = 8  # test size: half of Mamba's 16 keeps the scan cheap on 2 cores
@@ -442,6 +452,7 @@ PRESETS: dict[str, Any] = {
     "mamba-130m": lambda: _mamba("mamba-130m", 768, 24, 50280, 2048),
     "tiny-jamba": _tiny_jamba,
     "tiny-linear": _tiny_linear,
+    "tiny-retnet": _tiny_retnet,
     "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }

@@ -17,7 +17,7 @@ from lmforge.models.mixers import channel_mixers, token_mixers
 from lmforge.tokenizers.char import CharTokenizer
 from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
 
-FAMILIES = ["tiny-moe", "tiny-mamba", "tiny-jamba", "tiny-linear"]
+FAMILIES = ["tiny-moe", "tiny-mamba", "tiny-jamba", "tiny-linear", "tiny-retnet"]
 
 
 def _corpus_tokens(tok, n=20000) -> np.ndarray:
@@ -82,3 +82,20 @@ def test_linear_attention_chunked_equals_its_definition():
     ref = (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
     assert (y - ref).abs().max() <= 1e-5
     assert torch.allclose(S, k.transpose(-1, -2) @ v, atol=1e-4) and torch.allclose(z, k.sum(2), atol=1e-4)
+
+
+def test_retention_parallel_recurrent_and_chunkwise_forms_agree():
+    from lmforge.models.mixers.retention import decays, retention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 50, 8), torch.randn(2, 4, 50, 8) * 8 ** -0.5, torch.randn(2, 4, 50, 8)
+    gamma = decays(4)
+    parallel, S_p = retention(q, k, v, gamma, chunk=50)
+    recurrent, S_r = retention(q, k, v, gamma, chunk=1)
+    chunkwise, S_c = retention(q, k, v, gamma, chunk=16)
+    # the definition: O = (Q K^T * D) V
+    n = torch.arange(50)
+    D = torch.where(n[:, None] >= n[None], gamma[:, None, None] ** (n[:, None] - n[None]).float(), torch.zeros(()))
+    ref = ((q @ k.transpose(-1, -2)) * D) @ v
+    for out in (parallel, recurrent, chunkwise):
+        assert (out - ref).abs().max() <= 1e-5
+    assert (S_p - S_r).abs().max() <= 1e-5 and (S_c - S_r).abs().max() <= 1e-5

@@ -53,7 +53,8 @@ def token_mixers() -> dict[str, type]:
     from lmforge.models.mixers.attention import Attention
     from lmforge.models.mixers.linear_attention import LinearAttention
     from lmforge.models.mixers.mamba import Mamba
-    return {"attention": Attention, "mamba": Mamba, "linear_attention": LinearAttention}
+    from lmforge.models.mixers.retention import Retention
+    return {"attention": Attention, "mamba": Mamba, "linear_attention": LinearAttention, "retention": Retention}
 
 
 def channel_mixers() -> dict[str, type]:
