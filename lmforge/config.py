@@ -16,8 +16,8 @@ from lmforge.errors import ConfigError
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
 # Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "linear_attention", "retention")
-CHANNEL_MIXERS = ("mlp", "moe", "none")
+TOKEN_MIXERS = ("attention", "mamba", "linear_attention", "retention", "rwkv")
+CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
 
 
 @dataclass
@@ -200,6 +200,9 @@ class Config:
             need(m.n_shared >= 0, "moe.n_shared must be >= 0")
             need(m.capacity_factor is None or m.capacity_factor > 0,
                  f"moe.capacity_factor must be positive (or null for no limit), got {m.capacity_factor}")
+        for i, (token, channel) in enumerate(self.layer_mixers()):
+            need((token == "rwkv") == (channel == "rwkv"),
+                 f"layer {i}: RWKV's time-mix and channel-mix share one decode state; use 'rwkv+rwkv'")
         for kind in ("linear_attention", "retention"):
             need(not self.uses(kind) or self.n_kv_head == self.n_head,
                  f"{kind} has no grouped KV heads: set attention.n_kv_head = attention.n_head")
@@ -394,6 +397,16 @@ def _tiny_retnet() -> Config:
     return c
 
 
+def _tiny_rwkv() -> Config:
+    # Peng et al. 2023, RWKV-4: pre-LN blocks of time-mix + channel-mix (hidden 4d), no positions.
+    # (RWKV-4 also has a LayerNorm after the embedding; it is left out here.)
+    c = _gpt2("tiny-rwkv", 2, 64, 4)
+    c.vocab_size, c.block_size, c.bos_id, c.eos_id = 256, 128, None, None
+    c.block, c.position, c.tie_embeddings = "rwkv+rwkv", PositionConfig(kind="none"), False
+    c.mlp = MLPConfig(hidden=256, activation="relu", bias=False)
+    return c
+
+
 def _tiny_mamba() -> Config:
     c = _mamba("tiny-mamba", 64, 2, 256, 128)
     c.ssm.d_state = 8  # test size: half of Mamba's 16 keeps the scan cheap on 2 cores
@@ -453,6 +466,7 @@ PRESETS: dict[str, Any] = {
     "tiny-jamba": _tiny_jamba,
     "tiny-linear": _tiny_linear,
     "tiny-retnet": _tiny_retnet,
+    "tiny-rwkv": _tiny_rwkv,
     "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }

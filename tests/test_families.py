@@ -17,7 +17,7 @@ from lmforge.models.mixers import channel_mixers, token_mixers
 from lmforge.tokenizers.char import CharTokenizer
 from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
 
-FAMILIES = ["tiny-moe", "tiny-mamba", "tiny-jamba", "tiny-linear", "tiny-retnet"]
+FAMILIES = ["tiny-moe", "tiny-mamba", "tiny-jamba", "tiny-linear", "tiny-retnet", "tiny-rwkv"]
 
 
 def _corpus_tokens(tok, n=20000) -> np.ndarray:
@@ -59,7 +59,7 @@ def test_unknown_block_type_names_the_valid_ones():
     cfg = get_preset("tiny-llama")
     with pytest.raises(ConfigError, match="unknown token mixer .atention..*valid: attention, mamba"):
         cfg.replace(layers=["attention", "atention"])
-    with pytest.raises(ConfigError, match="unknown channel mixer 'moee'.*valid: mlp, moe"):
+    with pytest.raises(ConfigError, match="unknown channel mixer .moee..*valid: mlp, moe, rwkv"):
         cfg.replace(block="attention+moee")
     with pytest.raises(ConfigError, match="one block per layer"):
         cfg.replace(layers=["attention"])
@@ -99,3 +99,29 @@ def test_retention_parallel_recurrent_and_chunkwise_forms_agree():
     for out in (parallel, recurrent, chunkwise):
         assert (out - ref).abs().max() <= 1e-5
     assert (S_p - S_r).abs().max() <= 1e-5 and (S_c - S_r).abs().max() <= 1e-5
+
+
+def test_rwkv_parallel_and_recurrent_wkv_agree_with_the_definition():
+    from lmforge.models.mixers.rwkv import wkv
+    torch.manual_seed(0)
+    B, T, C = 2, 40, 6
+    k, v = torch.randn(B, T, C) * 3, torch.randn(B, T, C)
+    w, u = torch.rand(C) * 2, torch.randn(C)
+    ref = torch.empty(B, T, C)
+    for t in range(T):
+        i = torch.arange(t)
+        e = torch.cat([-(t - 1 - i)[:, None] * w + k[:, :t], (u + k[:, t])[:, None]], 1)  # (B, t+1, C)
+        wt = e.double().exp()
+        ref[:, t] = ((wt * v[:, :t + 1].double()).sum(1) / wt.sum(1)).float()
+    parallel, sp = wkv(k, v, w, u, chunk=T)
+    recurrent, sr = wkv(k, v, w, u, chunk=1)
+    chunked, sc = wkv(k, v, w, u, chunk=7)
+    for out in (parallel, recurrent, chunked):
+        assert (out - ref).abs().max() <= 1e-5
+    num = lambda s: s[0] * s[2].exp()  # noqa: E731
+    assert torch.allclose(num(sp), num(sr), rtol=1e-4) and torch.allclose(num(sc), num(sr), rtol=1e-4)
+
+
+def test_rwkv_halves_must_pair():
+    with pytest.raises(ConfigError, match="use 'rwkv\\+rwkv'"):
+        get_preset("tiny-rwkv").replace(block="rwkv+mlp")

@@ -54,11 +54,14 @@ def token_mixers() -> dict[str, type]:
     from lmforge.models.mixers.linear_attention import LinearAttention
     from lmforge.models.mixers.mamba import Mamba
     from lmforge.models.mixers.retention import Retention
-    return {"attention": Attention, "mamba": Mamba, "linear_attention": LinearAttention, "retention": Retention}
+    from lmforge.models.mixers.rwkv import RWKVTimeMix
+    return {"attention": Attention, "mamba": Mamba, "linear_attention": LinearAttention, "retention": Retention,
+            "rwkv": RWKVTimeMix}
 
 
 def channel_mixers() -> dict[str, type]:
     """Channel mixer classes by config name ("none": the block has no channel mixer, as Mamba's)."""
     from lmforge.models.layers import MLP
     from lmforge.models.mixers.moe import MoE
-    return {"mlp": MLP, "moe": MoE}
+    from lmforge.models.mixers.rwkv import RWKVChannelMix
+    return {"mlp": MLP, "moe": MoE, "rwkv": RWKVChannelMix}
