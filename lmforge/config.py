@@ -30,6 +30,7 @@ class AttentionConfig:
     qkv_bias: bool = True
     out_bias: bool = True
     sliding_window: int | None = None  # Mistral: each query sees at most this many keys (itself included)
+    global_tokens: int = 0  # with a window: the first slots stay visible to every query (Longformer/BigBird)
     dropout: float = 0.0
 
 
@@ -169,6 +170,8 @@ class Config:
         need(self.n_head % self.n_kv_head == 0,
              f"attention.n_head ({a.n_head}) must be a multiple of attention.n_kv_head ({self.n_kv_head})")
         need(a.sliding_window is None or a.sliding_window > 0, "attention.sliding_window must be positive")
+        need(a.global_tokens >= 0 and (a.global_tokens == 0 or a.sliding_window is not None),
+             "attention.global_tokens needs attention.sliding_window (global tokens widen a window)")
         need(self.position.kind != "rope" or self.head_dim % 2 == 0, "RoPE needs an even head_dim")
         need(self.mlp.hidden > 0, "mlp.hidden must be positive")
         need(self.mlp.activation in Activation.__args__,

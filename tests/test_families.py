@@ -125,3 +125,23 @@ def test_rwkv_parallel_and_recurrent_wkv_agree_with_the_definition():
 def test_rwkv_halves_must_pair():
     with pytest.raises(ConfigError, match="use 'rwkv\\+rwkv'"):
         get_preset("tiny-rwkv").replace(block="rwkv+mlp")
+
+
+def test_window_with_global_tokens_sees_the_first_tokens_from_afar():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny-mistral").replace(n_layer=1, **{"attention.global_tokens": 2})
+    model = DecoderLM(cfg).eval()
+    w = cfg.attention.sliding_window
+    x = torch.randint(1, 256, (1, 3 * w))
+    y, z = x.clone(), x.clone()
+    y[0, 1] = (x[0, 1] + 1) % 256  # a global token: every later position sees it
+    z[0, 5] = (x[0, 5] + 1) % 256  # an ordinary one: only the next w - 1 positions see it
+    with torch.no_grad():
+        a, b, c = model(x), model(y), model(z)
+        cached = torch.cat([model(x[:, :10], cache=(cache := model.new_cache(1)))] +
+                           [model(x[:, t:t + 1], cache=cache) for t in range(10, 3 * w)], 1)
+    assert (a[0, -1] - b[0, -1]).abs().max() > 0
+    assert (a[0, 5 + w:] - c[0, 5 + w:]).abs().max() == 0
+    assert (a - cached).abs().max() <= 1e-5
+    with pytest.raises(ConfigError, match="global_tokens needs attention.sliding_window"):
+        get_preset("tiny-llama").replace(**{"attention.global_tokens": 2})

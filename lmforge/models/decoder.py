@@ -145,7 +145,8 @@ class DecoderLM(nn.Module):
             needs_mask = padded or (window is not None and T > window)
             key_valid = attention_mask if padded else None
         needs_mask = needs_mask and self.has_attention
-        mask = build_mask(key_valid, start, T, L, window, device) if needs_mask else None
+        mask = (build_mask(key_valid, start, T, L, window, device, cfg.attention.global_tokens)
+                if needs_mask else None)
 
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:
