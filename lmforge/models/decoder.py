@@ -72,19 +72,22 @@ class DecoderLM(nn.Module):
             nn.init.normal_(m.weight, std=std)
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, logits_to_keep: int = 0,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions when > 0.
 
         attention_mask: (B, T), 1 for real tokens and 0 for left padding. With a `cache`, the tokens
-        continue what the cache holds, and the cache advances by T.
+        continue what the cache holds, and the cache advances by T. segment_ids: (B, T) for packed rows
+        (several examples in one row, each a contiguous run of one id): a token attends only within its
+        segment and positions restart at 0 in each, so every example computes as it would alone.
         """
-        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
+        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, segment_ids=segment_ids)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), after the final norm: what the LM head reads."""
         cfg = self.config
         B, T = input_ids.shape
@@ -115,6 +118,15 @@ class DecoderLM(nn.Module):
             needs_mask = padded or (window is not None and T > window)
             key_valid = attention_mask if padded else None
         mask = build_mask(key_valid, start, T, L, window, device) if needs_mask else None
+        if segment_ids is not None:  # packed examples: block-diagonal causal mask, positions per segment
+            if cache is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be used with a KV cache")
+            idx = torch.arange(T, device=device).expand(B, T)
+            first = torch.ones_like(segment_ids, dtype=torch.bool)
+            first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            positions = idx - torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
+            mask = same & (build_mask(None, 0, T, T, window, device) if mask is None else mask)
 
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:

@@ -269,8 +269,6 @@ def from_dict(d: dict[str, Any], source: str = "") -> Recipe:
         raise ConfigError(f"{source or 'recipe'}: must be a YAML mapping with sections model, tokenizer, data, "
                           "train, optim, run")
     allowed = ["model", *SECTIONS]
-    d = dict(d)
-    d.pop("command", None)  # which CLI command a recipe is for (finetune / align); informational
     for k in d:
         if k not in allowed:
             near = difflib.get_close_matches(str(k), allowed, n=1)

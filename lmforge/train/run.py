@@ -46,6 +46,7 @@ from lmforge.train.trainer import Trainer
 DATA_KINDS: dict[str, str] = {
     "tokens": "lmforge.train.run:token_data",
     "passages": "lmforge.train.run:passage_data",
+    "instructions": "lmforge.data.instruct:instruction_data",
 }
 
 
