@@ -176,3 +176,50 @@ def test_bad_input_is_named(tmp_path):
     (meta_free / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(FormatError, match="peft_type"):
         load_adapter(other, meta_free)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_base_is_within_the_nf4_codebook_error(double_quant):
+    from lmforge.adapt import apply_qlora
+    from lmforge.quant import NF4_CODE, NF4Linear
+
+    model = _base()
+    orig = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    apply_qlora(model, r=4, alpha=8, target_modules=["q_proj", "down_proj"], blocksize=64, double_quant=double_quant)
+    half_gap = float((NF4_CODE[1:] - NF4_CODE[:-1]).max()) / 2
+    n = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, NF4Linear):
+            continue
+        path = name.removesuffix(".base")
+        w = orig[path].reshape(-1, 64)  # every test layer's size is a multiple of the block
+        true_max = w.abs().amax(1, keepdim=True)
+        stored = m.block_absmax().unsqueeze(1)
+        bound = true_max * half_gap + (stored - true_max).abs() + 1e-6
+        assert ((m.dequantize().reshape(-1, 64) - w).abs() <= bound).all(), name
+        n += 1
+    assert n == 2 * 4  # qkv, proj, fc, proj per block; the LM head stays full precision
+    assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+def test_qlora_trains_only_the_adapters():
+    from lmforge.adapt import apply_qlora
+
+    model = _base().train()
+    apply_qlora(model, r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"])
+
+    def digest():
+        return {k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+                for k, v in model.state_dict().items()}
+
+    before = digest()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(IDS).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    after = digest()
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed and all(".lora_" in k for k in changed)
+    assert any(k.endswith(".codes") for k in before)  # the frozen NF4 tensors were among those hashed
+    assert trainable_parameters(model)["percent"] < 30

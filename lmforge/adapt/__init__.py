@@ -38,6 +38,7 @@ from lmforge.adapt.lora import (
     unmerge_adapters,
 )
 from lmforge.adapt.peft_io import load_adapter, read_adapter_config, save_adapter
+from lmforge.adapt.qlora import apply_qlora, quantize_base
 from lmforge.adapt.state import (
     adapter_state_dict,
     base_state_dict,
@@ -61,10 +62,13 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     if cfg.method in ("lora", "dora"):
         return apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
                           dora=cfg.method == "dora")
+    if cfg.method == "qlora":
+        return apply_qlora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
+                           blocksize=cfg.quant_blocksize, double_quant=cfg.double_quant)
     raise ConfigError(f"adapter.method {cfg.method!r} is not available; choose one of {', '.join(METHODS)}")
 
 
 __all__ = ["METHODS", "AdapterConfig", "AdapterLayer", "LoRALinear", "adapter_layers", "adapter_state_dict",
-           "apply_adapter", "apply_lora", "base_state_dict", "disable_adapters", "format_trainable",
+           "apply_adapter", "apply_lora", "apply_qlora", "base_state_dict", "disable_adapters", "format_trainable",
            "has_adapters", "linear_slices", "load_adapter", "merge_adapters", "read_adapter_config",
-           "save_adapter", "trainable_parameters", "unmerge_adapters"]
+           "quantize_base", "save_adapter", "trainable_parameters", "unmerge_adapters"]

@@ -24,4 +24,6 @@ class AdapterConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    quant_blocksize: int = 64  # qlora: weights per NF4 absmax block
+    double_quant: bool = True  # qlora: int8-quantise the block scales too (QLoRA section 3)
     path: str | None = None  # start from a saved adapter folder (adapter_config.json + adapter_model.safetensors)
