@@ -223,3 +223,32 @@ def test_qlora_trains_only_the_adapters():
     assert changed and all(".lora_" in k for k in changed)
     assert any(k.endswith(".codes") for k in before)  # the frozen NF4 tensors were among those hashed
     assert trainable_parameters(model)["percent"] < 30
+
+
+def test_bottleneck_adapters_start_as_the_base_train_alone_and_round_trip(tmp_path):
+    from lmforge.adapt import BottleneckAdapter, apply_bottleneck_adapters
+
+    model = _base()
+    with torch.no_grad():
+        base_out = model(IDS)
+    apply_bottleneck_adapters(model, r=8)
+    assert sum(isinstance(m, BottleneckAdapter) for m in model.modules()) == 2 * model.config.n_layer
+    with torch.no_grad():
+        assert torch.equal(model(IDS), base_out)  # W_up = 0: exactly the base at the start
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(IDS).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(".adapter_" not in k for k in frozen)
+    with torch.no_grad():
+        trained = model(IDS)
+        with disable_adapters(model):
+            assert torch.equal(model(IDS), base_out)
+    assert (trained - base_out).abs().max().item() > 1e-4
+    LLM(model).save(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m").model(IDS), trained)
+    with pytest.raises(ConfigError, match="cannot be merged"):
+        merge_adapters(model)

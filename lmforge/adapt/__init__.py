@@ -17,6 +17,9 @@ down_proj; GPT-2 c_attn, c_fc, c_proj) or our module paths (attn.qkv, mlp.fc); a
 nothing is a `ConfigError` that lists the names. Fused layers (our qkv, gate+up) get one adapter per
 slice, as peft builds on the separate HF projections, so outputs and files match peft's.
 
+`apply_bottleneck_adapters(model, r)` adds Houlsby adapters after each residual projection (saved in
+lmforge's own lmforge_adapter.* files: peft has no such method).
+
 `apply_adapter(model, AdapterConfig)` is what recipes use (`adapter:` section, `lmforge finetune`).
 `LLM.save` writes an adapted model as its base weights plus the adapter files; `lmforge.load` of such a
 folder puts the adapter back on.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lmforge.adapt.bottleneck import BottleneckAdapter, apply_bottleneck_adapters
 from lmforge.adapt.config import METHODS, AdapterConfig
 from lmforge.adapt.lora import (
     AdapterLayer,
@@ -62,13 +66,16 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     if cfg.method in ("lora", "dora"):
         return apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
                           dora=cfg.method == "dora")
+    if cfg.method == "adapter":
+        return apply_bottleneck_adapters(model, r=cfg.r, dropout=cfg.dropout)
     if cfg.method == "qlora":
         return apply_qlora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
                            blocksize=cfg.quant_blocksize, double_quant=cfg.double_quant)
     raise ConfigError(f"adapter.method {cfg.method!r} is not available; choose one of {', '.join(METHODS)}")
 
 
-__all__ = ["METHODS", "AdapterConfig", "AdapterLayer", "LoRALinear", "adapter_layers", "adapter_state_dict",
-           "apply_adapter", "apply_lora", "apply_qlora", "base_state_dict", "disable_adapters", "format_trainable",
-           "has_adapters", "linear_slices", "load_adapter", "merge_adapters", "read_adapter_config",
-           "quantize_base", "save_adapter", "trainable_parameters", "unmerge_adapters"]
+__all__ = ["METHODS", "AdapterConfig", "AdapterLayer", "BottleneckAdapter", "LoRALinear", "adapter_layers",
+           "adapter_state_dict", "apply_adapter", "apply_bottleneck_adapters", "apply_lora", "apply_qlora",
+           "base_state_dict", "disable_adapters", "format_trainable", "has_adapters", "linear_slices",
+           "load_adapter", "merge_adapters", "quantize_base", "read_adapter_config", "save_adapter",
+           "trainable_parameters", "unmerge_adapters"]

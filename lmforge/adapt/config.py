@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-METHODS = ("full", "lora", "dora", "qlora")
+METHODS = ("full", "lora", "dora", "qlora", "adapter")
 
 
 @dataclass
@@ -19,8 +19,8 @@ class AdapterConfig:
     c_fc, mlp.c_proj), so a peft adapter's target_modules mean the same layers here.
     """
 
-    method: Literal["full", "lora", "dora", "qlora"] = "full"
-    r: int = 8
+    method: Literal["full", "lora", "dora", "qlora", "adapter"] = "full"
+    r: int = 8  # LoRA rank; bottleneck size for `adapter`
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])

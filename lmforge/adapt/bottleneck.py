@@ -1,0 +1,114 @@
+"""Bottleneck adapters (Houlsby et al. 2019) as module swaps, and their files.
+
+Each linear that writes a sub-layer's output back into the residual stream (the mixers' `resid_projs`:
+attention's and the MLP's `proj`) becomes `BottleneckAdapter(proj)`: y = proj(x); y + W_up f(W_down y),
+two adapters per block as in the paper. W_up starts at zero, so training starts from the base exactly.
+Only the adapters train. peft has no such method, so these save in lmforge's own two files,
+lmforge_adapter.json + lmforge_adapter.safetensors, beside the base weights (`LLM.save` / `lmforge.load`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.adapt.lora import AdapterLayer, adapter_layers
+from lmforge.errors import ConfigError, FormatError
+from lmforge.io import write_json
+
+CONFIG_FILE = "lmforge_adapter.json"
+WEIGHTS_FILE = "lmforge_adapter.safetensors"
+
+
+class BottleneckAdapter(AdapterLayer):
+    """`base(x)` followed by a residual bottleneck: y + up(gelu(down(dropout(y)))), size -> r -> size."""
+
+    def __init__(self, base: nn.Linear, r: int, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.r = base, r
+        n, dev, dt = base.out_features, base.weight.device, base.weight.dtype
+        self.adapter_down = nn.Linear(n, r, device=dev, dtype=dt)
+        self.adapter_up = nn.Linear(r, n, device=dev, dtype=dt)
+        nn.init.normal_(self.adapter_down.weight, std=1e-2)  # near-identity start (Houlsby section 2.1)
+        nn.init.zeros_(self.adapter_down.bias)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight."""
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.disabled:
+            return y
+        return y + self.adapter_up(F.gelu(self.adapter_down(self.dropout(y))))
+
+    def merge(self) -> None:
+        """A bottleneck is non-linear: it cannot be folded into a weight."""
+        raise ConfigError("bottleneck adapters are non-linear and cannot be merged into the base weights")
+
+    def unmerge(self) -> None:
+        """Nothing to undo (never merged)."""
+
+
+def apply_bottleneck_adapters(model: nn.Module, r: int = 16, dropout: float = 0.0) -> nn.Module:
+    """Add a bottleneck adapter after every residual-writing projection; freeze the rest; in place."""
+    if r < 1:
+        raise ConfigError(f"bottleneck size r must be >= 1, got {r}")
+    targets = []
+    for block in model.blocks:
+        for mixer in (block.token_mixer, block.channel_mixer):
+            for name in getattr(mixer, "resid_projs", ()) if mixer is not None else ():
+                if isinstance(getattr(mixer, name, None), nn.Linear):
+                    targets.append((mixer, name))
+    if not targets:
+        raise ConfigError("this model has no residual projections (nn.Linear resid_projs) to put adapters after")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for mixer, name in targets:
+        setattr(mixer, name, BottleneckAdapter(getattr(mixer, name), r, dropout))
+    return model
+
+
+def save_native_adapter(model: nn.Module, folder: str | Path) -> None:
+    """Write lmforge's adapter files (bottleneck adapters): their config and tensors under our keys."""
+    layers = [(p, m) for p, m in adapter_layers(model)]
+    kinds = {type(m).__name__ for _, m in layers}
+    if kinds != {"BottleneckAdapter"}:
+        raise ConfigError(f"cannot save adapters of kinds {sorted(kinds)} together in lmforge's format")
+    m0 = layers[0][1]
+    tensors = {f"{p}.{n}": t.detach().contiguous().cpu() for p, m in layers for n, t in m.adapter_parameters()}
+    folder = Path(folder)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_json(folder / CONFIG_FILE, {"method": "adapter", "r": m0.r,
+                                      "dropout": m0.dropout.p if isinstance(m0.dropout, nn.Dropout) else 0.0})
+
+
+def load_native_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Put lmforge-format adapters from `folder` on `model` (shapes checked before anything changes)."""
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{folder}: cannot read its lmforge adapter files ({e})") from None
+    if cfg.get("method") != "adapter":
+        raise FormatError(f"{folder / CONFIG_FILE}: unknown adapter method {cfg.get('method')!r}")
+    apply_bottleneck_adapters(model, int(cfg["r"]), float(cfg.get("dropout", 0.0)))
+    own = dict(model.named_parameters())
+    bad = [k for k, t in tensors.items() if k not in own or own[k].shape != t.shape]
+    if bad or len(tensors) != sum(1 for k in own if ".adapter_" in k):
+        raise FormatError(f"{folder}: the adapter does not fit this model ({bad[:3] or 'layer count differs'}); "
+                          "it belongs to a different base model")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            own[k].copy_(t)
+    return model
