@@ -252,3 +252,37 @@ def test_bottleneck_adapters_start_as_the_base_train_alone_and_round_trip(tmp_pa
         assert torch.equal(load(tmp_path / "m").model(IDS), trained)
     with pytest.raises(ConfigError, match="cannot be merged"):
         merge_adapters(model)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_train_alone_and_decode_with_the_cache_as_without(tmp_path, method):
+    from lmforge.adapt import apply_prefix_tuning, apply_prompt_tuning
+
+    model = _base()
+    with torch.no_grad():
+        base_out = model(IDS)
+    (apply_prompt_tuning if method == "prompt" else apply_prefix_tuning)(model, n=5)
+    with torch.no_grad():
+        out = model(IDS)
+        if method == "prompt":  # the same as prepending the embeddings to the input
+            emb = torch.cat([model.virtual_tokens.prompt.expand(2, -1, -1), model.tok_emb(IDS)], 1)
+            ids = torch.zeros(2, 17, dtype=torch.long)
+            ref = model.lm_head(model.hidden_states(ids, inputs_embeds=emb))[:, 5:]
+            assert (out - ref).abs().max().item() < 1e-5
+        cache = model.new_cache(2, max_len=14)
+        model(IDS[:, :10], cache=cache)
+        step = model(IDS[:, 10:11], cache=cache)[:, -1]
+        assert (step - model(IDS[:, :11])[:, -1]).abs().max().item() < 1e-5
+        with disable_adapters(model):
+            assert torch.equal(model(IDS), base_out)
+    assert (out - base_out).abs().max().item() > 1e-4
+    rep = trainable_parameters(model)
+    assert rep["adapter_layers"] == 1 and rep["trainable"] == sum(
+        p.numel() for p in model.virtual_tokens.parameters())
+    model.train()
+    model(IDS).logsumexp(-1).mean().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    model.eval()
+    LLM(model).save(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m").model(IDS), out)

@@ -20,6 +20,9 @@ slice, as peft builds on the separate HF projections, so outputs and files match
 `apply_bottleneck_adapters(model, r)` adds Houlsby adapters after each residual projection (saved in
 lmforge's own lmforge_adapter.* files: peft has no such method).
 
+`apply_prompt_tuning(model, n)` / `apply_prefix_tuning(model, n)` add n learned virtual tokens (input
+embeddings, or per-layer keys/values) through `model.virtual_tokens`, also lmforge-format files.
+
 `apply_adapter(model, AdapterConfig)` is what recipes use (`adapter:` section, `lmforge finetune`).
 `LLM.save` writes an adapted model as its base weights plus the adapter files; `lmforge.load` of such a
 folder puts the adapter back on.
@@ -50,6 +53,7 @@ from lmforge.adapt.state import (
     has_adapters,
     trainable_parameters,
 )
+from lmforge.adapt.virtual import PrefixTuning, PromptTuning, apply_prefix_tuning, apply_prompt_tuning
 from lmforge.errors import ConfigError
 
 
@@ -66,6 +70,8 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     if cfg.method in ("lora", "dora"):
         return apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
                           dora=cfg.method == "dora")
+    if cfg.method in ("prompt", "prefix"):
+        return (apply_prompt_tuning if cfg.method == "prompt" else apply_prefix_tuning)(model, cfg.num_virtual_tokens)
     if cfg.method == "adapter":
         return apply_bottleneck_adapters(model, r=cfg.r, dropout=cfg.dropout)
     if cfg.method == "qlora":
@@ -74,8 +80,9 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     raise ConfigError(f"adapter.method {cfg.method!r} is not available; choose one of {', '.join(METHODS)}")
 
 
-__all__ = ["METHODS", "AdapterConfig", "AdapterLayer", "BottleneckAdapter", "LoRALinear", "adapter_layers",
-           "adapter_state_dict", "apply_adapter", "apply_bottleneck_adapters", "apply_lora", "apply_qlora",
-           "base_state_dict", "disable_adapters", "format_trainable", "has_adapters", "linear_slices",
-           "load_adapter", "merge_adapters", "quantize_base", "read_adapter_config", "save_adapter",
-           "trainable_parameters", "unmerge_adapters"]
+__all__ = ["METHODS", "AdapterConfig", "AdapterLayer", "BottleneckAdapter", "LoRALinear", "PrefixTuning",
+           "PromptTuning", "adapter_layers", "adapter_state_dict", "apply_adapter", "apply_bottleneck_adapters",
+           "apply_lora", "apply_prefix_tuning", "apply_prompt_tuning", "apply_qlora", "base_state_dict",
+           "disable_adapters", "format_trainable", "has_adapters", "linear_slices", "load_adapter",
+           "merge_adapters", "quantize_base", "read_adapter_config", "save_adapter", "trainable_parameters",
+           "unmerge_adapters"]

@@ -28,6 +28,8 @@ WEIGHTS_FILE = "lmforge_adapter.safetensors"
 class BottleneckAdapter(AdapterLayer):
     """`base(x)` followed by a residual bottleneck: y + up(gelu(down(dropout(y)))), size -> r -> size."""
 
+    method = "adapter"
+
     def __init__(self, base: nn.Linear, r: int, dropout: float = 0.0):
         super().__init__()
         self.base, self.r = base, r
@@ -50,6 +52,10 @@ class BottleneckAdapter(AdapterLayer):
         if self.disabled:
             return y
         return y + self.adapter_up(F.gelu(self.adapter_down(self.dropout(y))))
+
+    def settings(self) -> dict:
+        """What re-creates it (saved in lmforge_adapter.json)."""
+        return {"r": self.r, "dropout": self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0}
 
     def merge(self) -> None:
         """A bottleneck is non-linear: it cannot be folded into a weight."""
@@ -79,34 +85,41 @@ def apply_bottleneck_adapters(model: nn.Module, r: int = 16, dropout: float = 0.
 
 
 def save_native_adapter(model: nn.Module, folder: str | Path) -> None:
-    """Write lmforge's adapter files (bottleneck adapters): their config and tensors under our keys."""
-    layers = [(p, m) for p, m in adapter_layers(model)]
-    kinds = {type(m).__name__ for _, m in layers}
-    if kinds != {"BottleneckAdapter"}:
-        raise ConfigError(f"cannot save adapters of kinds {sorted(kinds)} together in lmforge's format")
-    m0 = layers[0][1]
+    """Write lmforge's adapter files (bottleneck adapters, prompt or prefix tuning): config and tensors."""
+    layers = list(adapter_layers(model))
+    methods = {getattr(m, "method", type(m).__name__) for _, m in layers}
+    if len(methods) != 1 or not hasattr(layers[0][1], "settings"):
+        raise ConfigError(f"cannot save adapters of kinds {sorted(methods)} together in lmforge's format")
     tensors = {f"{p}.{n}": t.detach().contiguous().cpu() for p, m in layers for n, t in m.adapter_parameters()}
     folder = Path(folder)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    write_json(folder / CONFIG_FILE, {"method": "adapter", "r": m0.r,
-                                      "dropout": m0.dropout.p if isinstance(m0.dropout, nn.Dropout) else 0.0})
+    write_json(folder / CONFIG_FILE, {"method": methods.pop(), **layers[0][1].settings()})
 
 
 def load_native_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Put lmforge-format adapters from `folder` on `model` (shapes checked before anything changes)."""
+    """Put lmforge-format adapters from `folder` on `model` (tensor names and shapes checked)."""
+    from lmforge.adapt.virtual import apply_prefix_tuning, apply_prompt_tuning
+
     folder = Path(folder)
     try:
         cfg = json.loads((folder / CONFIG_FILE).read_text())
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except (OSError, ValueError) as e:
         raise FormatError(f"{folder}: cannot read its lmforge adapter files ({e})") from None
-    if cfg.get("method") != "adapter":
-        raise FormatError(f"{folder / CONFIG_FILE}: unknown adapter method {cfg.get('method')!r}")
-    apply_bottleneck_adapters(model, int(cfg["r"]), float(cfg.get("dropout", 0.0)))
-    own = dict(model.named_parameters())
+    method = cfg.get("method")
+    try:
+        if method == "adapter":
+            apply_bottleneck_adapters(model, int(cfg["r"]), float(cfg.get("dropout", 0.0)))
+        elif method in ("prompt", "prefix"):
+            (apply_prompt_tuning if method == "prompt" else apply_prefix_tuning)(model, int(cfg["n"]))
+        else:
+            raise FormatError(f"{folder / CONFIG_FILE}: unknown adapter method {method!r}")
+    except KeyError as e:
+        raise FormatError(f"{folder / CONFIG_FILE}: missing setting {e}") from None
+    own = {f"{p}.{n}": t for p, m in adapter_layers(model) for n, t in m.adapter_parameters()}
     bad = [k for k, t in tensors.items() if k not in own or own[k].shape != t.shape]
-    if bad or len(tensors) != sum(1 for k in own if ".adapter_" in k):
-        raise FormatError(f"{folder}: the adapter does not fit this model ({bad[:3] or 'layer count differs'}); "
+    if bad or len(tensors) != len(own):
+        raise FormatError(f"{folder}: the adapter does not fit this model ({bad[:3] or 'tensor count differs'}); "
                           "it belongs to a different base model")
     with torch.no_grad():
         for k, t in tensors.items():

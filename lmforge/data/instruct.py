@@ -321,7 +321,8 @@ def instruction_data(recipe, tok, run_dir, seq_len: int):
     from lmforge.train.run import RunData
 
     dt, t = recipe.data, recipe.train
-    splits = load_splits(dt.source, dt.val_source, dt.val_fraction, t.seed)
+    splits = {k: v[:dt.max_sequences] for k, v in load_splits(dt.source, dt.val_source, dt.val_fraction,
+                                                               t.seed).items()}
     ex = {s: render_rows(tok, rows, seq_len + 1, dt.prompt_loss) for s, rows in splits.items()}
     pad = pad_id_of(tok)
     source = InstructionBatches(ex["train"], t.batch_size, pad, seq_len, seed=t.seed, val=ex["val"], pack=dt.pack)

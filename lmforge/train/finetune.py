@@ -25,7 +25,7 @@ from lmforge.errors import ConfigError, FormatError
 from lmforge.io import write_json
 from lmforge.train.recipe import apply_overrides, from_dict
 
-Method = Literal["full", "lora", "dora", "qlora", "adapter"]
+Method = Literal["full", "lora", "dora", "qlora", "adapter", "prefix", "prompt"]
 
 DEFAULTS: dict[str, Any] = {
     "model": {"source": "smollm2"},
@@ -113,7 +113,7 @@ def finetune_recipe(config: str | None = None, method: str | None = None, model:
 def finetune(config: str | None = None, method: Method | None = None, model: str | None = None,
              data: str | None = None, out: str | None = None, set_: list[str] | None = None,
              resume: str = "none") -> int:
-    """Fine-tune a pretrained model on instructions, in full or with an adapter (LoRA, DoRA, QLoRA, Houlsby).
+    """Fine-tune a pretrained model on instructions: in full, or with LoRA, DoRA, QLoRA, adapters, prefix/prompt.
 
     Without --config the defaults are: SmolLM2-135M-Instruct, the built-in shakespeare-instruct set,
     100 steps of batch 8 at up to 256 tokens, LoRA r=8 on q/k/v/o. Ctrl-C saves a checkpoint;
@@ -121,7 +121,8 @@ def finetune(config: str | None = None, method: Method | None = None, model: str
 
     Args:
         config: a recipe YAML, e.g. recipes/smollm2-135m/lora.yaml (sections as pretrain's, plus adapter).
-        method: full | lora | dora | qlora | adapter (Houlsby bottleneck adapters; sets adapter.method).
+        method: full | lora | dora | qlora | adapter (Houlsby bottleneck) | prefix | prompt (prefix / prompt
+            tuning); sets adapter.method.
         model: what to fine-tune: a model folder, .gguf file, short name (smollm2) or preset:<name>.
         data: a built-in set (shakespeare-instruct) or a .jsonl file of messages / prompt-response lines.
         out: the run folder (default runs/finetune-<method>).
@@ -148,7 +149,7 @@ def finetune(config: str | None = None, method: Method | None = None, model: str
         from lmforge.llm import load
 
         test = load_splits(recipe.data.source, recipe.data.val_source, recipe.data.val_fraction,
-                           recipe.train.seed)["test"]
+                           recipe.train.seed)["test"][:recipe.data.max_sequences]
         if test:
             llm = load(report["model_folder"])
             report.setdefault("test", {}).update(choice_accuracy(llm.model, llm.tokenizer, test))
