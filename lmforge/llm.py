@@ -207,7 +207,7 @@ class LLM:
                 from lmforge.adapt import LoRALinear, adapter_layers
                 from lmforge.adapt.bottleneck import save_native_adapter
 
-                lora = all(isinstance(m, LoRALinear) for _, m in adapter_layers(self.model))
+                lora = all(type(m) is LoRALinear for _, m in adapter_layers(self.model))
                 (save_adapter if lora else save_native_adapter)(self.model, tmp)
         return Path(folder)
 

@@ -286,3 +286,42 @@ def test_virtual_tokens_train_alone_and_decode_with_the_cache_as_without(tmp_pat
     LLM(model).save(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(load(tmp_path / "m").model(IDS), out)
+
+
+def test_adalora_moves_its_rank_budget_by_importance_and_round_trips(tmp_path):
+    from lmforge.adapt import AdaLoRALinear, apply_adalora
+
+    model = _base().train()
+    apply_adalora(model, total_steps=20, r=4, target_r=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                  warmup=2, final=6, interval=2)
+    ctl = model.adalora
+    n_slices = 3 * model.config.n_layer
+    assert [ctl.budget(s, n_slices) for s in (0, 2, 14, 20)] == [24, 24, 12, 12]
+    assert 12 < ctl.budget(5, n_slices) < 24  # the cubic fall in between
+    with torch.no_grad():
+        model.eval()
+        base_out = model(IDS)  # lambda = 0: the base
+        model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        ids = torch.randint(0, 256, (2, 12), generator=g)
+        model(ids).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model(IDS)  # the forward after the last step applies the final budget
+    ranks = ctl.ranks(model)
+    assert int(ctl.step) == 21 and sum(ranks.values()) <= 12 and len(ranks) == n_slices
+    assert all(0 <= r <= 4 for r in ranks.values())
+    layers = [m for m in model.modules() if isinstance(m, AdaLoRALinear)]
+    assert all(float(getattr(m, "ema_E_" + m.slices[0].name).abs().sum()) > 0 for m in layers)  # importance seen
+    model.eval()
+    with torch.no_grad():
+        out = model(IDS)
+        with disable_adapters(model):
+            assert torch.equal(model(IDS), base_out)
+    LLM(model).save(tmp_path / "m")
+    back = load(tmp_path / "m").model
+    with torch.no_grad():
+        assert torch.equal(back(IDS), out)
+    assert int(back.adalora.step) == 21 and back.adalora.ranks(back) == ranks

@@ -54,7 +54,7 @@ def test_every_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_source, rec
     pct = report["trainable"]["percent"]
     if recipe.stem == "full":
         assert pct == 100.0 and not (run / "model" / "adapter_config.json").exists()
-    elif recipe.stem in ("adapter", "prefix", "prompt"):  # lmforge's own adapter files beside the base
+    elif recipe.stem in ("adapter", "prefix", "prompt", "adalora"):  # lmforge's own adapter files beside the base
         assert 0 < pct < 50 and (run / "model" / "lmforge_adapter.json").is_file()
     elif recipe.stem == "qlora":  # r=8 on every linear layer: a large share of a d=64 model
         assert 0 < pct < 50 and (run / "model" / "adapter_config.json").is_file()

@@ -1,4 +1,5 @@
-"""Bottleneck adapters (Houlsby et al. 2019) as module swaps, and their files.
+"""Bottleneck adapters (Houlsby et al. 2019) as module swaps, and lmforge's adapter files for every
+method peft cannot hold (bottleneck, prompt, prefix, AdaLoRA with its importance state).
 
 Each linear that writes a sub-layer's output back into the residual stream (the mixers' `resid_projs`:
 attention's and the MLP's `proj`) becomes `BottleneckAdapter(proj)`: y = proj(x); y + W_up f(W_down y),
@@ -10,6 +11,7 @@ lmforge_adapter.json + lmforge_adapter.safetensors, beside the base weights (`LL
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -90,10 +92,16 @@ def save_native_adapter(model: nn.Module, folder: str | Path) -> None:
     methods = {getattr(m, "method", type(m).__name__) for _, m in layers}
     if len(methods) != 1 or not hasattr(layers[0][1], "settings"):
         raise ConfigError(f"cannot save adapters of kinds {sorted(methods)} together in lmforge's format")
-    tensors = {f"{p}.{n}": t.detach().contiguous().cpu() for p, m in layers for n, t in m.adapter_parameters()}
+    tensors = {f"{p}.{n}": t.detach().contiguous().cpu() for p, m in layers for n, t in m.adapter_tensors()}
     folder = Path(folder)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    write_json(folder / CONFIG_FILE, {"method": methods.pop(), **layers[0][1].settings()})
+    method = methods.pop()
+    settings = layers[0][1].settings()
+    if method == "adalora":  # the schedule and where the adapters sit
+        ctl = model.adalora
+        settings = {**settings, **ctl.settings(), "dropout": getattr(layers[0][1].dropout, "p", 0.0),
+                    "target_modules": sorted({s.hf_name for _, m in layers for s in getattr(m, "slices", ())})}
+    write_json(folder / CONFIG_FILE, {"method": method, **settings})
 
 
 def load_native_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
@@ -110,13 +118,21 @@ def load_native_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     try:
         if method == "adapter":
             apply_bottleneck_adapters(model, int(cfg["r"]), float(cfg.get("dropout", 0.0)))
+        elif method == "adalora":
+            from lmforge.adapt.adalora import apply_adalora
+
+            apply_adalora(model, int(cfg["total_steps"]), r=int(cfg["r"]), target_r=int(cfg["target_r"]),
+                          alpha=float(cfg["alpha"]), dropout=float(cfg["dropout"]),
+                          target_modules="|".join(re.escape(t) for t in cfg["target_modules"]),
+                          warmup=int(cfg["warmup"]), final=int(cfg["final"]), interval=int(cfg["interval"]),
+                          orth_reg=float(cfg["orth_reg"]))
         elif method in ("prompt", "prefix"):
             (apply_prompt_tuning if method == "prompt" else apply_prefix_tuning)(model, int(cfg["n"]))
         else:
             raise FormatError(f"{folder / CONFIG_FILE}: unknown adapter method {method!r}")
     except KeyError as e:
         raise FormatError(f"{folder / CONFIG_FILE}: missing setting {e}") from None
-    own = {f"{p}.{n}": t for p, m in adapter_layers(model) for n, t in m.adapter_parameters()}
+    own = {f"{p}.{n}": t for p, m in adapter_layers(model) for n, t in m.adapter_tensors()}
     bad = [k for k, t in tensors.items() if k not in own or own[k].shape != t.shape]
     if bad or len(tensors) != len(own):
         raise FormatError(f"{folder}: the adapter does not fit this model ({bad[:3] or 'tensor count differs'}); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-METHODS = ("full", "lora", "dora", "qlora", "adapter", "prefix", "prompt")
+METHODS = ("full", "lora", "dora", "qlora", "adalora", "adapter", "prefix", "prompt")
 
 
 @dataclass
@@ -19,8 +19,10 @@ class AdapterConfig:
     c_fc, mlp.c_proj), so a peft adapter's target_modules mean the same layers here.
     """
 
-    method: Literal["full", "lora", "dora", "qlora", "adapter", "prefix", "prompt"] = "full"
-    r: int = 8  # LoRA rank; bottleneck size for `adapter`
+    method: Literal["full", "lora", "dora", "qlora", "adalora", "adapter", "prefix", "prompt"] = "full"
+    r: int = 8  # LoRA rank (AdaLoRA: the initial rank); bottleneck size for `adapter`
+    target_r: int | None = None  # adalora: average rank at the end; null: 2/3 of r
+    interval: int = 10  # adalora: steps between rank reallocations
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])

@@ -64,6 +64,10 @@ class AdapterLayer(nn.Module):
             if not name.startswith("base."):
                 yield name, p
 
+    def adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """What is saved with the adapter: its parameters (and state some methods keep in buffers)."""
+        yield from self.adapter_parameters()
+
 
 class LoRALinear(AdapterLayer):
     """`base(x)` plus a LoRA (or DoRA) update on some output slices of it.

@@ -25,7 +25,7 @@ from lmforge.errors import ConfigError, FormatError
 from lmforge.io import write_json
 from lmforge.train.recipe import apply_overrides, from_dict
 
-Method = Literal["full", "lora", "dora", "qlora", "adapter", "prefix", "prompt"]
+Method = Literal["full", "lora", "dora", "qlora", "adalora", "adapter", "prefix", "prompt"]
 
 DEFAULTS: dict[str, Any] = {
     "model": {"source": "smollm2"},
@@ -113,7 +113,7 @@ def finetune_recipe(config: str | None = None, method: str | None = None, model:
 def finetune(config: str | None = None, method: Method | None = None, model: str | None = None,
              data: str | None = None, out: str | None = None, set_: list[str] | None = None,
              resume: str = "none") -> int:
-    """Fine-tune a pretrained model on instructions: in full, or with LoRA, DoRA, QLoRA, adapters, prefix/prompt.
+    """Fine-tune a pretrained model on instructions: in full, or LoRA, DoRA, QLoRA, AdaLoRA, adapters, prefix/prompt.
 
     Without --config the defaults are: SmolLM2-135M-Instruct, the built-in shakespeare-instruct set,
     100 steps of batch 8 at up to 256 tokens, LoRA r=8 on q/k/v/o. Ctrl-C saves a checkpoint;
@@ -121,7 +121,7 @@ def finetune(config: str | None = None, method: Method | None = None, model: str
 
     Args:
         config: a recipe YAML, e.g. recipes/smollm2-135m/lora.yaml (sections as pretrain's, plus adapter).
-        method: full | lora | dora | qlora | adapter (Houlsby bottleneck) | prefix | prompt (prefix / prompt
+        method: full | lora | dora | qlora | adalora | adapter (Houlsby bottleneck) | prefix | prompt (prefix / prompt
             tuning); sets adapter.method.
         model: what to fine-tune: a model folder, .gguf file, short name (smollm2) or preset:<name>.
         data: a built-in set (shakespeare-instruct) or a .jsonl file of messages / prompt-response lines.
