@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("lmforge.tokenizers.commands:train_tokenizer", "train a tokenizer on a corpus"),
     "prepare": ("lmforge.data.commands:prepare", "tokenize a corpus into memory-mapped token shards"),
     "pretrain": ("lmforge.train.commands:pretrain", "pre-train a model from a YAML recipe"),
+    "finetune": ("lmforge.train.finetune:finetune",
+                 "fine-tune a pretrained model on instructions: full, LoRA, DoRA, QLoRA, adapters, prefix/prompt"),
     "generate": ("lmforge.infer.commands:generate", "continue a prompt with a model"),
     "chat": ("lmforge.infer.commands:chat", "chat with a model (its chat template), one turn or interactively"),
     "convert": ("lmforge.interop.commands:convert", "convert a model between lmforge, Hugging Face and GGUF"),

@@ -188,13 +188,23 @@ def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer) -> None
 
 
 def load_model_weights(folder: Path, model: torch.nn.Module) -> None:
-    """Copy the checkpoint's weights into `model` in place (same config), exactly."""
+    """Copy the checkpoint's weights into `model` in place (same config), exactly.
+
+    A frozen quantized layer of `model` (a QLoRA base) is left as it is: the checkpoint holds its
+    dequantized weights, which the run rebuilt identically from its source.
+    """
     from lmforge.llm import load
 
     saved = load(folder).model
     with torch.no_grad():
         ours = model.state_dict()
         for k, v in saved.state_dict().items():
+            if k not in ours:
+                parent = k.rpartition(".")[0]
+                if callable(getattr(model.get_submodule(parent), "dequantize", None)):
+                    continue
+                raise FormatError(f"{folder}: tensor {k} has no place in this run's model; the checkpoint is of "
+                                  "another model or adapter setup")
             ours[k].copy_(v)
 
 

@@ -8,6 +8,7 @@ Batches are dicts of tensors. The causal-LM objectives read:
     input_ids: (B, T) token ids fed to the model
     labels:    (B, T) the next token at each position (already shifted)
     loss_mask: (B, T) bool, optional; False where a target is padding and must not count
+    segment_ids: (B, T) long, optional; packed rows (several examples per row), passed to the model
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class CausalLM(Objective):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cross-entropy of `model(input_ids)` against the (masked) labels."""
-        logits = model(batch["input_ids"])  # (B, T, V)
+        seg = batch.get("segment_ids")  # packed rows: attention stays within each example
+        logits = model(batch["input_ids"]) if seg is None else model(batch["input_ids"], segment_ids=seg)  # (B, T, V)
         labels = self.targets(batch)  # (B, T)
         B = labels.shape[0]
         # fp32 log-softmax: under bf16 autocast the logits are bf16, whose 8-bit mantissa would round the loss

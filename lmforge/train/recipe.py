@@ -60,7 +60,7 @@ class DataConfig:
     prompt_loss: bool = False  # instructions: count the loss on prompt (system/user) tokens too
     pack: bool = False  # instructions: pack several examples per row (attention kept within each example)
     max_chars: int = 149  # passages: characters per passage (+ BOS, padded to max_chars + 1 tokens)
-    max_sequences: int | None = None  # passages: use only the first N of each split (quick trials, tests)
+    max_sequences: int | None = None  # passages, instructions: only the first N of each split (quick trials, tests)
 
 
 @dataclass
@@ -269,8 +269,6 @@ def from_dict(d: dict[str, Any], source: str = "") -> Recipe:
         raise ConfigError(f"{source or 'recipe'}: must be a YAML mapping with sections model, tokenizer, data, "
                           "train, optim, run")
     allowed = ["model", *SECTIONS]
-    d = dict(d)
-    d.pop("command", None)  # which CLI command a recipe is for (finetune / align); informational
     for k in d:
         if k not in allowed:
             near = difflib.get_close_matches(str(k), allowed, n=1)

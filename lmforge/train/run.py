@@ -46,6 +46,7 @@ from lmforge.train.trainer import Trainer
 DATA_KINDS: dict[str, str] = {
     "tokens": "lmforge.train.run:token_data",
     "passages": "lmforge.train.run:passage_data",
+    "instructions": "lmforge.data.instruct:instruction_data",
 }
 
 
@@ -268,7 +269,7 @@ def build_run(recipe: Recipe, resume: str | None = None, *,
         from lmforge.adapt import apply_adapter, trainable_parameters
 
         torch.manual_seed(t.seed)  # adapter initialisation depends on the seed only
-        model = apply_adapter(model, recipe.adapter)
+        model = apply_adapter(model, recipe.adapter, total_steps=t.max_steps * t.grad_accum)
         info["trainable"] = trainable_parameters(model)["trainable"]
     if prepare_model is not None:
         model = prepare_model(model)
