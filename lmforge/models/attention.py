@@ -36,6 +36,34 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Make row i hold what row `rows[i]` held (beam search: each beam continues its parent's cache).
+        Only the filled slots are copied."""
+        L = self.length
+        for buf in self.k + self.v:
+            buf[:, :, :L] = buf[rows, :, :L]
+        self.key_mask[:, :L] = self.key_mask[rows, :L]
+        self.next_pos = self.next_pos[rows]
+
+    def repeat_rows(self, n: int) -> KVCache:
+        """A new cache in which each row of this one appears `n` times in a row (one prompt's prefill
+        shared by its n beams)."""
+        new = object.__new__(KVCache)
+        new.__dict__.update(self.__dict__)
+        new.k = [t.repeat_interleave(n, 0) for t in self.k]
+        new.v = [t.repeat_interleave(n, 0) for t in self.v]
+        new.key_mask = self.key_mask.repeat_interleave(n, 0)
+        new.next_pos = self.next_pos.repeat_interleave(n, 0)
+        return new
+
+    def rollback(self, n: int) -> None:
+        """Forget the last `n` slots of every row (speculative decoding: rejected draft tokens). The
+        slots are simply overwritten by the next update; attention only ever reads filled slots."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot roll back {n} of {self.length} cached slots")
+        self.length -= n
+        self.next_pos -= n
+
     def bytes(self) -> int:
         """Memory held by the key/value buffers."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
