@@ -177,3 +177,25 @@ def test_bad_speculative_input(llms, target):
     short = _model(block_size=16)
     with pytest.raises(ConfigError, match="draft model's context"):
         generate_ids(target, [[1, 2, 3]], GenerationConfig(max_new_tokens=20), draft=short)
+
+
+def test_cli_beams_and_speculative(llms, tmp_path, capsys):
+    from lmforge.cli import main
+
+    big, small, alien = llms
+    for name, llm in (("big", big), ("small", small), ("alien", alien)):
+        llm.save(tmp_path / name)
+    base = ["generate", "the cat sat", "--model", str(tmp_path / "big"), "--max-new-tokens", "12",
+            "--temperature", "0", "--no-stream"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    for extra in (["--prompt-lookup", "3"], ["--draft", str(tmp_path / "small"), "--draft-tokens", "3"]):
+        assert main(base + extra) == 0
+        assert capsys.readouterr().out == plain
+    assert main(base + ["--num-beams", "3", "--num-return-sequences", "2", "--early-stopping", "true"]) == 0
+    beams = capsys.readouterr().out.split("\n")
+    assert beams[0].startswith("[1] the cat sat") and beams[1].startswith("[2] the cat sat")
+    best = big.generate("the cat sat", max_new_tokens=12, num_beams=3, early_stopping=True)
+    assert beams[0][4:] == "the cat sat" + best
+    assert main(base + ["--draft", str(tmp_path / "alien")]) == 2
+    assert "tokenizer" in capsys.readouterr().err
