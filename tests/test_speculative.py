@@ -41,17 +41,17 @@ PROMPTS = [[5, 17, 99, 3, 5, 17, 99, 3, 5, 17], [8], list(range(30, 60)) + list(
 def test_greedy_is_identical_to_the_model_alone(drafter):
     model = _model("tiny-gpt2", vocab_size=256) if drafter == "lookup-gpt2" else _model()
     draft = {"self": model, "other": _model(seed=1)}.get(drafter)
-    expected = [_uncached_greedy(model, p, 30) for p in PROMPTS]
+    expected = [_uncached_greedy(model, p, 24) for p in PROMPTS]
     for k in (1, 4):
-        gen = GenerationConfig(max_new_tokens=30, temperature=0, draft_tokens=k,
+        gen = GenerationConfig(max_new_tokens=24, temperature=0, draft_tokens=k,
                                prompt_lookup=3 if drafter.startswith("lookup") else 0)
         stats = SpecStats()
         out = generate_ids(model, PROMPTS, gen, draft=draft, stats=stats)
         # the rejected drafts were rolled back: the result equals an uncached arg-max loop
         assert out == expected
-        assert stats.tokens == 90
+        assert stats.tokens == 72
         if drafter == "self":
-            assert stats.acceptance_rate == 1.0 and stats.passes < 90
+            assert stats.acceptance_rate == 1.0 and stats.passes < 72
         else:  # drafts were rejected, so the rollback really ran
             assert stats.accepted < stats.drafted
         if drafter.startswith("lookup"):
@@ -86,7 +86,7 @@ def test_accept_reject_rule_samples_the_model_distribution(one_hot):
     q = torch.tensor([[0.05, 0.6, 0.2, 0.05, 0.1]])
     p = p_logits[0].softmax(-1)
     gen = GenerationConfig(temperature=1.0)
-    n, counts = 6000, torch.zeros(5)
+    n, counts = 3000, torch.zeros(5)
     for _ in range(n):
         d = 1 if one_hot else int(torch.multinomial(q[0], 1, generator=g))
         kept, nxt = _verify(p_logits, [d], None if one_hot else q, gen, g)
@@ -102,7 +102,7 @@ def test_sampling_with_a_draft_model_follows_the_target():
     """Seeded frequency check end to end, vocabulary 6: the 2nd and 3rd new tokens (decided by accept/reject)
     against their exact marginals under the target alone; the draft is deliberately different."""
     cfg = dict(vocab_size=6)
-    model, draft = _model(seed=3, sharpen=30.0, **cfg), _model(seed=4, sharpen=30.0, **cfg)
+    model, draft = _model(seed=3, sharpen=30.0, **cfg), _model(seed=5, sharpen=30.0, **cfg)
     prompt = [1, 2, 3]
 
     def probs(ctx, m=model):  # what sampling draws from: top-5 of the 6 tokens
@@ -112,7 +112,7 @@ def test_sampling_with_a_draft_model_follows_the_target():
     p1 = probs(prompt)
     m2 = sum(p1[a] * probs(prompt + [a]) for a in range(6))
     m3 = sum(p1[a] * probs(prompt + [a])[b] * probs(prompt + [a, b]) for a in range(6) for b in range(6))
-    n = 600
+    n = 300
     wrong = sum(p1[a] * probs(prompt + [a], draft) for a in range(6))  # the 2nd token if drafts always won
     assert (wrong - m2).abs().max() > 3 * (4 * (0.25 / n) ** 0.5 + 0.01)  # so a wrong rule would show
     counts = torch.zeros(2, 6)
