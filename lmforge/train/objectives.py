@@ -110,11 +110,28 @@ class CausalLM(Objective):
         return out
 
 
-OBJECTIVES = {"causal_lm": CausalLM}
+# name -> class, or "module:attribute" resolved on first use: packages above train (align) provide
+# objectives without train importing them, and without an import cycle.
+OBJECTIVES: dict[str, type[Objective] | str] = {
+    "causal_lm": CausalLM,
+    "dpo": "lmforge.align.dpo:DPO", "ipo": "lmforge.align.dpo:IPO", "simpo": "lmforge.align.dpo:SimPO",
+    "orpo": "lmforge.align.dpo:ORPO",
+}
+
+
+def register_objective(name: str, cls: type[Objective] | str) -> None:
+    """Make `build_objective(name)` build `cls` (a class or a "module:Class" string, imported when used)."""
+    OBJECTIVES[name] = cls
 
 
 def build_objective(name: str, **kwargs) -> Objective:
-    """An objective by name (`causal_lm`), with its keyword options."""
+    """An objective by name (`causal_lm`, `dpo`, `reward`, ...), with its keyword options."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](**kwargs)
+    cls = OBJECTIVES[name]
+    if isinstance(cls, str):
+        import importlib
+
+        module, _, attr = cls.partition(":")
+        cls = OBJECTIVES[name] = getattr(importlib.import_module(module), attr)
+    return cls(**kwargs)

@@ -243,7 +243,8 @@ class Trainer:
                 self.save_model(self.run_dir / "best")
         else:
             self.bad_evals += 1
-        msg = (f"step {self.step}: val loss {val['loss']:.4f} ppl {val['ppl']:.2f} acc {val['acc']:.3f}"
+        shown = " ".join(f"{k} {val[k]:.4f}" for k in ("ppl", "acc") if k in val)  # objectives report different ones
+        msg = (f"step {self.step}: val loss {val['loss']:.4f} {shown}"
                f"{' (best)' if improved else f' (best {self.best_val:.4f} at step {self.best_step})'}")
         (pbar.write if pbar is not None else print)(msg)
         if self.run_dir is not None:
