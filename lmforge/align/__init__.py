@@ -7,6 +7,7 @@ Each method is an `Objective` (`lmforge.train.objectives`) plus, where it needs 
 from lmforge.align.data import Pair, PreferencePairs, collate, read_jsonl, tokenize_pairs
 from lmforge.align.dpo import DPO, preference_loss
 from lmforge.align.logps import Reference, sequence_logps, token_logps
+from lmforge.align.reward import RewardModel, RewardObjective, rewards
 
-__all__ = ["DPO", "Pair", "PreferencePairs", "Reference", "collate", "preference_loss", "read_jsonl",
+__all__ = ["DPO", "Pair", "PreferencePairs", "Reference", "RewardModel", "RewardObjective", "collate", "preference_loss", "read_jsonl", "rewards",
            "sequence_logps", "token_logps", "tokenize_pairs"]

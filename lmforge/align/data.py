@@ -122,7 +122,7 @@ def collate(pairs: list[Pair], pad_id: int) -> Batch:
     start = lens - torch.tensor(resp).unsqueeze(1)
     mask = (pos >= start) & (pos < lens)
     return {"input_ids": ids[:, :-1] if T > 1 else ids, "labels": ids[:, 1:], "loss_mask": mask[:, :-1],
-            "attention_mask": attn[:, :-1]}
+            "attention_mask": attn[:, :-1], "lengths": lens.squeeze(1)}
 
 
 class PreferencePairs(BatchSource):

@@ -7,6 +7,7 @@ given everything before them. A batch holds the chosen and rejected sequences st
     labels:    (2B, T)  the next token at each position (input_ids shifted left by one)
     loss_mask: (2B, T)  bool, True where the label is a response token (not prompt, not padding)
     attention_mask: (2B, T) 1 for real tokens (right padding: causal attention never sees it anyway)
+    lengths:   (2B,)    tokens in each whole sequence (prompt + response)
 
 The reference model of DPO/PPO is the same weights with the LoRA adapters switched off
 (`lmforge.adapt.disable_adapters`), so alignment keeps one model in memory.

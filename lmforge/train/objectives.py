@@ -47,6 +47,11 @@ class Objective:
         """Tokens the model processes for this batch (for tokens/s and MFU)."""
         return int(batch["input_ids"].numel())
 
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable modules the objective owns besides the model (a reward or value head): the trainer
+        optimises them with the model and saves them beside its weights (`heads.safetensors`)."""
+        return {}
+
 
 class CausalLM(Objective):
     """Next-token cross-entropy.
@@ -115,7 +120,7 @@ class CausalLM(Objective):
 OBJECTIVES: dict[str, type[Objective] | str] = {
     "causal_lm": CausalLM,
     "dpo": "lmforge.align.dpo:DPO", "ipo": "lmforge.align.dpo:IPO", "simpo": "lmforge.align.dpo:SimPO",
-    "orpo": "lmforge.align.dpo:ORPO",
+    "orpo": "lmforge.align.dpo:ORPO", "reward": "lmforge.align.reward:RewardObjective",
 }
 
 
