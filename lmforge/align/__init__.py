@@ -9,5 +9,5 @@ from lmforge.align.dpo import DPO, preference_loss
 from lmforge.align.logps import Reference, sequence_logps, token_logps
 from lmforge.align.reward import RewardModel, RewardObjective, rewards
 
-__all__ = ["DPO", "Pair", "PreferencePairs", "Reference", "RewardModel", "RewardObjective", "collate", "preference_loss", "read_jsonl", "rewards",
-           "sequence_logps", "token_logps", "tokenize_pairs"]
+__all__ = ["DPO", "Pair", "PreferencePairs", "Reference", "RewardModel", "RewardObjective", "collate",
+           "preference_loss", "read_jsonl", "rewards", "sequence_logps", "token_logps", "tokenize_pairs"]
