@@ -110,6 +110,11 @@ def collate(pairs: list[Pair], pad_id: int) -> Batch:
     """A batch of 2B right-padded rows: chosen then rejected (keys in `lmforge.align.logps`)."""
     rows = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
     resp = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    return response_batch(rows, resp, pad_id)
+
+
+def response_batch(rows: list[list[int]], response_lengths: list[int], pad_id: int) -> Batch:
+    """Right-padded causal-LM batch of whole sequences whose last `response_lengths[i]` tokens are counted."""
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), T), dtype=torch.long)
@@ -119,7 +124,7 @@ def collate(pairs: list[Pair], pad_id: int) -> Batch:
     # target t (= token t+1) is a response token when t+1 >= len(row) - len(response)
     pos = torch.arange(1, T + 1).unsqueeze(0)
     lens = attn.sum(1, keepdim=True)
-    start = lens - torch.tensor(resp).unsqueeze(1)
+    start = lens - torch.tensor(response_lengths).unsqueeze(1)
     mask = (pos >= start) & (pos < lens)
     return {"input_ids": ids[:, :-1] if T > 1 else ids, "labels": ids[:, 1:], "loss_mask": mask[:, :-1],
             "attention_mask": attn[:, :-1], "lengths": lens.squeeze(1)}

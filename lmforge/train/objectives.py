@@ -121,6 +121,7 @@ OBJECTIVES: dict[str, type[Objective] | str] = {
     "causal_lm": CausalLM,
     "dpo": "lmforge.align.dpo:DPO", "ipo": "lmforge.align.dpo:IPO", "simpo": "lmforge.align.dpo:SimPO",
     "orpo": "lmforge.align.dpo:ORPO", "reward": "lmforge.align.reward:RewardObjective",
+    "ppo": "lmforge.align.ppo:PPO", "distill": "lmforge.compress.distill:Distill",
 }
 
 
