@@ -83,3 +83,21 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl():
     assert before["kl"] == 0.0 and before["reward"] < 1.0
     assert after["reward"] > before["reward"] + 1.5, (before, after)
     assert 0.0 < after["kl"] < 8.0, after  # nats per 8-token response: the penalty keeps it bounded
+
+
+def test_backward_through_frozen_packed_layers():
+    """Rollouts pack the linears for decoding; training after them must still backpropagate through frozen
+    ones (LoRA freezes the base weights) into what trains, with the same gradient as unpacked layers."""
+    from lmforge.infer.packed import pack_linears
+
+    torch.manual_seed(0)
+    a = DecoderLM(get_preset("tiny-llama"))
+    b = DecoderLM(a.config)
+    b.load_state_dict(a.state_dict())
+    pack_linears(a)
+    x = torch.randint(0, 256, (2, 8))
+    for m in (a, b):
+        for n, p in m.named_parameters():
+            p.requires_grad_(n == "tok_emb.weight")
+        m(x).logsumexp(-1).sum().backward()
+    assert torch.allclose(a.tok_emb.weight.grad, b.tok_emb.weight.grad, atol=1e-5)
