@@ -160,7 +160,8 @@ class Rollouts(BatchSource):
     interrupted round is not saved), so PPO resumes exactly only at round boundaries.
     """
 
-    def __init__(self, policy: nn.Module, objective: PPO, prompts: list[list[int]], reward_fn: RewardFn,
+    def __init__(self, policy: nn.Module | None, objective: PPO | None, prompts: list[list[int]],
+                 reward_fn: RewardFn | None,
                  rollout_size: int = 16, minibatch_size: int = 8, ppo_epochs: int = 2, max_new_tokens: int = 16,
                  temperature: float = 1.0, top_k: int = 0, eos_ids: tuple[int, ...] = (), pad_id: int = 0,
                  seed: int = 0, val_prompts: list[list[int]] | None = None):
@@ -180,6 +181,13 @@ class Rollouts(BatchSource):
         self.rounds = 0
         self._queue: list[Batch] = []
         self.last_round: dict[str, float] = {}
+
+    def bind(self, policy: nn.Module, objective: PPO, reward_fn: RewardFn | None = None) -> Rollouts:
+        """Attach the policy, objective and reward (a run builder makes the source before the model)."""
+        self.policy, self.objective = policy, objective
+        if reward_fn is not None:
+            self.reward_fn = reward_fn
+        return self
 
     # ---- one round -------------------------------------------------------------------------------
     @torch.no_grad()
