@@ -92,6 +92,13 @@ def test_prune_mlp_shrinks_and_drops_only_dead_channels():
             assert (small(x) - m(x)).abs().max() < 1e-5, preset
 
 
+def test_structured_pruning_refuses_blocks_it_does_not_know():
+    moe = _model("tiny-moe")
+    with pytest.raises(ConfigError, match="dense MLP"):
+        prune_mlp(moe, keep=0.5)
+    assert prune_heads(moe, keep=1).config.n_kv_head == 1  # its attention prunes as usual
+
+
 def test_distill_loss_by_hand():
     teacher, student = _model(seed=0), _model(seed=1, n_layer=1)
     x = torch.randint(0, 256, (2, 12))

@@ -115,3 +115,28 @@ def test_cli_merge_refuses_different_architectures(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--method", "average",
                  "--out", str(tmp_path / "m")]) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_lora_fine_tunes_merge_as_whole_weights():
+    """A LoRA fine-tune enters a merge with its adapters folded in (the plain model's keys)."""
+    from lmforge.adapt import apply_lora
+    from lmforge.adapt.merging import _plain_state
+    from lmforge.llm import build
+
+    torch.manual_seed(0)
+    base = DecoderLM(get_preset("tiny-llama")).eval()
+    ft = DecoderLM(base.config).eval()
+    ft.load_state_dict(base.state_dict())
+    apply_lora(ft, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for n, p in ft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    sd = _plain_state(LLM(ft))
+    assert set(sd) == set(base.state_dict())
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert (build(base.config, sd, "t").eval()(x) - ft(x)).abs().max() < 1e-5
+        # task arithmetic of the LoRA fine-tune alone, scale 1, gives the fine-tune back
+        merged = merge_models([LLM(ft)], base=LLM(base), method="task_arithmetic")
+        assert (merged.model(x) - ft(x)).abs().max() < 1e-5

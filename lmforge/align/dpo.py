@@ -24,7 +24,7 @@ from torch import nn
 
 from lmforge.align.logps import Reference, sequence_logps
 from lmforge.errors import ConfigError
-from lmforge.train.objectives import Batch, Objective
+from lmforge.train.objectives import Batch, Objective, add_aux_loss
 
 LossType = Literal["dpo", "ipo", "simpo", "orpo"]
 REFERENCE_FREE = ("simpo", "orpo")
@@ -114,7 +114,7 @@ class DPO(Objective):
         stats = {"loss": losses.detach().sum().double(), "pairs": torch.tensor(float(B), dtype=torch.float64),
                  "correct": (r_c > r_r).sum().double(), "margin": (r_c - r_r).sum().double(),
                  "chosen": r_c.sum().double(), "rejected": r_r.sum().double()}
-        return losses.mean(), stats
+        return add_aux_loss(model, losses.mean(), stats), stats  # MoE balance loss, if any
 
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         """loss, acc (preference accuracy), margin, reward_chosen, reward_rejected (means per pair)."""

@@ -29,7 +29,7 @@ from lmforge.align.logps import Reference, masked_mean, token_logps
 from lmforge.errors import ConfigError
 from lmforge.models.scalar_heads import ScalarHead
 from lmforge.train.batches import BatchSource, _gen_state, _set_gen_state
-from lmforge.train.objectives import Batch, Objective
+from lmforge.train.objectives import Batch, Objective, add_aux_loss
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]  # (prompts, responses) -> (B,) scores
 
@@ -131,7 +131,7 @@ class PPO(Objective):
                  "score": f64(batch["scores"].sum()), "kl": f64(batch["kl"].sum()),
                  "rows": torch.tensor(float(len(batch["scores"])), dtype=torch.float64),
                  "clipped": clipped.double(), "tokens": mask.sum().double()}
-        return loss, stats
+        return add_aux_loss(model, loss, stats), stats
 
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         """loss, reward, kl, clipfrac, pg_loss, vf_loss."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.scalar_heads import ScalarHead
-from lmforge.train.objectives import Batch, Objective
+from lmforge.train.objectives import Batch, Objective, add_aux_loss
 
 
 def rewards(model: nn.Module, head: ScalarHead, input_ids: torch.Tensor,
@@ -65,7 +65,7 @@ class RewardObjective(Objective):
             loss = loss + self.center * ((r_c + r_r) ** 2).mean()
         stats = {"loss": losses.detach().sum().double(), "pairs": torch.tensor(float(B), dtype=torch.float64),
                  "correct": (r_c > r_r).sum().double(), "margin": (r_c - r_r).detach().sum().double()}
-        return loss, stats
+        return add_aux_loss(model, loss, stats), stats
 
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         """loss (Bradley-Terry), acc (preference accuracy), margin (mean r_c - r_r)."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.models import DecoderLM
-from lmforge.train.objectives import Batch, Objective
+from lmforge.train.objectives import Batch, Objective, add_aux_loss
 
 
 class Distill(Objective):
@@ -92,7 +92,7 @@ class Distill(Objective):
                      "correct": ((top_s == labels) & mask).sum().double(),
                      "agree": ((top_s == z_t.argmax(-1)) & mask).sum().double(), "hidden": hid,
                      "loss": loss.detach().double() * n.double()}
-        return loss, stats
+        return add_aux_loss(model, loss, stats), stats
 
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         """loss, kl (per token, at temperature T), ppl (student, hard labels), acc, agreement (with the teacher)."""

@@ -85,6 +85,18 @@ def sparsity_report(model: nn.Module) -> dict[str, float]:
     return {"params": total, "nonzero": nz, "sparsity": 1.0 - nz / max(total, 1)}
 
 
+def _check_blocks(model: DecoderLM, part: str) -> None:
+    """Structured pruning knows attention (`attn`) and dense MLP (`mlp`) blocks; say so for anything else."""
+    for i, b in enumerate(model.blocks):
+        mod = getattr(b, part, None)
+        ok = mod is not None and (hasattr(mod, "qkv") if part == "attn" else hasattr(mod, "fc"))
+        if not ok:
+            raise ConfigError(f"layer {i} has no {'attention' if part == 'attn' else 'dense MLP'} block "
+                              f"({type(b.token_mixer if part == 'attn' else b.channel_mixer).__name__}); "
+                              f"structured {'head' if part == 'attn' else 'channel'} pruning needs one in every "
+                              "layer: use magnitude or 2:4 pruning")
+
+
 def _keep_count(total: int, keep: float | int, what: str) -> int:
     k = int(round(keep * total)) if isinstance(keep, float) else int(keep)
     if not 1 <= k <= total:
@@ -123,6 +135,7 @@ def prune_heads(model: DecoderLM, keep: float | int) -> DecoderLM:
 
     Under MHA a group is one head; under GQA a KV head with the query heads that share it.
     """
+    _check_blocks(model, "attn")
     cfg = model.config
     nh, nkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     rep = nh // nkv
@@ -161,6 +174,7 @@ def mlp_importance(model: DecoderLM) -> torch.Tensor:
 @torch.no_grad()
 def prune_mlp(model: DecoderLM, keep: float | int) -> DecoderLM:
     """A smaller model keeping `keep` MLP hidden channels (int) or that fraction (float) in every layer."""
+    _check_blocks(model, "mlp")
     cfg = model.config
     h = cfg.mlp.hidden
     k = _keep_count(h, keep, "MLP channels")
