@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lmforge.evaluate.commands:eval_", "evaluate a model (perplexity, bits per byte)"),
     "bench": ("lmforge.evaluate.complexity:bench",
               "measure block families' time/memory growth (complexity) or MoE routing overhead (moe)"),
+    "align": ("lmforge.align.commands:align", "align with preferences: DPO, IPO, SimPO, ORPO, reward model, PPO"),
+    "prune": ("lmforge.compress.commands:prune", "prune a model (magnitude, 2:4, attention heads, MLP channels)"),
+    "distill": ("lmforge.compress.commands:distill", "distill a teacher into a smaller student of its tokenizer"),
+    "merge": ("lmforge.adapt.merging:merge", "merge fine-tunes of one base (average, task arithmetic, TIES, DARE)"),
 }
 
 

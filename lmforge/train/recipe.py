@@ -1,6 +1,6 @@
 """YAML recipes: load, apply `key=value` overrides, validate everything before any work starts.
 
-A recipe has seven sections (every key optional except model.preset or model.source; defaults are the
+A recipe has eight sections (every key optional except model.preset or model.source; defaults are the
 dataclasses'):
 
     model:      preset: <name>, then any `Config` field (nested or dotted) overriding the preset; or
@@ -12,6 +12,7 @@ dataclasses'):
     train:      `TrainConfig` (loop, evaluation, checkpoints, dtype, threads)
     optim:      `OptimConfig` (AdamW, schedule, clipping)
     adapter:    `AdapterConfig` (full fine-tuning, or LoRA / DoRA / ... module swaps and their settings)
+    align:      `AlignConfig` (`lmforge align`: DPO-family / reward / PPO settings)
     run:        dir (the run folder), samples
 
 Overrides use dotted keys and YAML values: `train.max_steps=10`, `model.n_layer=2`, `optim.lr=1e-3`.
@@ -31,6 +32,7 @@ from typing import Any, Literal
 import yaml
 
 from lmforge.adapt.config import AdapterConfig
+from lmforge.align.config import AlignConfig
 from lmforge.config import Config, get_preset
 from lmforge.errors import ConfigError, FormatError
 from lmforge.train.optim import OptimConfig
@@ -74,7 +76,7 @@ class RunConfig:
 
 
 SECTIONS = {"tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-            "adapter": AdapterConfig, "run": RunConfig}
+            "adapter": AdapterConfig, "align": AlignConfig, "run": RunConfig}
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: str = ""  # the file it came from
 

@@ -142,7 +142,10 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.keep_memory and torch.device(cfg.device).type == "cpu":
             keep_freed_memory()
-        self.optimizer = build_optimizer(self.model, optim)
+        # heads the objective trains with the model (reward, value): optimised, checkpointed and saved with it
+        self.heads = nn.ModuleDict(objective.modules()).to(cfg.device)
+        self.optimizer = build_optimizer(nn.ModuleList([self.model, self.heads]) if len(self.heads) else self.model,
+                                         optim)
         self.step = 0
         self.best_val: float | None = None
         self.best_step: int | None = None
@@ -172,9 +175,16 @@ class Trainer:
         self.model.train(was_training)
         return llm
 
+    def _head_tensors(self) -> dict[str, torch.Tensor] | None:
+        return {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()} if len(self.heads) \
+            else None
+
     def save_model(self, folder: str | Path) -> Path:
-        """Write the current weights (+ tokenizer) as a model folder that `lmforge.load` reads."""
-        return self._llm().save(folder)
+        """Write the current weights (+ tokenizer, + the objective's heads) as a model folder `lmforge.load` reads."""
+        path = self._llm().save(folder)
+        if len(self.heads):
+            ckpt.save_heads(path, self._head_tensors())
+        return path
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics over `data.eval_batches()`: loss, ppl, acc (and the objective's others)."""
@@ -192,11 +202,13 @@ class Trainer:
         if self.run_dir is None:
             return None
         return ckpt.save_checkpoint(self.run_dir, self.step, self._llm(), self.optimizer, self._state(elapsed),
-                                    keep_last=self.cfg.keep_last)
+                                    keep_last=self.cfg.keep_last, heads=self._head_tensors())
 
     def _restore(self, c: ckpt.Checkpoint) -> float:
         s = c.state
         ckpt.load_model_weights(c.path, self.model)
+        if len(self.heads):
+            self.heads.load_state_dict(ckpt.load_heads(c.path))
         ckpt.load_optimizer_state(c.path, self.optimizer)
         self.data.load_state_dict(s["data"])
         ckpt.set_rng_state(s["rng"])
@@ -243,7 +255,8 @@ class Trainer:
                 self.save_model(self.run_dir / "best")
         else:
             self.bad_evals += 1
-        msg = (f"step {self.step}: val loss {val['loss']:.4f} ppl {val['ppl']:.2f} acc {val['acc']:.3f}"
+        shown = " ".join(f"{k} {val[k]:.4f}" for k in ("ppl", "acc") if k in val)  # objectives report different ones
+        msg = (f"step {self.step}: val loss {val['loss']:.4f} {shown}"
                f"{' (best)' if improved else f' (best {self.best_val:.4f} at step {self.best_step})'}")
         (pbar.write if pbar is not None else print)(msg)
         if self.run_dir is not None:
