@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
 from lmforge.models.attention import Attention, KVCache, build_mask
@@ -58,6 +59,9 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         if init_weights and cfg.init == "gpt2":  # skipped when weights are about to be loaded
             self.apply(self._init_weights)
+        # Training switch, not architecture: each block's activations are recomputed in backward instead
+        # of kept (non-reentrant torch.utils.checkpoint: same numbers, dropout replayed from saved RNG state).
+        self.activation_checkpointing = False
 
     def _init_weights(self, m: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections back into the residual stream get 1/sqrt(2L)
@@ -122,7 +126,10 @@ class DecoderLM(nn.Module):
         x = self.drop(x)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, i)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, i)
         if cache is not None:
             cache.length = L
             cache.next_pos += attention_mask.sum(1) if attention_mask is not None else T

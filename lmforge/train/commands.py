@@ -22,6 +22,7 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_bytes, write_json
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import distributed
 from lmforge.train.batches import PaddedSequences, TokenWindows, padded_batches
 from lmforge.train.objectives import CausalLM, build_objective
 from lmforge.train.recipe import Recipe, dump_yaml, load_recipe
@@ -39,6 +40,7 @@ class Run:
     test_batches: Any = None  # () -> iterator of batches on the test split, when the data has one
     test_seqs: torch.Tensor | None = None  # passages: the test split's padded sequences
     info: dict[str, Any] = field(default_factory=dict)
+    dist: distributed.DistEnv = field(default_factory=distributed.DistEnv)
 
 
 def _log(msg: str) -> None:
@@ -68,12 +70,12 @@ def build_tokenizer(recipe: Recipe, run_dir: Path):
     return tok
 
 
-def _token_data(recipe: Recipe, run_dir: Path, tok, seq_len: int):
+def _token_data(recipe: Recipe, run_dir: Path, tok, seq_len: int, build: bool = True, world: int = 1):
     from lmforge.data import TokenShard, prepare
 
     dt, t = recipe.data, recipe.train
     folder = Path(dt.path) if dt.path else run_dir / "data"
-    if dt.path is None:
+    if dt.path is None and (build or not (folder / "manifest.json").is_file()):
         kwargs: dict[str, Any] = {}
         if tok.eos_id is None:  # teenyGPT's vocabulary has no EOS: BOS starts the next document
             kwargs = {"sep_id": tok.bos_id if tok.bos_id is not None else tok.pad_id}
@@ -97,7 +99,7 @@ def _token_data(recipe: Recipe, run_dir: Path, tok, seq_len: int):
     test = shards.get("test")
     test_batches = None
     if test is not None and len(test) > seq_len + 1:
-        probe = TokenWindows(shards["train"].tokens, t.batch_size, seq_len, val_tokens=test.tokens,
+        probe = TokenWindows(shards["train"].tokens, t.batch_size * world, seq_len, val_tokens=test.tokens,
                              eval_batches=t.eval_batches)
         test_batches = probe.eval_batches
     return source, test_batches, {"train_tokens": len(shards["train"]), "data_dir": str(folder)}
@@ -132,12 +134,16 @@ def setup_run(recipe: Recipe, resume: str | None = None) -> Run:
     from lmforge.models import DecoderLM
 
     t = recipe.train
+    env = distributed.setup_recipe(recipe, recipe.to_dict())  # process group, same recipe on all ranks, batch
     run_dir = Path(recipe.run.dir)
     ckpt.check_resume(run_dir, resume)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(recipe, run_dir)
+    with distributed.main_first(env):  # rank 0 trains the tokenizer / prepares data; the others reuse them
+        tok = build_tokenizer(recipe, run_dir)
+        if recipe.data.kind == "tokens" and env.is_main:
+            _token_data(recipe, run_dir, tok, t.seq_len or recipe.model_config(tok.vocab_size).block_size)
     cfg = recipe.model_config(vocab_size=tok.vocab_size)
     if cfg.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's vocabulary "
@@ -148,7 +154,8 @@ def setup_run(recipe: Recipe, resume: str | None = None) -> Run:
     seq_len = t.seq_len or cfg.block_size
     test_seqs = None
     if recipe.data.kind == "tokens":
-        source, test_batches, info = _token_data(recipe, run_dir, tok, seq_len)
+        source, test_batches, info = _token_data(recipe, run_dir, tok, seq_len, build=False,
+                                                 world=env.world_size)
     else:
         source, test_batches, test_seqs, info = _passage_data(recipe, tok)
 
@@ -168,7 +175,7 @@ def setup_run(recipe: Recipe, resume: str | None = None) -> Run:
     objective = build_objective(t.objective, reduction=t.loss_reduction, mask_padding=t.mask_padding)
     trainer = Trainer(model, objective, source, t, recipe.optim, run_dir=run_dir, tokenizer=tok)
     info.update(params=model.num_params(), flops_per_token=model.estimate_flops(seq_len), seq_len=seq_len)
-    return Run(recipe, run_dir, tok, trainer, test_batches, test_seqs, info)
+    return Run(recipe, run_dir, tok, trainer, test_batches, test_seqs, info, env)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -252,12 +259,16 @@ def pretrain(config: str | None = None, set_: list[str] | None = None, resume: s
     if not config:
         raise ConfigError("pass --config with a recipe, e.g. --config recipes/gpt2-124m/pretrain.yaml")
     recipe = load_recipe(config, set_ or [])
-    run = setup_run(recipe, resume)
-    _log(f"{run.run_dir}: {run.info['params']:,} parameters, "
-         + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in run.info.items()
-                     if k != "params"))
-    result = run.trainer.fit(resume=resume)
-    if result.exit_code:
+    try:
+        run = setup_run(recipe, resume)
+        if run.dist.is_main:
+            _log(f"{run.run_dir}: {run.info['params']:,} parameters, "
+                 + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in run.info.items()
+                             if k != "params"))
+        result = run.trainer.fit(resume=resume)
+    finally:
+        distributed.shutdown()
+    if result.exit_code or not run.dist.is_main:  # rank 0 alone reports
         return result.exit_code
     report = final_report(run, result)
     print_report(report)

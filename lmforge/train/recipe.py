@@ -287,8 +287,11 @@ def validate(r: Recipe) -> Recipe:
     _need(t.peak_flops is None or t.peak_flops > 0, f"train.peak_flops must be > 0 or null, got {t.peak_flops}")
     _need(t.min_delta >= 0, f"train.min_delta must be >= 0, got {t.min_delta}")
     _need(t.seq_len is None or t.seq_len >= 1, f"train.seq_len must be a positive integer or null, got {t.seq_len}")
-    _need(t.device == "cpu" or t.device.startswith("cuda"), f"train.device must be 'cpu' or 'cuda[:N]', got "
-          f"{t.device!r}")
+    _need(t.device in ("auto", "cpu") or t.device.startswith("cuda"), f"train.device must be 'auto', 'cpu' or "
+          f"'cuda[:N]', got {t.device!r}")
+    _need(t.global_batch is None or t.global_batch >= 1, f"train.global_batch must be a positive integer or null, "
+          f"got {t.global_batch}")
+    _need(t.dist_timeout > 0, f"train.dist_timeout must be > 0 seconds, got {t.dist_timeout}")
     _need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _need(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
