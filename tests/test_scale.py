@@ -25,6 +25,7 @@ from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.models import DecoderLM
 from lmforge.train import TrainConfig
+from lmforge.train.batches import BatchSource
 from lmforge.train.distributed import resolve_batch
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not torch.distributed.is_available(),
@@ -222,6 +223,9 @@ def test_bad_strategy_inputs(ref, capsys):
     assert "is not divisible by world size 1 x train.grad_accum 2" in capsys.readouterr().err
     t = TrainConfig(global_batch=8, grad_accum=2)
     assert resolve_batch(t, 2) == 8 and t.batch_size == 2
+    # a batch source that cannot split its batches over ranks refuses, rather than feed every rank the same
+    with pytest.raises(ConfigError, match="cannot split its batches over 2 ranks"):
+        BatchSource().shard(1, 2)
 
 
 # ---- activation checkpointing ------------------------------------------------------------------------

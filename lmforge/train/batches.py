@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lmforge.data import sample_batch
+from lmforge.errors import ConfigError
 from lmforge.train.objectives import Batch
 
 
@@ -40,7 +41,14 @@ class BatchSource:
     world_size: int = 1
 
     def shard(self, rank: int, world_size: int) -> None:
-        """Read only rank `rank`'s slice of each global batch of `batch_size * world_size` sequences."""
+        """Read only rank `rank`'s slice of each global batch of `batch_size * world_size` sequences.
+
+        A source that has not implemented its slicing refuses (each rank would train on the same batches).
+        """
+        raise ConfigError(f"{type(self).__name__} cannot split its batches over {world_size} ranks yet; train it "
+                          "with train.strategy: single")
+
+    def _set_shard(self, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.rank, self.world_size = rank, world_size
@@ -77,6 +85,10 @@ class TokenWindows(BatchSource):
         self.batch_size, self.block_size, self.n_eval = batch_size, block_size, eval_batches
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Every rank draws the global batch's window starts from the same generator and reads its slice."""
+        self._set_shard(rank, world_size)
 
     def _windows(self, data: np.ndarray, starts) -> Batch:
         w = torch.from_numpy(np.stack([np.asarray(data[s:s + self.block_size + 1], dtype=np.int64) for s in starts]))
@@ -177,7 +189,7 @@ class PaddedSequences(BatchSource):
         if len(self.seqs) < self.batch_size * world_size:
             raise ValueError(f"{len(self.seqs)} sequences are fewer than one global batch of "
                              f"{self.batch_size} x {world_size} ranks")
-        super().shard(rank, world_size)
+        self._set_shard(rank, world_size)
 
     def _order(self) -> torch.Tensor:
         if self._perm is None:
