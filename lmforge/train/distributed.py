@@ -13,6 +13,7 @@ slice of them, so the position saved in a checkpoint means the same thing at any
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -95,6 +96,7 @@ def init(strategy: str = "single", device: str = "auto", timeout_s: float = 600.
             torch.cuda.set_device(dev)
         # a lost peer fails gloo's collectives at once (closed socket); the timeout bounds a hung one
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        atexit.register(shutdown)
     return DistEnv(strategy, dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
@@ -102,6 +104,16 @@ def shutdown() -> None:
     """Destroy the process group if one exists (end of a command)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the job (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def config_hash(payload: Any) -> str:

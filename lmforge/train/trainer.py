@@ -70,7 +70,7 @@ class TrainConfig:
     device: str = "auto"  # auto: this rank's GPU when CUDA is there, else the CPU; or cpu, cuda, cuda:N
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured once by a matmul benchmark and cached
     progress: bool = True  # tqdm progress bar
-    objective: Literal["causal_lm"] = "causal_lm"
+    objective: str = "causal_lm"  # a name in lmforge.train.objectives.OBJECTIVES
     loss_reduction: Literal["token_mean", "sequence_sum"] = "token_mean"
     mask_padding: bool = True  # ignore padding targets (pad after pad) in the loss
 
