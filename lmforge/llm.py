@@ -367,6 +367,10 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         raise FormatError(f"{folder}: no config.json or lmforge.json; not a model folder")
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
         tensors = _read_safetensors(folder)
+    elif layout == "dcp":  # a ddp/fsdp run's sharded checkpoint
+        from lmforge.interop.dcp import read_model_tensors
+
+        tensors, layout = read_model_tensors(folder), "native"
     else:
         pickles = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         if not pickles:

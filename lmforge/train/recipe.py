@@ -322,8 +322,11 @@ def validate(r: Recipe) -> Recipe:
     _need(t.peak_flops is None or t.peak_flops > 0, f"train.peak_flops must be > 0 or null, got {t.peak_flops}")
     _need(t.min_delta >= 0, f"train.min_delta must be >= 0, got {t.min_delta}")
     _need(t.seq_len is None or t.seq_len >= 1, f"train.seq_len must be a positive integer or null, got {t.seq_len}")
-    _need(t.device == "cpu" or t.device.startswith("cuda"), f"train.device must be 'cpu' or 'cuda[:N]', got "
-          f"{t.device!r}")
+    _need(t.device in ("auto", "cpu") or t.device.startswith("cuda"), f"train.device must be 'auto', 'cpu' or "
+          f"'cuda[:N]', got {t.device!r}")
+    _need(t.global_batch is None or t.global_batch >= 1, f"train.global_batch must be a positive integer or null, "
+          f"got {t.global_batch}")
+    _need(t.dist_timeout > 0, f"train.dist_timeout must be > 0 seconds, got {t.dist_timeout}")
     from lmforge.train.objectives import OBJECTIVES
 
     _need(t.objective in OBJECTIVES, f"train.objective must be one of {list(OBJECTIVES)}, got {t.objective!r}")
