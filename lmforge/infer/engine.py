@@ -19,6 +19,7 @@ Sampling and stopping reuse `generate.py` (`sample_next`, `TextStream`, `Generat
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import queue
 import threading
@@ -167,6 +168,7 @@ class Engine:
         self._fp32_cpu = p.device.type == "cpu" and p.dtype == torch.float32
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
+        self._calls: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = collections.deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -256,6 +258,17 @@ class Engine:
             raise RuntimeError(f"generation failed: {c.error}")
         return c.text
 
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn()` in the engine thread between two steps (other model work, e.g. embeddings, must not run
+        at the same time as a decode step); returns a Future of its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if not self._accepting:
+                raise EngineStoppedError("the engine is not running; start() it (or it is shutting down)")
+            self._calls.append((fn, fut))
+            self._cond.notify()
+        return fut
+
     def stats(self) -> dict[str, float]:
         """Queue length, running sequences, KV blocks and memory in use, throughput and latency figures."""
         with self._cond:
@@ -272,13 +285,21 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._waiting or self._running or self._stopping):
+                while not (self._waiting or self._running or self._calls or self._stopping):
                     self._cond.wait()
-                if self._stopping and not self._waiting and not self._running:
+                if self._stopping and not self._waiting and not self._running and not self._calls:
                     return
                 waiting = [r for r in self._waiting if r._cancel]
                 for r in waiting:
                     self._waiting.remove(r)
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except Exception as e:
+                        fut.set_exception(e)
             for r in waiting:
                 self._finish(r, "cancelled")
             for r in [r for r in self._running if r._cancel]:
