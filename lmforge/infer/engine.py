@@ -152,6 +152,10 @@ class Engine:
         if max_seqs < 1 or max_queue < 0 or block_tokens < 1 or prefill_tokens < 1:
             raise ConfigError("max_seqs, block_tokens and prefill_tokens must be >= 1, max_queue >= 0")
         self.llm, self.model = llm, llm.model
+        mixers = {token for token, _ in self.model.config.layer_mixers()}
+        if mixers != {"attention"}:
+            raise ConfigError(f"the serving engine pages attention keys and values; this model's layers use "
+                              f"{sorted(mixers)}, so serve it with plain generation (LLM.generate) instead")
         self.max_seqs, self.max_queue, self.prefill_tokens = max_seqs, max_queue, prefill_tokens
         p = self.model.tok_emb.weight
         # the cache dtype follows the model's own rule (fp32 keys/values for a bf16 model on the CPU)

@@ -1,16 +1,16 @@
 """A paged KV cache: keys and values live in fixed-size blocks handed out as sequences grow.
 
-A static cache (`models.attention.KVCache`) reserves `batch x max_len` slots up front; a server whose
+A static cache (`models.cache.Cache`) reserves `batch x max_len` slots up front; a server whose
 sequences come and go at different lengths would reserve the context for each of them. Here every layer
 has one pool of token slots, grouped in blocks of `block_tokens`; a sequence owns a list of blocks (its
 block table, as in vLLM's PagedAttention, Kwon et al. 2023) and takes another only when it fills the last.
 The pool itself grows on demand up to a cap, so memory follows the tokens in use.
 
-`PagedBatch` is what the model sees for one forward pass: the same interface as `KVCache` (`update`,
-`length`, `max_len`, `next_pos`, `key_mask`, `has_padding`). It presents the batch's sequences as if they
-were left-padded rows of a static cache (each row's keys right-aligned, shorter rows masked on the left),
-so the model's position and mask logic runs unchanged; `update` writes the new keys into their slots and
-gathers each row's keys from its blocks.
+`PagedBatch` is what the model sees for one forward pass: the interface of `models.cache.Cache`
+(`layers`, each with `update(k, v, start)`, and `length`, `max_len`, `next_pos`, `key_mask`,
+`has_padding`). It presents the batch's sequences as if they were left-padded rows of a static cache
+(each row's keys right-aligned, shorter rows masked on the left), so the model's position and mask logic
+runs unchanged; `update` writes the new keys into their slots and gathers each row's keys from its blocks.
 """
 
 from __future__ import annotations
@@ -165,6 +165,8 @@ class PagedBatch:
         if self.gather is not None:
             self.gather = self.gather.view(-1).to(pool.device)
         self.B = B
+        # the model hands each attention layer its own state object; here they all write to the pool
+        self.layers = [_LayerView(self, i) for i in range(pool.n_layer)]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nkv, T, hs) in their slots; return every row's keys and values (B, nkv, L, hs)."""
@@ -184,3 +186,18 @@ class PagedBatch:
         """After the forward pass: each sequence now stores T more tokens."""
         for s in seqs:
             s.length += self.T
+
+
+class _LayerView:
+    """One layer's face of a `PagedBatch`, with the interface of the model's per-layer `KVState`."""
+
+    __slots__ = ("batch", "layer")
+
+    def __init__(self, batch: PagedBatch, layer: int):
+        self.batch, self.layer = batch, layer
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch.update(self.layer, k, v)
+
+    def bytes(self) -> int:
+        return 0  # the pool holds the memory
