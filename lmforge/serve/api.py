@@ -41,6 +41,7 @@ class _Sampling(BaseModel):
     top_p: Number | None = None
     top_k: StrictInt | None = None  # not OpenAI's; llama.cpp's and vLLM's servers take it too
     repetition_penalty: Number | None = None  # likewise
+    ignore_eos: StrictBool = False  # likewise (vLLM's name): generate max_tokens even past EOS, for benchmarks
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False

@@ -179,7 +179,8 @@ def create_app(llm, engine: Engine | None = None, model_name: str | None = None,
             temperature=1.0 if body.temperature is None else float(body.temperature),
             top_p=1.0 if body.top_p is None else float(body.top_p), top_k=body.top_k or 0,
             repetition_penalty=1.0 if body.repetition_penalty is None else float(body.repetition_penalty),
-            stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()), seed=body.seed)
+            stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()), seed=body.seed,
+            stop_at_eos=not body.ignore_eos)
 
     def check_prompt(n: int) -> None:
         if n > max_prompt:
