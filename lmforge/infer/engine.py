@@ -467,6 +467,7 @@ class EngineMetrics:
         self.ttft_hist = [0] * len(self.TTFT_BUCKETS)
         self.window = window
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+        self._lock = threading.Lock()  # the engine thread appends while a server thread reads
         self.last_ttft: float | None = None
 
     def first_token(self, seconds: float) -> None:
@@ -479,14 +480,16 @@ class EngineMetrics:
 
     def step(self, rows: int, seconds: float) -> None:
         now = time.perf_counter()
-        self._recent.append((now, rows))
-        while self._recent and self._recent[0][0] < now - self.window:
-            self._recent.popleft()
+        with self._lock:
+            self._recent.append((now, rows))
+            while self._recent and self._recent[0][0] < now - self.window:
+                self._recent.popleft()
 
     def tokens_per_second(self) -> float:
         """Decoded tokens per second over the last `window` seconds."""
         now = time.perf_counter()
-        recent = [(t, n) for t, n in list(self._recent) if t >= now - self.window]
+        with self._lock:
+            recent = [(t, n) for t, n in self._recent if t >= now - self.window]
         if not recent:
             return 0.0
         span = max(now - recent[0][0], 1e-3)
