@@ -144,6 +144,8 @@ def test_text_stop_strings_and_bad_input():
             eng.submit("hi", GenerationConfig(temperature=-1))
         with pytest.raises(ConfigError, match="context"):
             eng.submit([1] * 10_000, gen)
+        with pytest.raises(ConfigError, match="seed"):
+            eng.submit("hi", GenerationConfig(seed=2**70))
         with pytest.raises(ConfigError, match="token ids"):
             eng.submit([10_000], gen)
     with pytest.raises(ConfigError, match="max_kv_bytes"):

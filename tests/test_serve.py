@@ -206,6 +206,7 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "stream": "yes"}, "stream"),
     ({"model": MODEL, "prompt": "x", "stop": [""]}, "stop"),
     ({"model": MODEL, "prompt": "x", "n": 3}, "n=1"),
+    ({"model": MODEL, "prompt": "x", "seed": 10**30}, "seed"),
     ({"model": MODEL, "prompt": [10**9]}, "token ids"),
     ({"model": MODEL, "prompt": "word " * 400}, "tokens"),  # longer than the 256-token context
 ]

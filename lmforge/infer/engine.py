@@ -219,6 +219,8 @@ class Engine:
         request's own queue; it must not block. Raises `QueueFullError` when the queue is full.
         """
         gen = (gen or GenerationConfig()).validate()
+        if gen.seed is not None and not -(2**63) <= gen.seed < 2**64:
+            raise ConfigError(f"seed must fit in 64 bits, got {gen.seed}")
         ids = self.llm.encode_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         block = self.model.config.block_size
         if not ids:
@@ -339,8 +341,8 @@ class Engine:
                 continue
             budget -= len(ids)
             r._seq = seq
-            self._prepare(r)
             try:
+                self._prepare(r)
                 batch = PagedBatch(self.pool, [seq], len(ids))
                 x = torch.tensor([ids], dtype=torch.long, device=self.device)
                 logits = self.model(x, cache=batch, logits_to_keep=1)[:, -1]

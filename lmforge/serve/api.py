@@ -69,6 +69,8 @@ class _Sampling(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise APIError(400, "seed must fit in 64 bits", param="seed")
         if self.n != 1:
             raise APIError(400, "only n=1 is supported", param="n")
         if self.presence_penalty or self.frequency_penalty:
