@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("lmforge.compress.commands:prune", "prune a model (magnitude, 2:4, attention heads, MLP channels)"),
     "distill": ("lmforge.compress.commands:distill", "distill a teacher into a smaller student of its tokenizer"),
     "merge": ("lmforge.adapt.merging:merge", "merge fine-tunes of one base (average, task arithmetic, TIES, DARE)"),
+    "serve": ("lmforge.serve.commands:serve", "serve a model: OpenAI-compatible HTTP API and a chat page"),
 }
 
 
