@@ -20,19 +20,17 @@ from torch import nn
 
 from lmforge.config import Config
 from lmforge.models.layers import apply_rope
-from lmforge.models.mixers import MixerContext
+from lmforge.models.mixers import MixerContext, RecurrentState
 
 _CHUNK = 64
 
 
-class RetentionState:
+class RetentionState(RecurrentState):
     """S (B, H, d, d), fp32: the whole past, at any position."""
 
     def __init__(self, batch_size: int, n_head: int, head_dim: int, device):
         self.S = torch.zeros(batch_size, n_head, head_dim, head_dim, device=device)
 
-    def bytes(self) -> int:
-        return self.S.numel() * 4
 
 
 def decays(n_head: int) -> torch.Tensor:

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.models.mixers import MixerContext
+from lmforge.models.mixers import MixerContext, RecurrentState
 
 _CHUNK = 32
 _NEG = -1e30  # log of an empty sum (finite, so that differences stay defined)
 
 
-class RWKVState:
+class RWKVState(RecurrentState):
     """Token-shift inputs of both mixers (B, C) and the wkv numerator/denominator/log-scale (B, C), fp32."""
 
     def __init__(self, batch_size: int, d_model: int, device):
@@ -33,8 +33,6 @@ class RWKVState:
         self.tshift, self.cshift, self.a, self.b = z(), z(), z(), z()
         self.p = torch.full((batch_size, d_model), _NEG, device=device)
 
-    def bytes(self) -> int:
-        return 5 * self.a.numel() * 4
 
 
 def wkv(k, v, w, u, state=None, chunk: int = _CHUNK):
