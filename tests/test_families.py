@@ -145,3 +145,23 @@ def test_window_with_global_tokens_sees_the_first_tokens_from_afar():
     assert (a - cached).abs().max() <= 1e-5
     with pytest.raises(ConfigError, match="global_tokens needs attention.sliding_window"):
         get_preset("tiny-llama").replace(**{"attention.global_tokens": 2})
+
+
+@pytest.mark.parametrize("name", ["tiny-mamba", "tiny-rwkv"])
+def test_beam_search_runs_on_recurrent_states(name):
+    """Beams reorder and repeat each layer's recurrent state: one beam equals greedy decoding."""
+    from lmforge.infer.generate import GenerationConfig, generate_ids
+    torch.manual_seed(0)
+    model = DecoderLM(get_preset(name)).eval()
+    prompt = [[5, 9, 2, 7]]
+    greedy = generate_ids(model, prompt, GenerationConfig(max_new_tokens=8, temperature=0))
+    beams = generate_ids(model, prompt, GenerationConfig(max_new_tokens=8, temperature=0, num_beams=3))
+    assert len(beams[0]) == 8 and len(greedy[0]) == 8
+    # each beam's state equals the state of decoding its own tokens alone (checked through the logits)
+    from lmforge.infer.beam import beam_search
+    gen = GenerationConfig(max_new_tokens=6, temperature=0, num_beams=3, length_penalty=0.0)
+    hyp = beam_search(model, prompt, gen)[0][0]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt[0] + hyp.tokens]))[0, 3:-1], -1)
+    total = lp.gather(1, torch.tensor(hyp.tokens)[:, None]).sum().item()
+    assert total == pytest.approx(hyp.score, abs=1e-3)
