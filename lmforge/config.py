@@ -16,7 +16,7 @@ from lmforge.errors import ConfigError
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
 # Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "linear_attention", "retention", "rwkv")
+TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv")
 CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
 
 
@@ -209,6 +209,9 @@ class Config:
         for kind in ("linear_attention", "retention"):
             need(not self.uses(kind) or self.n_kv_head == self.n_head,
                  f"{kind} has no grouped KV heads: set attention.n_kv_head = attention.n_head")
+        if self.uses("s4d"):
+            need(self.ssm.d_state % 2 == 0 and self.ssm.d_state > 0,
+                 f"ssm.d_state must be a positive even number for s4d (conjugate pairs), got {self.ssm.d_state}")
         if self.uses("mamba"):
             s = self.ssm
             for f in ("d_state", "d_conv", "expand"):
@@ -410,6 +413,14 @@ def _tiny_rwkv() -> Config:
     return c
 
 
+def _tiny_s4d() -> Config:
+    # Gu et al. 2022 (S4D): pre-norm blocks of S4D (64 states per channel in the paper; 16 here) + MLP.
+    c = _llama_like("tiny-s4d", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block, c.position, c.ssm = "s4d+mlp", PositionConfig(kind="none"), SSMConfig(d_state=16)
+    return c
+
+
 def _tiny_mamba() -> Config:
     c = _mamba("tiny-mamba", 64, 2, 256, 128)
     c.ssm.d_state = 8  # test size: half of Mamba's 16 keeps the scan cheap on 2 cores
@@ -470,6 +481,7 @@ PRESETS: dict[str, Any] = {
     "tiny-linear": _tiny_linear,
     "tiny-retnet": _tiny_retnet,
     "tiny-rwkv": _tiny_rwkv,
+    "tiny-s4d": _tiny_s4d,
     "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }

@@ -78,8 +78,9 @@ def token_mixers() -> dict[str, type]:
     from lmforge.models.mixers.mamba import Mamba
     from lmforge.models.mixers.retention import Retention
     from lmforge.models.mixers.rwkv import RWKVTimeMix
-    return {"attention": Attention, "mamba": Mamba, "linear_attention": LinearAttention, "retention": Retention,
-            "rwkv": RWKVTimeMix}
+    from lmforge.models.mixers.s4d import S4D
+    return {"attention": Attention, "mamba": Mamba, "s4d": S4D, "linear_attention": LinearAttention,
+            "retention": Retention, "rwkv": RWKVTimeMix}
 
 
 def channel_mixers() -> dict[str, type]:
