@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
 from lmforge.models.cache import Cache
@@ -82,6 +83,13 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         if init_weights and cfg.init == "gpt2":  # skipped when weights are about to be loaded
             self.apply(self._init_weights)
+        if init_weights:  # mixers with parameters of their own meaning (Mamba's A, dt) re-set them
+            for m in self.modules():
+                if hasattr(m, "init_extra"):
+                    m.init_extra()
+        # Training switch, not architecture: each block's activations are recomputed in backward instead
+        # of kept (non-reentrant torch.utils.checkpoint: same numbers, dropout replayed from saved RNG state).
+        self.activation_checkpointing = False
 
     def _init_weights(self, m: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections back into the residual stream get 1/sqrt(2L)
@@ -172,7 +180,10 @@ class DecoderLM(nn.Module):
         ctx = MixerContext(positions, rope, mask, attention_mask if padded else None, start)
         if cache is None:
             for block in self.blocks:
-                x = block(x, ctx)
+                if self.activation_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, ctx, use_reentrant=False)
+                else:
+                    x = block(x, ctx)
         else:
             for block, state in zip(self.blocks, cache.layers):
                 x = block(x, ctx, state)
