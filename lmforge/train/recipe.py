@@ -386,6 +386,8 @@ def validate(r: Recipe) -> Recipe:
           f"null, got {a.target_r}")
     _need(a.num_virtual_tokens >= 1 and a.interval >= 1 and a.quant_blocksize >= 2 and a.quant_blocksize % 2 == 0,
           "adapter.num_virtual_tokens and adapter.interval must be >= 1, adapter.quant_blocksize even and >= 2")
+    _need(not (dt.pack and a.method in ("prefix", "prompt")), f"data.pack: true cannot be used with adapter.method "
+          f"{a.method} (virtual tokens would sit in front of a whole packed row); set data.pack: false")
     _need(a.method == "full" or bool(a.target_modules) or a.path is not None,
           "adapter.target_modules is empty; name the layers to adapt, e.g. [q_proj, v_proj]")
     if r.model.get("source"):
