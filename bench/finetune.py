@@ -11,7 +11,7 @@ line per case with the ratios. Cases:
   lora   LoRA r=8, alpha 16 on q/k/v/o: lmforge `apply_lora` vs peft `get_peft_model(LoraConfig)`
   full   every weight trains: lmforge `DecoderLM` vs transformers `LlamaForCausalLM`
   qlora  lmforge only (peft's QLoRA needs bitsandbytes' CUDA kernels): NF4 base + LoRA on every linear;
-         its peak RSS is compared with lmforge's LoRA case (target <= 0.5x)
+         its peak RSS and its weights' bytes are compared with lmforge's LoRA case (target <= 0.5x)
 
 tokens/s counts every position of the padded batch (the work both sides do). `others_cores` is the CPU
 other processes used during the side's timed steps: on the shared 2-core machine, read ratios with it.
@@ -104,7 +104,7 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     first = step(data[0])  # warm-up (allocations, kernels)
     with common.PeakRSS() as mem, common.Contention() as busy:
@@ -112,6 +112,7 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
         losses = [step(b) for b in data[1:]]
         dt = time.perf_counter() - t0
     return {"tokens_per_s": steps * batch * seq / dt, "step_s": dt / steps, "peak_rss_mb": mem.peak_mb,
+            "weights_mb": common.tensor_mb(model),
             "train_delta_mb": mem.delta_mb, "trainable": n_train, "loss_first": first, "loss_last": losses[-1],
             "others_cores": busy.cores}
 
@@ -152,14 +153,16 @@ def main() -> None:
             rec = {"case": case, "lmforge": ours}
             if case == "qlora":
                 if lora_peak is None:
-                    lora_peak = run_side("lmforge", "lora", tmp, args)["peak_rss_mb"]
-                rec["peak_vs_lmforge_lora"] = ours["peak_rss_mb"] / lora_peak
+                    r = run_side("lmforge", "lora", tmp, args)
+                    lora_peak = (r["peak_rss_mb"], r["weights_mb"])
+                rec["peak_vs_lmforge_lora"] = ours["peak_rss_mb"] / lora_peak[0]
+                rec["weights_vs_lmforge_lora"] = ours["weights_mb"] / lora_peak[1]
             else:
                 theirs = run_side("hf", case, tmp, args)
                 rec.update(reference=theirs, speedup=ours["tokens_per_s"] / theirs["tokens_per_s"],
                            peak_rss_ratio=ours["peak_rss_mb"] / theirs["peak_rss_mb"])
                 if case == "lora":
-                    lora_peak = ours["peak_rss_mb"]
+                    lora_peak = (ours["peak_rss_mb"], ours["weights_mb"])
             rec["loadavg_1m"] = os.getloadavg()[0]
             common.emit(rec)
 
