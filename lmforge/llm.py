@@ -250,7 +250,11 @@ class LLM:
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
             if adapted:
-                save_adapter(self.model, tmp)
+                from lmforge.adapt import LoRALinear, adapter_layers
+                from lmforge.adapt.bottleneck import save_native_adapter
+
+                lora = all(type(m) is LoRALinear for _, m in adapter_layers(self.model))
+                (save_adapter if lora else save_native_adapter)(self.model, tmp)
         return Path(folder)
 
 
@@ -363,6 +367,10 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         raise FormatError(f"{folder}: no config.json or lmforge.json; not a model folder")
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
         tensors = _read_safetensors(folder)
+    elif layout == "dcp":  # a ddp/fsdp run's sharded checkpoint
+        from lmforge.interop.dcp import read_model_tensors
+
+        tensors, layout = read_model_tensors(folder), "native"
     else:
         pickles = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         if not pickles:
@@ -378,6 +386,10 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         from lmforge.adapt import load_adapter
 
         load_adapter(model, folder)
+    elif (folder / "lmforge_adapter.json").is_file():  # base + lmforge-format adapters (bottleneck)
+        from lmforge.adapt.bottleneck import load_native_adapter
+
+        load_native_adapter(model, folder)
     tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
     return LLM(model, tok, str(folder))
 
