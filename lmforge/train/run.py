@@ -49,6 +49,9 @@ from lmforge.train.trainer import Trainer
 DATA_KINDS: dict[str, str] = {
     "tokens": "lmforge.train.run:token_data",
     "passages": "lmforge.train.run:passage_data",
+    "instructions": "lmforge.data.instruct:instruction_data",
+    "preferences": "lmforge.align.commands:preference_data",
+    "prompts": "lmforge.align.commands:prompt_data",
 }
 
 
@@ -246,14 +249,15 @@ def _write_config(recipe: Recipe, cfg, run_dir: Path, resume: str | None) -> Non
 
 def build_run(recipe: Recipe, resume: str | None = None, *,
               prepare_model: Callable[[nn.Module], nn.Module] | None = None,
-              objective: Objective | None = None) -> Run:
+              objective: Objective | Callable[[nn.Module], Objective] | None = None) -> Run:
     """Tokenizer, data, model, objective and `Trainer` for a validated recipe; writes config.yaml.
 
     Args:
         recipe: a validated `Recipe` (`load_recipe` / `from_dict`).
         resume: as `Trainer.fit`'s; a fresh start refuses a run folder that has checkpoints.
         prepare_model: applied to the model after the recipe's adapter (e.g. a value head for PPO).
-        objective: used instead of `build_objective(recipe.train.objective, ...)`.
+        objective: used instead of `build_objective(recipe.train.objective, ...)`; a callable gets the
+            prepared model (objectives whose heads or reference depend on it: reward, DPO, PPO).
     """
     t = recipe.train
     env = distributed.setup_recipe(recipe, recipe.to_dict())  # before any rank does work
@@ -277,10 +281,12 @@ def build_run(recipe: Recipe, resume: str | None = None, *,
         from lmforge.adapt import apply_adapter, trainable_parameters
 
         torch.manual_seed(t.seed)  # adapter initialisation depends on the seed only
-        model = apply_adapter(model, recipe.adapter)
+        model = apply_adapter(model, recipe.adapter, total_steps=t.max_steps * t.grad_accum)
         info["trainable"] = trainable_parameters(model)["trainable"]
     if prepare_model is not None:
         model = prepare_model(model)
+    if objective is not None and not isinstance(objective, Objective):
+        objective = objective(model)
     if objective is None:
         objective = build_objective(t.objective, reduction=t.loss_reduction, mask_padding=t.mask_padding)
     trainer = Trainer(model, objective, data.source, t, recipe.optim, run_dir=run_dir, tokenizer=tok)

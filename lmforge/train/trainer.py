@@ -159,7 +159,14 @@ class Trainer:
             data.shard(self.dist.rank, self.dist.world_size)
         self._model_cls = type(model)  # before FSDP swaps the class: to rebuild a whole copy for saving
         self._wrapped = distributed.wrap_model(self.model, self.dist, cfg.dtype)
-        self.optimizer = build_optimizer(self.model, optim)  # after sharding: FSDP's parameters are DTensors
+        # heads the objective trains with the model (reward, value): optimised, checkpointed and saved with it
+        self.heads = nn.ModuleDict(objective.modules()).to(self.device)
+        if len(self.heads) and self.dist.parallel:
+            raise ConfigError(f"objective {objective.name!r} trains heads of its own, which are not yet sharded or "
+                              "all-reduced across ranks: run it with train.strategy: single")
+        # after sharding: FSDP's parameters are DTensors
+        self.optimizer = build_optimizer(nn.ModuleList([self.model, self.heads]) if len(self.heads) else self.model,
+                                         optim)
         self.step = 0
         self.best_val: float | None = None
         self.best_step: int | None = None
@@ -190,9 +197,13 @@ class Trainer:
         self.model.train(was_training)
         return llm
 
+    def _head_tensors(self) -> dict[str, torch.Tensor] | None:
+        return {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()} if len(self.heads) \
+            else None
+
     def save_model(self, folder: str | Path) -> Path:
-        """Write the current weights (+ tokenizer) as a model folder that `lmforge.load` reads (rank 0 writes;
-        under FSDP every rank must call it, since the weights are gathered from all shards)."""
+        """Write the current weights (+ tokenizer, + the objective's heads) as a model folder `lmforge.load` reads
+        (rank 0 writes; under FSDP every rank must call it, since the weights are gathered from all shards)."""
         if self.dist.strategy == "fsdp":
             from lmforge.llm import LLM
 
@@ -202,7 +213,9 @@ class Trainer:
                 whole.load_state_dict(sd)
                 LLM(whole, self.tokenizer).save(folder)
         elif self.is_main:
-            self._llm().save(folder)
+            path = self._llm().save(folder)
+            if len(self.heads):
+                ckpt.save_heads(path, self._head_tensors())
         distributed.barrier(self.dist)
         return Path(folder)
 
@@ -251,7 +264,7 @@ class Trainer:
             return dist_checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, self._state(elapsed),
                                         self.dist, self._write_meta, keep_last=self.cfg.keep_last)
         return ckpt.save_checkpoint(self.run_dir, self.step, self._llm(), self.optimizer, self._state(elapsed),
-                                    keep_last=self.cfg.keep_last)
+                                    keep_last=self.cfg.keep_last, heads=self._head_tensors())
 
     def _write_meta(self, folder: Path) -> None:
         """The model description beside a sharded checkpoint, so `lmforge.load` reads the folder as a model."""
@@ -274,6 +287,8 @@ class Trainer:
                               "train.strategy: single or ddp, or start the fsdp run in a new run.dir")
         else:
             ckpt.load_model_weights(c.path, self.model)
+            if len(self.heads):
+                self.heads.load_state_dict(ckpt.load_heads(c.path))
             ckpt.load_optimizer_state(c.path, self.optimizer)
         self.data.load_state_dict(s["data"])
         ckpt.set_rng_state(s["rng"])
@@ -320,7 +335,8 @@ class Trainer:
                 self.save_model(self.run_dir / "best")
         else:
             self.bad_evals += 1
-        msg = (f"step {self.step}: val loss {val['loss']:.4f} ppl {val['ppl']:.2f} acc {val['acc']:.3f}"
+        shown = " ".join(f"{k} {val[k]:.4f}" for k in ("ppl", "acc") if k in val)  # objectives report different ones
+        msg = (f"step {self.step}: val loss {val['loss']:.4f} {shown}"
                f"{' (best)' if improved else f' (best {self.best_val:.4f} at step {self.best_step})'}")
         if self.is_main:
             (pbar.write if pbar is not None else print)(msg)
