@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
 from lmforge.models.cache import Cache
@@ -82,6 +83,13 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         if init_weights and cfg.init == "gpt2":  # skipped when weights are about to be loaded
             self.apply(self._init_weights)
+        if init_weights:  # mixers with parameters of their own meaning (Mamba's A, dt) re-set them
+            for m in self.modules():
+                if hasattr(m, "init_extra"):
+                    m.init_extra()
+        # Training switch, not architecture: each block's activations are recomputed in backward instead
+        # of kept (non-reentrant torch.utils.checkpoint: same numbers, dropout replayed from saved RNG state).
+        self.activation_checkpointing = False
 
     def _init_weights(self, m: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections back into the residual stream get 1/sqrt(2L)
@@ -98,20 +106,32 @@ class DecoderLM(nn.Module):
             nn.init.normal_(m.weight, std=std)
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                cache: Cache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: Cache | None = None, logits_to_keep: int = 0,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions when > 0.
 
         attention_mask: (B, T), 1 for real tokens and 0 for left padding. With a `cache`, the tokens
-        continue what the cache holds, and the cache advances by T.
+        continue what the cache holds, and the cache advances by T. segment_ids: (B, T) for packed rows
+        (several examples in one row, each a contiguous run of one id): a token attends only within its
+        segment and positions restart at 0 in each, so every example computes as it would alone.
         """
-        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
+        vt = getattr(self, "virtual_tokens", None)  # prompt/prefix tuning (lmforge.adapt.virtual) fill a new cache
+        if cache is None and vt is not None and not vt.disabled:
+            if segment_ids is not None:
+                raise ValueError("virtual tokens (prompt/prefix tuning) cannot be used with packed rows")
+            cache = vt.start(self, *input_ids.shape)
+        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, segment_ids=segment_ids)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                      cache: Cache | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, C), after the final norm: what the LM head reads."""
+                      cache: Cache | None = None, segment_ids: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C), after the final norm: what the LM head reads.
+
+        inputs_embeds: (B, T, C) used instead of looking up `input_ids` (whose shape still gives B, T).
+        """
         cfg = self.config
         B, T = input_ids.shape
         device = input_ids.device
@@ -142,8 +162,17 @@ class DecoderLM(nn.Module):
             key_valid = attention_mask if padded else None
         needs_mask = needs_mask and self.has_attention
         mask = build_mask(key_valid, start, T, L, window, device) if needs_mask else None
+        if segment_ids is not None:  # packed examples: block-diagonal causal mask, positions per segment
+            if cache is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be used with a KV cache")
+            idx = torch.arange(T, device=device).expand(B, T)
+            first = torch.ones_like(segment_ids, dtype=torch.bool)
+            first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            positions = idx - torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
+            mask = same & (build_mask(None, 0, T, T, window, device) if mask is None else mask)
 
-        x = self.tok_emb(input_ids)  # (B, T, C)
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.drop(x)
@@ -151,7 +180,10 @@ class DecoderLM(nn.Module):
         ctx = MixerContext(positions, rope, mask, attention_mask if padded else None, start)
         if cache is None:
             for block in self.blocks:
-                x = block(x, ctx)
+                if self.activation_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, ctx, use_reentrant=False)
+                else:
+                    x = block(x, ctx)
         else:
             for block, state in zip(self.blocks, cache.layers):
                 x = block(x, ctx, state)
@@ -221,6 +253,11 @@ class DecoderLM(nn.Module):
         p = self.tok_emb.weight
         if dtype is None:
             dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-        max_len = min(max_len or self.config.block_size, self.config.block_size)
+        vt = getattr(self, "virtual_tokens", None)
+        vt = vt if vt is not None and not vt.disabled else None
+        max_len = min((max_len or self.config.block_size) + (vt.n if vt else 0), self.config.block_size)
         states = [b.token_mixer.new_state(batch_size, max_len, dtype, p.device) for b in self.blocks]
-        return Cache(states, batch_size, max_len, p.device)
+        cache = Cache(states, batch_size, max_len, p.device)
+        if vt is not None:
+            vt.fill(self, cache)
+        return cache
