@@ -370,3 +370,13 @@ def test_smollm2_answers_paris_and_matches_generate():
         prompt = "The three primary colors are"
         got = c.completions.create(model="smollm2", prompt=prompt, max_tokens=24, temperature=0).choices[0].text
         assert got == smol.generate(prompt, max_new_tokens=24, temperature=0)
+
+
+def test_lmforge_serve_is_callable_and_the_package(llm, monkeypatch):
+    import lmforge.serve.server as server_mod
+
+    seen = {}
+    monkeypatch.setattr(server_mod, "serve", lambda *a, **k: seen.update(args=a, kwargs=k))
+    lmforge.serve(llm, "127.0.0.1", 8123, api_key="k")  # what a user calls: blocks until shut down normally
+    assert seen == {"args": (llm, "127.0.0.1", 8123), "kwargs": {"api_key": "k"}}
+    assert lmforge.serve.ServerThread is ServerThread
