@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
+from lmforge.errors import ConfigError
 from lmforge.models.cache import Cache
 from lmforge.models.layers import Rotary, make_norm
 from lmforge.models.mixers import MixerContext, channel_mixers, token_mixers
@@ -137,8 +138,15 @@ class DecoderLM(nn.Module):
         device = input_ids.device
         start = cache.length if cache is not None else 0
         if start + T > (cache.max_len if cache is not None else cfg.block_size):
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {cfg.block_size} "
-                             "(or the cache's capacity)")
+            limit = cache.max_len if cache is not None else cfg.block_size
+            why = ""
+            if cfg.attention.sliding_window and self.has_attention:
+                why = (f"; the sliding window ({cfg.attention.sliding_window}) limits what a token sees, "
+                       "not how long a sequence may be")
+            elif not self.has_attention and self.rotary is None and self.pos_emb is None:
+                why = "; this model has no position limit: raise block_size (e.g. replace(block_size=...))"
+            raise ConfigError(f"sequence of {start + T} tokens exceeds the context of {cfg.block_size} "
+                              f"(or the cache's capacity, {limit}){why}")
         # positions: (B, T). Left padding shifts each row so its first real token has position 0.
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.bool)
