@@ -17,6 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -284,7 +285,7 @@ def moe_vs_dense(out: str | Path, steps: int = 150, batch: int = 8, seq_len: int
     return res
 
 
-def bench(what: str = "complexity", out: str = "bench/results", quick: bool = False,
+def bench(what: Literal["complexity", "moe"], out: str = "bench/results", quick: bool = False,
           d_model: int = 256, n_layer: int = 4) -> None:
     """Measure the block families (seed 002's Table 1) or MoE routing overhead; table, JSON and plots.
 
@@ -294,7 +295,7 @@ def bench(what: str = "complexity", out: str = "bench/results", quick: bool = Fa
         out: folder for complexity.json / complexity.png / complexity.md.
         quick: fewer lengths (256..1024 training, 512..2048 decode), for a smoke run.
         d_model: model width of every family.
-        n_layer: transformer layers (Mamba gets twice as many, to match parameters).
+        n_layer: transformer layers (Mamba gets 2.5x as many, to match parameters).
     """
     from lmforge.errors import ConfigError
     if what == "moe":
