@@ -207,14 +207,18 @@ class LLM:
         """Reply to a conversation, rendered with the tokenizer's chat template (ChatML if it has none).
 
         messages: [{"role": "system" | "user" | "assistant", "content": "..."}, ...]
+        Other keyword arguments are `generate`'s (sampling, beam search, `draft`, `prompt_lookup`).
         """
         tok = self._need_tokenizer()
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
+        draft = self._draft_model(kwargs.pop("draft", None))
+        if kwargs.get("prompt_lookup") is True:
+            kwargs["prompt_lookup"] = 3
         gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, **kwargs).validate()
         if stream:
-            return self._stream([ids], gen, chat=True)
-        out = self._complete([ids], gen, single=True, chat=True)
+            return self._stream([ids], gen, chat=True, draft=draft)
+        out = self._complete([ids], gen, single=True, chat=True, draft=draft)
         return [t.strip() for t in out] if isinstance(out, list) else out.strip()
 
     # ---- persistence ---------------------------------------------------------------------------
