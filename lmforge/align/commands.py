@@ -18,7 +18,7 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -181,7 +181,8 @@ def _reward_fn(recipe, tok):
     return TokenCountReward(ids[0])
 
 
-def align(config: str | None = None, method: str | None = None, set_: list[str] | None = None,
+def align(config: str | None = None,
+          method: Literal["dpo", "ipo", "simpo", "orpo", "reward", "ppo"] | None = None, set_: list[str] | None = None,
           resume: str = "none") -> int:
     """Align a model with preferences: DPO, IPO, SimPO, ORPO, a Bradley-Terry reward model, or PPO.
 
