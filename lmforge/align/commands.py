@@ -217,7 +217,7 @@ def align(config: str | None = None,
           + (f", {run.info['trainable']:,} trainable" if "trainable" in run.info else ""), file=sys.stderr)
     before = run.trainer.evaluate() if resume in (None, "", "none") else {}
     result = run.trainer.fit(resume=resume)
-    if result.exit_code:
+    if result.exit_code or not run.dist.is_main:  # under torchrun, rank 0 alone reports
         return result.exit_code
     report: dict[str, Any] = {"method": recipe.align.method, "step": result.step, "stopped": result.stopped,
                               "val_before": before, "val": result.val}
