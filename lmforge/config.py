@@ -28,6 +28,7 @@ class AttentionConfig:
     out_bias: bool = True
     sliding_window: int | None = None  # Mistral: each query sees at most this many keys (itself included)
     dropout: float = 0.0
+    causal: bool = True  # False: bidirectional (BERT-style encoders), padding masked
 
 
 @dataclass
@@ -61,6 +62,15 @@ class PositionConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    """Input-embedding extras of BERT-style encoders: segment (token-type) table, norm, position offset."""
+
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0: none
+    norm: bool = False  # a norm on the summed embeddings (BERT, RoBERTa)
+    position_offset: int = 0  # first position id; RoBERTa counts from padding_idx + 1 = 2
+
+
+@dataclass
 class Config:
     """A decoder-only language model, fully described.
 
@@ -78,7 +88,12 @@ class Config:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     parallel_residual: bool = False  # Falcon/GPT-J: x + attn(ln(x)) + mlp(ln(x)), one shared norm
+    # What sits on the final hidden states (lmforge/models/heads.py): "linear" (the LM head), "mlm"
+    # (BERT's dense + act + norm before the output layer) or "none" (the model returns hidden states).
+    head: Literal["linear", "mlm", "none"] = "linear"
+    pooler: bool = False  # BERT's pooler (dense + tanh on the first token), kept for interop
     tie_embeddings: bool = True
     lm_head_bias: bool = False
     embed_dropout: float = 0.0  # on token (+ position) embeddings
@@ -133,6 +148,12 @@ class Config:
              f"position.kind must be 'learned', 'rope' or 'none', got {self.position.kind!r}")
         need(not (self.parallel_residual and self.norm.placement == "post"),
              "parallel_residual needs norm.placement='pre'")
+        need(self.head in ("linear", "mlm", "none"), f"head must be 'linear', 'mlm' or 'none', got {self.head!r}")
+        e = self.embedding
+        need(e.type_vocab_size >= 0 and e.position_offset >= 0,
+             "embedding.type_vocab_size and embedding.position_offset must be >= 0")
+        need(e.position_offset == 0 or self.position.kind == "learned",
+             "embedding.position_offset needs learned positions")
         for f in ("embed_dropout", "resid_dropout"):
             need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
         return self
@@ -177,7 +198,8 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
     return cls(**kwargs)
 
 
-_SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig}
+_SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig,
+               "embedding": EmbeddingConfig}
 
 
 # ================================================================================================
@@ -307,6 +329,13 @@ PRESETS: dict[str, Any] = {
     "qwen2-0.5b": _qwen2_0_5b,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }
+
+
+# Encoder presets live in their own table (BERT, RoBERTa, MiniLM); imported here so that one
+# `get_preset` serves every family.
+from lmforge.encoder_presets import ENCODER_PRESETS  # noqa: E402
+
+PRESETS.update(ENCODER_PRESETS)
 
 
 def list_presets() -> list[str]:

@@ -13,8 +13,16 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.models.attention import Attention, KVCache, build_mask
+from lmforge.models.attention import Attention, KVCache, Unpadded, build_mask
+from lmforge.models.heads import Pooler, build_lm_head, output_layer
 from lmforge.models.layers import MLP, Rotary, make_norm
+
+
+def tied_key(cfg: Config) -> str | None:
+    """State-dict key of the LM head's output weight when it is the token embedding, else None."""
+    if not cfg.tie_embeddings or cfg.head == "none":
+        return None
+    return "lm_head.decoder.weight" if cfg.head == "mlm" else "lm_head.weight"
 
 
 class Block(nn.Module):
@@ -42,7 +50,12 @@ class Block(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """A causal language model. `model(input_ids)` maps (B, T) token ids to (B, T, vocab) logits."""
+    """A causal language model. `model(input_ids)` maps (B, T) token ids to (B, T, vocab) logits.
+
+    With `attention.causal=False` the same blocks form a bidirectional encoder (BERT, RoBERTa): padding
+    is masked, token types are embedded, and `cfg.head` picks the LM head, BERT's MLM head or none (then
+    `model(input_ids)` returns the hidden states).
+    """
 
     def __init__(self, cfg: Config, init_weights: bool = True):
         super().__init__()
@@ -50,14 +63,28 @@ class DecoderLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position.kind == "learned" else None
         self.rotary = Rotary(cfg) if cfg.position.kind == "rope" else None
+        types = cfg.embedding.type_vocab_size
+        self.type_emb = nn.Embedding(types, cfg.d_model) if types else None  # BERT segment A/B
+        self.emb_norm = make_norm(cfg) if cfg.embedding.norm else None
         self.drop = nn.Dropout(cfg.embed_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm.placement == "pre" else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        self.lm_head = build_lm_head(cfg)
+        self.pooler = Pooler(cfg) if cfg.pooler else None
+        self.tie_weights()
         if init_weights and cfg.init == "gpt2":  # skipped when weights are about to be loaded
             self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the LM head's output layer when the config ties them."""
+        out = output_layer(self.lm_head)
+        if self.config.tie_embeddings and out is not None:
+            out.weight = self.tok_emb.weight
+
+    @property
+    def tied_key(self) -> str | None:
+        """State-dict key of the output weight that is the token embedding (None when untied)."""
+        return tied_key(self.config)
 
     def _init_weights(self, m: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections back into the residual stream get 1/sqrt(2L)
@@ -72,26 +99,32 @@ class DecoderLM(nn.Module):
             nn.init.normal_(m.weight, std=std)
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, logits_to_keep: int = 0,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions when > 0.
 
-        attention_mask: (B, T), 1 for real tokens and 0 for left padding. With a `cache`, the tokens
-        continue what the cache holds, and the cache advances by T.
+        attention_mask: (B, T), 1 for real tokens and 0 for padding (left padding for a decoder). With a
+        `cache`, the tokens continue what the cache holds, and the cache advances by T. A model with
+        `head="none"` (a sentence encoder) returns its hidden states (B, T, C) instead of logits.
         """
-        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
+        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache,
+                               token_type_ids=token_type_ids)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(x)
+        return x if self.lm_head is None else self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), after the final norm: what the LM head reads."""
         cfg = self.config
         B, T = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
-        if start + T > (cache.max_len if cache is not None else cfg.block_size):
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {cfg.block_size} "
+        if cache is not None and not cfg.attention.causal:
+            raise ValueError("a bidirectional encoder has no KV cache: it reads its whole input at once")
+        limit = cache.max_len if cache is not None else cfg.block_size - cfg.embedding.position_offset
+        if start + T > limit:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit} "
                              "(or the cache's capacity)")
         # positions: (B, T). Left padding shifts each row so its first real token has position 0.
         if attention_mask is not None:
@@ -100,7 +133,7 @@ class DecoderLM(nn.Module):
         else:
             offsets = torch.arange(T, device=device).expand(B, T)
         base = cache.next_pos.unsqueeze(1) if cache is not None else 0
-        positions = (base + offsets).clamp(min=0)
+        positions = (base + offsets).clamp(min=0) + cfg.embedding.position_offset
 
         # mask: None whenever SDPA's built-in causal mask (or no mask for one query) is exact
         window = cfg.attention.sliding_window
@@ -114,15 +147,27 @@ class DecoderLM(nn.Module):
             padded = attention_mask is not None and not attention_mask.all()
             needs_mask = padded or (window is not None and T > window)
             key_valid = attention_mask if padded else None
-        mask = build_mask(key_valid, start, T, L, window, device) if needs_mask else None
+        mask = build_mask(key_valid, start, T, L, window, device) if needs_mask and cfg.attention.causal else None
+        unpadded = None
+        if not cfg.attention.causal and attention_mask is not None and not attention_mask.all():
+            # bidirectional: every query sees every real key; padding is left out of the computation
+            mask = unpadded = Unpadded(attention_mask)
 
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
+        if self.type_emb is not None:
+            x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         x = self.drop(x)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        if unpadded is not None:
+            x = unpadded.pack(x)  # (1, N, C); attention unpacks its Q/K/V (and rotates them) per row
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, i)
+        if unpadded is not None:
+            x = unpadded.unpack(x)  # (B, T, C), zeros at padding
         if cache is not None:
             cache.length = L
             cache.next_pos += attention_mask.sum(1) if attention_mask is not None else T
