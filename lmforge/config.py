@@ -15,6 +15,9 @@ from lmforge.errors import ConfigError
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
+# Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
+TOKEN_MIXERS = ("attention",)
+CHANNEL_MIXERS = ("mlp", "moe", "none")
 
 
 @dataclass
@@ -38,6 +41,20 @@ class MLPConfig:
     hidden: int = 3072
     activation: Activation = "gelu"
     bias: bool = True
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts (channel mixer "moe"): experts, routing, capacity and auxiliary losses."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    hidden: int | None = None  # each expert's width; None: mlp.hidden (activation and gating from `mlp`)
+    n_shared: int = 0  # always-on shared experts (DeepSeekMoE)
+    capacity_factor: float | None = None  # None: no capacity limit, nothing dropped
+    normalize_topk: bool = True  # renormalise the top-k gates to sum 1 (Mixtral)
+    aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch Transformer uses 0.01)
+    z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE uses 0.001)
 
 
 @dataclass
@@ -89,6 +106,11 @@ class Config:
     norm: NormConfig = field(default_factory=NormConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    # Every layer is "token_mixer+channel_mixer" (see lmforge.models.mixers): `block` for all layers,
+    # `layers` (n_layer entries) per layer; an entry without "+channel" takes `block`'s channel mixer.
+    block: str = "attention+mlp"
+    layers: list[str] | None = None
     parallel_residual: bool = False  # Falcon/GPT-J: x + attn(ln(x)) + mlp(ln(x)), one shared norm
     # What sits on the final hidden states (lmforge/models/heads.py): "linear" (the LM head), "mlm"
     # (BERT's dense + act + norm before the output layer) or "none" (the model returns hidden states).
@@ -116,6 +138,19 @@ class Config:
     @property
     def head_dim(self) -> int:
         return self.attention.head_dim or self.d_model // self.attention.n_head
+
+    def layer_mixers(self) -> list[tuple[str, str]]:
+        """(token mixer, channel mixer) of every layer, from `block` and `layers`."""
+        default_token, _, default_channel = self.block.partition("+")
+        out = []
+        for spec in self.layers if self.layers is not None else [self.block] * self.n_layer:
+            token, plus, channel = str(spec).partition("+")
+            out.append((token, channel if plus else default_channel or "mlp"))
+        return out
+
+    def uses(self, mixer: str) -> bool:
+        """Whether any layer uses this token or channel mixer."""
+        return any(mixer in pair for pair in self.layer_mixers())
 
     # ---- validation and (de)serialisation -----------------------------------------------------
     def validate(self) -> Config:
@@ -154,6 +189,25 @@ class Config:
              "embedding.type_vocab_size and embedding.position_offset must be >= 0")
         need(e.position_offset == 0 or self.position.kind == "learned",
              "embedding.position_offset needs learned positions")
+        need(self.layers is None or (isinstance(self.layers, list) and len(self.layers) == self.n_layer),
+             f"layers must list one block per layer (n_layer={self.n_layer}), got {self.layers!r}")
+        for i, (token, channel) in enumerate(self.layer_mixers()):
+            where = f"layers[{i}]" if self.layers is not None else "block"
+            need(token in TOKEN_MIXERS, f"{where}: unknown token mixer {token!r}; valid: {', '.join(TOKEN_MIXERS)} "
+                 "(a block is written 'token+channel', e.g. 'attention+mlp')")
+            need(channel in CHANNEL_MIXERS,
+                 f"{where}: unknown channel mixer {channel!r}; valid: {', '.join(CHANNEL_MIXERS)}")
+        need(not (self.parallel_residual and any(c == "none" for _, c in self.layer_mixers())),
+             "parallel_residual needs a channel mixer in every layer")
+        if self.uses("moe"):
+            m = self.moe
+            need(isinstance(m.n_experts, int) and m.n_experts > 0, f"moe.n_experts must be positive, got {m.n_experts}")
+            need(isinstance(m.top_k, int) and 0 < m.top_k <= m.n_experts,
+                 f"moe.top_k must be in 1..moe.n_experts ({m.n_experts}), got {m.top_k}")
+            need(m.hidden is None or m.hidden > 0, "moe.hidden must be positive")
+            need(m.n_shared >= 0, "moe.n_shared must be >= 0")
+            need(m.capacity_factor is None or m.capacity_factor > 0,
+                 f"moe.capacity_factor must be positive (or null for no limit), got {m.capacity_factor}")
         for f in ("embed_dropout", "resid_dropout"):
             need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
         return self
@@ -199,7 +253,7 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
 
 
 _SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig,
-               "embedding": EmbeddingConfig}
+               "embedding": EmbeddingConfig, "moe": MoEConfig}
 
 
 # ================================================================================================
@@ -293,6 +347,26 @@ def _qwen2_0_5b() -> Config:
                        ffn=4864, theta=1000000.0, eps=1e-6, tied=True, qkv_bias=True)
 
 
+def _mixtral_8x7b() -> Config:
+    # Jiang et al. 2024, "Mixtral of Experts", Table 1, and mistralai/Mixtral-8x7B-v0.1 config.json:
+    # dim 4096, 32 layers, 32 heads (8 KV), head_dim 128, 8 experts of SwiGLU width 14336, top-2,
+    # context 32768, RoPE theta 1e6, vocab 32000, untied. 46.7B parameters, 12.9B active per token.
+    c = _llama_like("mixtral-8x7b", "mixtral", vocab=32000, ctx=32768, d=4096, layers=32, heads=32, kv=8,
+                    ffn=14336, theta=1e6, eps=1e-5, tied=False)
+    c.block, c.moe = "attention+moe", MoEConfig(n_experts=8, top_k=2, aux_loss_coef=0.02)
+    c.bos_id, c.eos_id = 1, 2
+    return c
+
+
+def _tiny_moe() -> Config:
+    # Mixtral's block at test size: 4 experts of width 64, top-2, no capacity limit (so cached decoding
+    # equals the full pass; dropping is tested by setting moe.capacity_factor).
+    c = _llama_like("tiny-moe", "mixtral", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=2, ffn=64,
+                    theta=1e6, eps=1e-5, tied=False)
+    c.block, c.moe = "attention+moe", MoEConfig(n_experts=4, top_k=2)
+    return c
+
+
 def _tiny(family: str) -> Config:
     """A few-thousand-parameter model of each family, for tests: same code paths, tiny shapes."""
     base = {
@@ -327,6 +401,8 @@ PRESETS: dict[str, Any] = {
     "mistral-7b": _mistral_7b,
     "falcon-7b": _falcon_7b,
     "qwen2-0.5b": _qwen2_0_5b,
+    "mixtral-8x7b": _mixtral_8x7b,
+    "tiny-moe": _tiny_moe,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }
 

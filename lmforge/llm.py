@@ -199,13 +199,19 @@ class LLM:
     def save(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
         """Write a model folder: config.json, model.safetensors, tokenizer files, lmforge.json.
 
+        A model with adapters (`lmforge.adapt`) is written as its base weights plus adapter_config.json and
+        adapter_model.safetensors (peft's format); `lmforge.load` puts the adapter back on.
+
         Families with a `transformers` layout (GPT-2, Llama, Mistral, Qwen2) are written in it, so
         `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads them too. The write is atomic.
         """
+        from lmforge.adapt import base_state_dict, has_adapters, save_adapter
+
         cfg = self.config
         dt = resolve_dtype(dtype)
-        sd = {k: (v.to(dt) if dt and v.is_floating_point() else v).detach().cpu()
-              for k, v in self.model.state_dict().items()}
+        adapted = has_adapters(self.model)  # base weights as usual, adapters beside them in peft's format
+        state = base_state_dict(self.model) if adapted else self.model.state_dict()
+        sd = {k: (v.to(dt) if dt and v.is_floating_point() else v).detach().cpu() for k, v in state.items()}
         layout = "hf" if hf.exportable(cfg) is None else "native"
         if layout == "hf":
             tensors, config_json = hf.to_hf_state_dict(cfg, sd), hf.to_hf_config(cfg)
@@ -221,6 +227,8 @@ class LLM:
                                               "weights_layout": layout, "config": cfg.to_dict()})
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
+            if adapted:
+                save_adapter(self.model, tmp)
         return Path(folder)
 
 
@@ -344,6 +352,10 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
     if layout != "hf" and tied_key(cfg):
         sd[tied_key(cfg)] = sd.get("tok_emb.weight")
     model = build(cfg, sd, str(folder), dtype, device, assign=True)
+    if (folder / "adapter_config.json").is_file():  # a fine-tuned model saved as base + adapter
+        from lmforge.adapt import load_adapter
+
+        load_adapter(model, folder)
     tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
     return LLM(model, tok, str(folder))
 

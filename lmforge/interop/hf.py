@@ -16,9 +16,9 @@ from lmforge.errors import ConfigError, FormatError
 from lmforge.interop import hf_encoders
 from lmforge.interop.hf_encoders import ENCODER_FAMILIES
 
-HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral")
 _ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-         "qwen2": "Qwen2ForCausalLM"}
+         "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
              "gelu_fast": "gelu_tanh"}
 
@@ -31,6 +31,13 @@ def exportable(cfg: Config) -> str | None:
         return f"family {cfg.family!r} has no transformers layout (supported: {', '.join(HF_FAMILIES)})"
     if cfg.parallel_residual or cfg.norm.placement != "pre" or cfg.lm_head_bias:
         return "transformers' layout needs pre-norm, sequential blocks and no LM-head bias"
+    block = ("attention", "moe" if cfg.family == "mixtral" else "mlp")
+    if cfg.layer_mixers() != [block] * cfg.n_layer:
+        return f"transformers' {cfg.family} layout has '{'+'.join(block)}' in every layer"
+    m = cfg.moe
+    if cfg.family == "mixtral" and (m.n_shared or m.capacity_factor is not None or not m.normalize_topk
+                                    or m.hidden not in (None, cfg.mlp.hidden)):
+        return "transformers' Mixtral has no shared experts, no capacity limit and renormalised top-k gates"
     if cfg.family == "gpt2":
         ok = (cfg.position.kind == "learned" and cfg.norm.kind == "layernorm" and cfg.norm.bias
               and cfg.n_kv_head == cfg.n_head and cfg.attention.qkv_bias and cfg.attention.out_bias
@@ -43,8 +50,10 @@ def exportable(cfg: Config) -> str | None:
         ok = ok and (cfg.attention.qkv_bias is False or cfg.family == "llama")
     if cfg.family == "qwen2":
         ok = ok and cfg.attention.qkv_bias
-    if cfg.family == "llama":
+    if cfg.family in ("llama", "mixtral"):
         ok = ok and cfg.attention.sliding_window is None
+    if cfg.family == "mixtral":
+        ok = ok and not cfg.attention.qkv_bias
     return None if ok else f"this config differs from the {cfg.family} block (positions, norm, MLP or biases)"
 
 
@@ -77,6 +86,9 @@ def to_hf_config(cfg: Config) -> dict[str, Any]:
         d.update(sliding_window=cfg.attention.sliding_window)
     elif cfg.family == "qwen2":
         d.update(use_sliding_window=False, sliding_window=None)
+    elif cfg.family == "mixtral":
+        d.update(sliding_window=None, num_local_experts=cfg.moe.n_experts, num_experts_per_tok=cfg.moe.top_k,
+                 router_aux_loss_coef=cfg.moe.aux_loss_coef, output_router_logits=False, router_jitter_noise=0.0)
     return d
 
 
@@ -137,6 +149,13 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> Config:
         )
         if mt == "llama" and d.get("mlp_bias"):
             raise FormatError(f"{source}: mlp_bias=true is not supported")
+        if mt == "mixtral":
+            from lmforge.config import MoEConfig
+            if d.get("sliding_window"):
+                cfg.attention.sliding_window = d["sliding_window"]
+            cfg.block = "attention+moe"
+            cfg.moe = MoEConfig(n_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
+                                aux_loss_coef=float(d.get("router_aux_loss_coef", 0.02)))
     for attr, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "pad_token_id")):
         v = d.get(key)
         setattr(cfg, attr, v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None))
@@ -182,6 +201,13 @@ def to_hf_state_dict(cfg: Config, sd: dict[str, torch.Tensor]) -> dict[str, torc
                 out[h + "self_attn.q_proj.bias"], out[h + "self_attn.k_proj.bias"] = qb, kb
                 out[h + "self_attn.v_proj.bias"] = vb
             out[h + "self_attn.o_proj.weight"] = sd[p + "attn.proj.weight"]
+            if cfg.family == "mixtral":  # on disk: one (w1 gate, w3 up, w2 down) triple per expert
+                moe = h + "block_sparse_moe."
+                out[moe + "gate.weight"] = sd[p + "moe.router.weight"]
+                for j, (fc, proj) in enumerate(zip(sd[p + "moe.w_fc"], sd[p + "moe.w_proj"])):
+                    out[moe + f"experts.{j}.w1.weight"], out[moe + f"experts.{j}.w3.weight"] = fc.chunk(2)
+                    out[moe + f"experts.{j}.w2.weight"] = proj
+                continue
             gate, up = sd[p + "mlp.fc.weight"].chunk(2)
             out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
             out[h + "mlp.down_proj.weight"] = sd[p + "mlp.proj.weight"]
@@ -217,7 +243,7 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "
                 sd[p + ours + ".weight"] = take(h + theirs + ".weight").t()
                 sd[p + ours + ".bias"] = take(h + theirs + ".bias")
         sd["norm_f.weight"], sd["norm_f.bias"] = take("transformer.ln_f.weight"), take("transformer.ln_f.bias")
-    elif cfg.family in ("llama", "mistral", "qwen2"):
+    elif cfg.family in ("llama", "mistral", "qwen2", "mixtral"):
         sd["tok_emb.weight"] = take("model.embed_tokens.weight")
         for i in range(cfg.n_layer):
             p, h = f"blocks.{i}.", f"model.layers.{i}."
@@ -227,6 +253,9 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "
             if cfg.attention.qkv_bias:
                 sd[p + "attn.qkv.bias"] = torch.cat([take(h + f"self_attn.{x}_proj.bias") for x in "qkv"])
             sd[p + "attn.proj.weight"] = take(h + "self_attn.o_proj.weight")
+            if cfg.family == "mixtral":
+                sd.update(_mixtral_experts(cfg, hf, take, p, h))
+                continue
             sd[p + "mlp.fc.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
             sd[p + "mlp.proj.weight"] = take(h + "mlp.down_proj.weight")
         sd["norm_f.weight"] = take("model.norm.weight")
@@ -234,3 +263,17 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "
         raise FormatError(f"{source}: family {cfg.family!r} has no transformers key map")
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else take("lm_head.weight")
     return sd
+
+
+def _mixtral_experts(cfg: Config, hf: dict[str, torch.Tensor], take, p: str, h: str) -> dict[str, torch.Tensor]:
+    """One Mixtral layer's router and experts: per-expert w1/w3/w2 (the on-disk layout) or, as
+    `transformers` 5 keeps them in memory, `mlp.experts.gate_up_proj` / `down_proj` (already ours)."""
+    if any(k.endswith(h + "mlp.experts.gate_up_proj") for k in hf):
+        return {p + "moe.router.weight": take(h + "mlp.gate.weight"),
+                p + "moe.w_fc": take(h + "mlp.experts.gate_up_proj"),
+                p + "moe.w_proj": take(h + "mlp.experts.down_proj")}
+    moe = h + "block_sparse_moe."
+    E = cfg.moe.n_experts
+    fc = [torch.cat([take(moe + f"experts.{j}.w1.weight"), take(moe + f"experts.{j}.w3.weight")]) for j in range(E)]
+    return {p + "moe.router.weight": take(moe + "gate.weight"), p + "moe.w_fc": torch.stack(fc),
+            p + "moe.w_proj": torch.stack([take(moe + f"experts.{j}.w2.weight") for j in range(E)])}

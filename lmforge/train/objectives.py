@@ -48,6 +48,27 @@ class Objective:
         return int(batch["input_ids"].numel())
 
 
+def add_aux_loss(model: nn.Module, loss: torch.Tensor, stats: dict[str, torch.Tensor], weight: float = 1.0
+                 ) -> torch.Tensor:
+    """`loss` plus the model's auxiliary loss from its last forward (MoE load balancing + router z-loss).
+
+    Any objective calls this right after its forward pass; a model without one (no MoE layer) returns
+    `loss` unchanged. Adds summable stats `aux_loss` (x weight) and `moe_dropped` (assignments over capacity).
+    """
+    inner = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    inner = getattr(inner, "module", inner)  # DistributedDataParallel wrapper
+    fn = getattr(inner, "aux_loss", None)
+    aux = fn() if callable(fn) else None
+    if aux is None:
+        return loss
+    stats["aux_loss"] = aux.detach().double() * weight
+    stats["aux_batches"] = torch.tensor(weight, dtype=torch.float64)
+    dropped = inner.moe_stats().get("dropped")
+    if dropped is not None:
+        stats["moe_dropped"] = dropped.double()
+    return loss + aux.to(loss.dtype)
+
+
 class CausalLM(Objective):
     """Next-token cross-entropy.
 
@@ -97,7 +118,7 @@ class CausalLM(Objective):
             correct = ((logits.argmax(-1) == labels) & counted).sum()
         stats = {"nll": total.detach().double(), "tokens": n_tok.double(), "correct": correct.double(),
                  "sequences": torch.tensor(float(B), dtype=torch.float64)}
-        return loss, stats
+        return add_aux_loss(model, loss, stats), stats
 
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         """loss (as trained), nll_per_token, ppl, acc."""
@@ -107,14 +128,24 @@ class CausalLM(Objective):
                "nll_per_token": per_tok, "ppl": math.exp(min(per_tok, 700.0)), "acc": totals["correct"] / tokens}
         if self.reduction == "sequence_sum":
             out["nll_per_sequence"] = out["loss"]
+        if totals.get("aux_batches"):  # MoE: mean auxiliary loss per batch, dropped assignments in total
+            out["aux_loss"] = totals["aux_loss"] / totals["aux_batches"]
+            out["moe_dropped"] = totals.get("moe_dropped", 0.0)
         return out
 
 
-OBJECTIVES = {"causal_lm": CausalLM}
+# name -> the class, or "module:Class" for objectives defined above `train` (align's), imported when used
+OBJECTIVES: dict[str, type[Objective] | str] = {"causal_lm": CausalLM}
 
 
 def build_objective(name: str, **kwargs) -> Objective:
     """An objective by name (`causal_lm`), with its keyword options."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](**kwargs)
+    cls = OBJECTIVES[name]
+    if isinstance(cls, str):
+        import importlib
+
+        module, _, attr = cls.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    return cls(**kwargs)

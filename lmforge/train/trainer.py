@@ -65,7 +65,7 @@ class TrainConfig:
     device: str = "cpu"
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured once by a matmul benchmark and cached
     progress: bool = True  # tqdm progress bar
-    objective: Literal["causal_lm"] = "causal_lm"
+    objective: str = "causal_lm"  # a name in lmforge.train.objectives.OBJECTIVES
     loss_reduction: Literal["token_mean", "sequence_sum"] = "token_mean"
     mask_padding: bool = True  # ignore padding targets (pad after pad) in the loss
 
