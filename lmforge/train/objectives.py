@@ -135,7 +135,8 @@ class CausalLM(Objective):
 
 
 # name -> the class, or "module:Class" for objectives defined above `train` (align's), imported when used
-OBJECTIVES: dict[str, type[Objective] | str] = {"causal_lm": CausalLM}
+OBJECTIVES: dict[str, type[Objective] | str] = {"causal_lm": CausalLM,
+                                                "masked_lm": "lmforge.train.masked:MaskedLM"}
 
 
 def build_objective(name: str, **kwargs) -> Objective:
@@ -148,4 +149,7 @@ def build_objective(name: str, **kwargs) -> Objective:
 
         module, _, attr = cls.partition(":")
         cls = getattr(importlib.import_module(module), attr)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # an option the objective does not take (train.objective_args)
+        raise ValueError(f"objective {name!r}: {e}; check train.objective_args") from None
