@@ -28,11 +28,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("lmforge.tokenizers.commands:train_tokenizer", "train a tokenizer on a corpus"),
     "prepare": ("lmforge.data.commands:prepare", "tokenize a corpus into memory-mapped token shards"),
     "pretrain": ("lmforge.train.commands:pretrain", "pre-train a model from a YAML recipe"),
+    "finetune": ("lmforge.train.finetune:finetune",
+                 "fine-tune a pretrained model on instructions: full, LoRA, DoRA, QLoRA, adapters, prefix/prompt"),
     "generate": ("lmforge.infer.commands:generate", "continue a prompt with a model"),
     "chat": ("lmforge.infer.commands:chat", "chat with a model (its chat template), one turn or interactively"),
     "convert": ("lmforge.interop.commands:convert", "convert a model between lmforge, Hugging Face and GGUF"),
     "eval": ("lmforge.evaluate.commands:eval_", "evaluate a model (perplexity, bits per byte)"),
     "embed": ("lmforge.infer.embed:embed", "sentence embeddings from an encoder (MiniLM), to .npy or JSONL"),
+    "bench": ("lmforge.evaluate.complexity:bench",
+              "measure block families' time/memory growth (complexity) or MoE routing overhead (moe)"),
+    "align": ("lmforge.align.commands:align", "align with preferences: DPO, IPO, SimPO, ORPO, reward model, PPO"),
+    "prune": ("lmforge.compress.commands:prune", "prune a model (magnitude, 2:4, attention heads, MLP channels)"),
+    "distill": ("lmforge.compress.commands:distill", "distill a teacher into a smaller student of its tokenizer"),
+    "merge": ("lmforge.adapt.merging:merge", "merge fine-tunes of one base (average, task arithmetic, TIES, DARE)"),
+    "serve": ("lmforge.serve.commands:serve", "serve a model: OpenAI-compatible HTTP API and a chat page"),
 }
 
 

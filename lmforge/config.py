@@ -16,7 +16,7 @@ from lmforge.errors import ConfigError
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
 # Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention",)
+TOKEN_MIXERS = ("attention", "mamba", "linear_attention")
 CHANNEL_MIXERS = ("mlp", "moe", "none")
 
 
@@ -55,6 +55,18 @@ class MoEConfig:
     normalize_topk: bool = True  # renormalise the top-k gates to sum 1 (Mixtral)
     aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch Transformer uses 0.01)
     z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE uses 0.001)
+
+
+@dataclass
+class SSMConfig:
+    """State-space token mixers (Mamba): state size, conv width, expansion, dt rank."""
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # None: ceil(d_model / 16), as Mamba
+    conv_bias: bool = True
+    proj_bias: bool = False
 
 
 @dataclass
@@ -107,6 +119,7 @@ class Config:
     position: PositionConfig = field(default_factory=PositionConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    ssm: SSMConfig = field(default_factory=SSMConfig)
     # Every layer is "token_mixer+channel_mixer" (see lmforge.models.mixers): `block` for all layers,
     # `layers` (n_layer entries) per layer; an entry without "+channel" takes `block`'s channel mixer.
     block: str = "attention+mlp"
@@ -208,6 +221,14 @@ class Config:
             need(m.n_shared >= 0, "moe.n_shared must be >= 0")
             need(m.capacity_factor is None or m.capacity_factor > 0,
                  f"moe.capacity_factor must be positive (or null for no limit), got {m.capacity_factor}")
+        need(not self.uses("linear_attention") or self.n_kv_head == self.n_head,
+             "linear_attention has no grouped KV heads: set attention.n_kv_head = attention.n_head")
+        if self.uses("mamba"):
+            s = self.ssm
+            for f in ("d_state", "d_conv", "expand"):
+                need(isinstance(getattr(s, f), int) and getattr(s, f) > 0, f"ssm.{f} must be a positive integer")
+            need(s.d_conv >= 2, "ssm.d_conv must be >= 2")
+            need(s.dt_rank is None or s.dt_rank > 0, "ssm.dt_rank must be positive")
         for f in ("embed_dropout", "resid_dropout"):
             need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
         return self
@@ -253,7 +274,7 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
 
 
 _SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig,
-               "embedding": EmbeddingConfig, "moe": MoEConfig}
+               "embedding": EmbeddingConfig, "moe": MoEConfig, "ssm": SSMConfig}
 
 
 # ================================================================================================
@@ -367,6 +388,42 @@ def _tiny_moe() -> Config:
     return c
 
 
+def _mamba(name: str, d: int, layers: int, vocab: int, ctx: int) -> Config:
+    # Gu & Dao 2023, "Mamba", and state-spaces/mamba-130m-hf config.json: blocks are RMSNorm -> mixer ->
+    # residual with no MLP, d_state 16, conv 4, expand 2, dt_rank ceil(d/16), no positions, tied head.
+    return Config(name=name, family="mamba", vocab_size=vocab, block_size=ctx, d_model=d, n_layer=layers,
+                  block="mamba+none", norm=NormConfig(kind="rmsnorm", eps=1e-5, bias=False),
+                  position=PositionConfig(kind="none"), tie_embeddings=True, attention=AttentionConfig(n_head=1),
+                  mlp=MLPConfig(hidden=4 * d, activation="silu", bias=False))
+
+
+def _tiny_linear() -> Config:
+    # Katharopoulos et al. 2020: a pre-norm transformer with linear attention (elu + 1 features), no positions.
+    c = _llama_like("tiny-linear", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block, c.position = "linear_attention+mlp", PositionConfig(kind="none")
+    return c
+
+
+def _tiny_mamba() -> Config:
+    c = _mamba("tiny-mamba", 64, 2, 256, 128)
+    c.ssm.d_state = 8  # test size: half of Mamba's 16 keeps the scan cheap on 2 cores
+    return c
+
+
+def _tiny_jamba() -> Config:
+    # Lieber et al. 2024, "Jamba": Mamba and attention layers interleaved (1 attention per 8 layers at
+    # scale), MoE in every other layer's channel mixer, no position encoding (Mamba carries order).
+    # Test size: 4 layers, one of them attention.
+    c = _llama_like("tiny-jamba", "lmforge", vocab=256, ctx=128, d=64, layers=4, heads=4, kv=2, ffn=128,
+                    theta=1e4, eps=1e-6, tied=False)
+    c.position = PositionConfig(kind="none")
+    c.layers = ["mamba+mlp", "mamba+moe", "attention+mlp", "mamba+moe"]
+    c.moe = MoEConfig(n_experts=4, top_k=2, hidden=64)
+    c.ssm = SSMConfig(d_state=8)
+    return c
+
+
 def _tiny(family: str) -> Config:
     """A few-thousand-parameter model of each family, for tests: same code paths, tiny shapes."""
     base = {
@@ -403,6 +460,10 @@ PRESETS: dict[str, Any] = {
     "qwen2-0.5b": _qwen2_0_5b,
     "mixtral-8x7b": _mixtral_8x7b,
     "tiny-moe": _tiny_moe,
+    "mamba-130m": lambda: _mamba("mamba-130m", 768, 24, 50280, 2048),
+    "tiny-jamba": _tiny_jamba,
+    "tiny-linear": _tiny_linear,
+    "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }
 

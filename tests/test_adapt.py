@@ -176,3 +176,152 @@ def test_bad_input_is_named(tmp_path):
     (meta_free / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(FormatError, match="peft_type"):
         load_adapter(other, meta_free)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_base_is_within_the_nf4_codebook_error(double_quant):
+    from lmforge.adapt import apply_qlora
+    from lmforge.quant import NF4_CODE, NF4Linear
+
+    model = _base()
+    orig = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    apply_qlora(model, r=4, alpha=8, target_modules=["q_proj", "down_proj"], blocksize=64, double_quant=double_quant)
+    half_gap = float((NF4_CODE[1:] - NF4_CODE[:-1]).max()) / 2
+    n = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, NF4Linear):
+            continue
+        path = name.removesuffix(".base")
+        w = orig[path].reshape(-1, 64)  # every test layer's size is a multiple of the block
+        true_max = w.abs().amax(1, keepdim=True)
+        stored = m.block_absmax().unsqueeze(1)
+        bound = true_max * half_gap + (stored - true_max).abs() + 1e-6
+        assert ((m.dequantize().reshape(-1, 64) - w).abs() <= bound).all(), name
+        n += 1
+    assert n == 2 * 4  # qkv, proj, fc, proj per block; the LM head stays full precision
+    assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+def test_qlora_trains_only_the_adapters():
+    from lmforge.adapt import apply_qlora
+
+    model = _base().train()
+    apply_qlora(model, r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"])
+
+    def digest():
+        return {k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+                for k, v in model.state_dict().items()}
+
+    before = digest()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(IDS).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    after = digest()
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed and all(".lora_" in k for k in changed)
+    assert any(k.endswith(".codes") for k in before)  # the frozen NF4 tensors were among those hashed
+    assert trainable_parameters(model)["percent"] < 30
+
+
+def test_bottleneck_adapters_start_as_the_base_train_alone_and_round_trip(tmp_path):
+    from lmforge.adapt import BottleneckAdapter, apply_bottleneck_adapters
+
+    model = _base()
+    with torch.no_grad():
+        base_out = model(IDS)
+    apply_bottleneck_adapters(model, r=8)
+    assert sum(isinstance(m, BottleneckAdapter) for m in model.modules()) == 2 * model.config.n_layer
+    with torch.no_grad():
+        assert torch.equal(model(IDS), base_out)  # W_up = 0: exactly the base at the start
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(IDS).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(".adapter_" not in k for k in frozen)
+    with torch.no_grad():
+        trained = model(IDS)
+        with disable_adapters(model):
+            assert torch.equal(model(IDS), base_out)
+    assert (trained - base_out).abs().max().item() > 1e-4
+    LLM(model).save(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m").model(IDS), trained)
+    with pytest.raises(ConfigError, match="cannot be merged"):
+        merge_adapters(model)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_train_alone_and_decode_with_the_cache_as_without(tmp_path, method):
+    from lmforge.adapt import apply_prefix_tuning, apply_prompt_tuning
+
+    model = _base()
+    with torch.no_grad():
+        base_out = model(IDS)
+    (apply_prompt_tuning if method == "prompt" else apply_prefix_tuning)(model, n=5)
+    with torch.no_grad():
+        out = model(IDS)
+        if method == "prompt":  # the same as prepending the embeddings to the input
+            emb = torch.cat([model.virtual_tokens.prompt.expand(2, -1, -1), model.tok_emb(IDS)], 1)
+            ids = torch.zeros(2, 17, dtype=torch.long)
+            ref = model.lm_head(model.hidden_states(ids, inputs_embeds=emb))[:, 5:]
+            assert (out - ref).abs().max().item() < 1e-5
+        cache = model.new_cache(2, max_len=14)
+        model(IDS[:, :10], cache=cache)
+        step = model(IDS[:, 10:11], cache=cache)[:, -1]
+        assert (step - model(IDS[:, :11])[:, -1]).abs().max().item() < 1e-5
+        with disable_adapters(model):
+            assert torch.equal(model(IDS), base_out)
+    assert (out - base_out).abs().max().item() > 1e-4
+    rep = trainable_parameters(model)
+    assert rep["adapter_layers"] == 1 and rep["trainable"] == sum(
+        p.numel() for p in model.virtual_tokens.parameters())
+    model.train()
+    model(IDS).logsumexp(-1).mean().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    model.eval()
+    LLM(model).save(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m").model(IDS), out)
+
+
+def test_adalora_moves_its_rank_budget_by_importance_and_round_trips(tmp_path):
+    from lmforge.adapt import AdaLoRALinear, apply_adalora
+
+    model = _base().train()
+    apply_adalora(model, total_steps=20, r=4, target_r=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                  warmup=2, final=6, interval=2)
+    ctl = model.adalora
+    n_slices = 3 * model.config.n_layer
+    assert [ctl.budget(s, n_slices) for s in (0, 2, 14, 20)] == [24, 24, 12, 12]
+    assert 12 < ctl.budget(5, n_slices) < 24  # the cubic fall in between
+    with torch.no_grad():
+        model.eval()
+        base_out = model(IDS)  # lambda = 0: the base
+        model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        ids = torch.randint(0, 256, (2, 12), generator=g)
+        model(ids).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model(IDS)  # the forward after the last step applies the final budget
+    ranks = ctl.ranks(model)
+    assert int(ctl.step) == 21 and sum(ranks.values()) <= 12 and len(ranks) == n_slices
+    assert all(0 <= r <= 4 for r in ranks.values())
+    layers = [m for m in model.modules() if isinstance(m, AdaLoRALinear)]
+    assert all(float(getattr(m, "ema_E_" + m.slices[0].name).abs().sum()) > 0 for m in layers)  # importance seen
+    model.eval()
+    with torch.no_grad():
+        out = model(IDS)
+        with disable_adapters(model):
+            assert torch.equal(model(IDS), base_out)
+    LLM(model).save(tmp_path / "m")
+    back = load(tmp_path / "m").model
+    with torch.no_grad():
+        assert torch.equal(back(IDS), out)
+    assert int(back.adalora.step) == 21 and back.adalora.ranks(back) == ranks

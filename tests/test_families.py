@@ -17,7 +17,7 @@ from lmforge.models.mixers import channel_mixers, token_mixers
 from lmforge.tokenizers.char import CharTokenizer
 from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
 
-FAMILIES = ["tiny-moe"]
+FAMILIES = ["tiny-moe", "tiny-mamba", "tiny-jamba", "tiny-linear"]
 
 
 def _corpus_tokens(tok, n=20000) -> np.ndarray:
@@ -57,7 +57,7 @@ def test_mixer_registries_match_the_config_names():
 
 def test_unknown_block_type_names_the_valid_ones():
     cfg = get_preset("tiny-llama")
-    with pytest.raises(ConfigError, match="unknown token mixer 'atention'.*valid: attention"):
+    with pytest.raises(ConfigError, match="unknown token mixer .atention..*valid: attention, mamba"):
         cfg.replace(layers=["attention", "atention"])
     with pytest.raises(ConfigError, match="unknown channel mixer 'moee'.*valid: mlp, moe"):
         cfg.replace(block="attention+moee")
@@ -71,3 +71,14 @@ def test_per_layer_pattern_builds_those_mixers():
     assert model.blocks[0].channel_mixer.__class__.__name__ == "MoE"
     assert model.blocks[1].channel_mixer.__class__.__name__ == "MLP"
     assert any(k.startswith("blocks.0.moe.") for k in model.state_dict())
+
+
+def test_linear_attention_chunked_equals_its_definition():
+    from lmforge.models.mixers.linear_attention import feature_map, linear_attention
+    torch.manual_seed(0)
+    q, k, v = feature_map(torch.randn(2, 3, 150, 8)), feature_map(torch.randn(2, 3, 150, 8)), torch.randn(2, 3, 150, 8)
+    y, S, z = linear_attention(q, k, v)
+    a = (q @ k.transpose(-1, -2)).tril()  # the quadratic form, softmax replaced by phi(q).phi(k)
+    ref = (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+    assert (y - ref).abs().max() <= 1e-5
+    assert torch.allclose(S, k.transpose(-1, -2) @ v, atol=1e-4) and torch.allclose(z, k.sum(2), atol=1e-4)

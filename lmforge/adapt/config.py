@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-METHODS = ("full", "lora", "dora", "qlora")
+METHODS = ("full", "lora", "dora", "qlora", "adalora", "adapter", "prefix", "prompt")
 
 
 @dataclass
@@ -19,9 +19,14 @@ class AdapterConfig:
     c_fc, mlp.c_proj), so a peft adapter's target_modules mean the same layers here.
     """
 
-    method: Literal["full", "lora", "dora", "qlora"] = "full"
-    r: int = 8
+    method: Literal["full", "lora", "dora", "qlora", "adalora", "adapter", "prefix", "prompt"] = "full"
+    r: int = 8  # LoRA rank (AdaLoRA: the initial rank); bottleneck size for `adapter`
+    target_r: int | None = None  # adalora: average rank at the end; null: 2/3 of r
+    interval: int = 10  # adalora: steps between rank reallocations
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    num_virtual_tokens: int = 20  # prefix / prompt tuning
+    quant_blocksize: int = 64  # qlora: weights per NF4 absmax block
+    double_quant: bool = True  # qlora: int8-quantise the block scales too (QLoRA section 3)
     path: str | None = None  # start from a saved adapter folder (adapter_config.json + adapter_model.safetensors)

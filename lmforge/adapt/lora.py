@@ -37,6 +37,22 @@ class Slice:
     size: int
 
 
+class _FrozenDequantLinear(torch.autograd.Function):
+    """x @ W^T + b for a frozen quantized base, W rebuilt by `base.dequantize()` in forward and again in
+    backward: autograd would otherwise keep every layer's full-precision W alive until backward, giving back
+    the memory that 4-bit storage saves (QLoRA's point)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        ctx.base = base
+        b = base.bias.to(x.dtype) if base.bias is not None else None
+        return F.linear(x, base.dequantize(x.dtype), b)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.base.dequantize(grad.dtype), None
+
+
 class AdapterLayer(nn.Module):
     """Base of every adapter module swap: holds the original layer as `base`; `disabled` turns it off."""
 
@@ -47,6 +63,10 @@ class AdapterLayer(nn.Module):
         for name, p in self.named_parameters():
             if not name.startswith("base."):
                 yield name, p
+
+    def adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """What is saved with the adapter: its parameters (and state some methods keep in buffers)."""
+        yield from self.adapter_parameters()
 
 
 class LoRALinear(AdapterLayer):
@@ -66,11 +86,15 @@ class LoRALinear(AdapterLayer):
         self.base = base
         self.slices = list(slices)
         self.r, self.alpha, self.scale, self.dora = r, alpha, alpha / r, dora
-        self.in_features, self.out_features = base.weight.shape[1], base.weight.shape[0]
+        self.quantized = callable(getattr(base, "dequantize", None))
+        if self.quantized:  # e.g. NF4Linear: no float weight, `dequantize()` rebuilds it
+            self.in_features, self.out_features = base.in_features, base.out_features
+            ref = base.bias if base.bias is not None else next(iter(base.buffers()))
+            dev, dt = ref.device, base.bias.dtype if base.bias is not None else torch.float32
+        else:
+            self.in_features, self.out_features = base.weight.shape[1], base.weight.shape[0]
+            dev, dt = base.weight.device, base.weight.dtype
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        w = base.weight
-        dev = w.device
-        dt = w.dtype if w.is_floating_point() else torch.float32
         self.lora_A = nn.ModuleDict({s.name: nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dt)
                                      for s in slices})
         self.lora_B = nn.ModuleDict({s.name: nn.Linear(r, s.size, bias=False, device=dev, dtype=dt)
@@ -92,7 +116,7 @@ class LoRALinear(AdapterLayer):
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (code that reads `layer.weight` keeps working after the swap)."""
-        return self.base.weight
+        return self.base_weight() if self.quantized else self.base.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -101,8 +125,7 @@ class LoRALinear(AdapterLayer):
 
     def base_weight(self) -> torch.Tensor:
         """The base layer's weight (out, in) as a float tensor (quantized bases dequantize here)."""
-        deq = getattr(self.base, "dequantize", None)
-        return deq() if callable(deq) else self.base.weight
+        return self.base.dequantize() if self.quantized else self.base.weight
 
     def delta_weight(self, s: Slice) -> torch.Tensor:
         """scale * B A for one slice (size, in)."""
@@ -113,7 +136,7 @@ class LoRALinear(AdapterLayer):
         return torch.linalg.norm(w[s.start:s.start + s.size] + self.delta_weight(s).detach(), dim=1).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., out)
+        y = _FrozenDequantLinear.apply(x, self.base) if self.quantized else self.base(x)  # (..., out)
         if self.disabled or self.merged:
             return y
         xd = self.dropout(x)
@@ -192,9 +215,8 @@ def linear_slices(model: nn.Module) -> dict[str, list[Slice]]:
         if isinstance(mod, LoRALinear):
             out[name] = mod.slices  # already adapted: not twice
             continue
-        if not isinstance(getattr(mod, "weight", None), torch.Tensor) or isinstance(mod, nn.Embedding | AdapterLayer):
-            continue
-        if isinstance(mod, nn.LayerNorm | nn.RMSNorm) or mod.weight.dim() != 2 and not hasattr(mod, "dequantize"):
+        quantized = callable(getattr(mod, "dequantize", None)) and hasattr(mod, "out_features")
+        if not quantized and (not isinstance(mod, nn.Linear) or isinstance(mod, AdapterLayer)):
             continue
         if any(name.startswith(p + ".") for p in out):
             continue
@@ -202,7 +224,7 @@ def linear_slices(model: nn.Module) -> dict[str, list[Slice]]:
         if name == "lm_head":
             out[name] = [Slice("lm_head", "lm_head", 0, cfg.vocab_size)]
         elif m is None:
-            n_out = int(getattr(mod, "out_features", mod.weight.shape[0]))
+            n_out = int(mod.out_features)
             out[name] = [Slice(name.split(".")[-1], name, 0, n_out)]
         else:
             i, part, what = int(m.group(1)), m.group(2), m.group(3)
@@ -217,7 +239,7 @@ def linear_slices(model: nn.Module) -> dict[str, list[Slice]]:
                 out[name] = [Slice("c_proj", attn + "c_proj", 0, cfg.d_model) if gpt2 else
                              Slice("o_proj", attn + "o_proj", 0, cfg.d_model)]
             elif what == "fc":
-                gated = mod.weight.shape[0] == 2 * h
+                gated = mod.out_features == 2 * h
                 out[name] = ([Slice("c_fc", mlp + "c_fc", 0, h)] if gpt2 else
                              [Slice("gate_proj", mlp + "gate_proj", 0, h), Slice("up_proj", mlp + "up_proj", h, h)]
                              if gated else [Slice("up_proj", mlp + "up_proj", 0, h)])
@@ -250,17 +272,9 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules: list[str] | str = ("q_proj", "v_proj"), dora: bool = False) -> nn.Module:
-    """Swap the matching linear layers of `model` for `LoRALinear`s and freeze everything else; in place.
-
-    target_modules: name patterns (see `pattern_matches`); a single string is one regex over full names,
-    as in peft. Raises ConfigError when a pattern matches nothing (naming the layers there are).
-    Returns the model (the same object).
-    """
-    if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
-        raise ConfigError(f"LoRA needs r >= 1, alpha > 0 and dropout in [0, 1); got r={r}, alpha={alpha}, "
-                          f"dropout={dropout}")
+def select_layers(model: nn.Module, target_modules: list[str] | str) -> dict[str, list[Slice]]:
+    """{module path: its slices matching `target_modules`} (see `apply_lora`); ConfigError when a pattern
+    matches nothing, naming the layers there are. Changes nothing."""
     regex = isinstance(target_modules, str)
     patterns = [target_modules] if regex else list(target_modules)
     if not patterns:
@@ -281,13 +295,28 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         some = sorted({s.name for sl in layers.values() for s in sl})
         raise ConfigError(f"LoRA target pattern(s) {unused} match no layer of this {model.config.family} model; "
                           f"its layers are named {', '.join(some)} (or by path, e.g. blocks.0.attn.qkv)")
+    return chosen
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               target_modules: list[str] | str = ("q_proj", "v_proj"), dora: bool = False) -> nn.Module:
+    """Swap the matching linear layers of `model` for `LoRALinear`s and freeze everything else; in place.
+
+    target_modules: name patterns (see `pattern_matches`); a single string is one regex over full names,
+    as in peft. Raises ConfigError when a pattern matches nothing (naming the layers there are).
+    Returns the model (the same object).
+    """
+    if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ConfigError(f"LoRA needs r >= 1, alpha > 0 and dropout in [0, 1); got r={r}, alpha={alpha}, "
+                          f"dropout={dropout}")
+    chosen = select_layers(model, target_modules)
+    for path in chosen:
+        if isinstance(model.get_submodule(path), LoRALinear):
+            raise ConfigError(f"{path} already has an adapter; merge it (merge_adapters) or start from the base")
     for p in model.parameters():
         p.requires_grad_(False)
     for path, slices in chosen.items():
-        mod = model.get_submodule(path)
-        if isinstance(mod, LoRALinear):
-            raise ConfigError(f"{path} already has an adapter; merge it (merge_adapters) or start from the base")
-        _set_module(model, path, LoRALinear(mod, slices, r, alpha, dropout, dora))
+        _set_module(model, path, LoRALinear(model.get_submodule(path), slices, r, alpha, dropout, dora))
     return model
 
 

@@ -51,6 +51,8 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of the base model under its usual keys: adapters left out, merged weights un-merged.
 
     What a plain `DecoderLM` of the same config loads (`LLM.save` writes this beside the adapter files).
+    A quantized base (QLoRA) is written as its dequantized weights: exactly the values it computes with,
+    and quantizing them again gives the same codes.
     """
     sd = model.state_dict()
     for path, layer in adapter_layers(model):
@@ -58,7 +60,12 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for k in [k for k in sd if k.startswith(prefix)]:
             v = sd.pop(k)
             rest = k[len(prefix):]
-            if rest.startswith("base."):
+            if getattr(layer, "quantized", False):  # NF4 codes etc.: the weight they stand for, once
+                if rest == "base.bias":
+                    sd[prefix + "bias"] = v
+                elif prefix + "weight" not in sd:
+                    sd[prefix + "weight"] = layer.base_weight().detach()
+            elif rest.startswith("base."):
                 saved = getattr(layer, "_saved", None)
                 sd[prefix + rest[5:]] = saved if rest == "base.weight" and saved is not None else v
     return sd

@@ -16,8 +16,9 @@ from lmforge.errors import ConfigError, FormatError
 from lmforge.interop import hf_encoders
 from lmforge.interop.hf_encoders import ENCODER_FAMILIES
 
-HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral")
-_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "mamba")
+_ARCH = {"mamba": "MambaForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+         "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
              "gelu_fast": "gelu_tanh"}
@@ -31,6 +32,10 @@ def exportable(cfg: Config) -> str | None:
         return f"family {cfg.family!r} has no transformers layout (supported: {', '.join(HF_FAMILIES)})"
     if cfg.parallel_residual or cfg.norm.placement != "pre" or cfg.lm_head_bias:
         return "transformers' layout needs pre-norm, sequential blocks and no LM-head bias"
+    if cfg.family == "mamba":
+        ok = (cfg.layer_mixers() == [("mamba", "none")] * cfg.n_layer and cfg.norm.kind == "rmsnorm"
+              and cfg.position.kind == "none" and cfg.ssm.conv_bias)
+        return None if ok else "transformers' Mamba is RMSNorm + Mamba mixer in every layer, no positions"
     block = ("attention", "moe" if cfg.family == "mixtral" else "mlp")
     if cfg.layer_mixers() != [block] * cfg.n_layer:
         return f"transformers' {cfg.family} layout has '{'+'.join(block)}' in every layer"
@@ -67,6 +72,13 @@ def to_hf_config(cfg: Config) -> dict[str, Any]:
     common = {"architectures": [_ARCH[cfg.family]], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
               "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
+    if cfg.family == "mamba":
+        s = cfg.ssm
+        return {**common, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "state_size": s.d_state,
+                "conv_kernel": s.d_conv, "expand": s.expand, "intermediate_size": s.expand * cfg.d_model,
+                "time_step_rank": s.dt_rank or -(-cfg.d_model // 16), "use_bias": s.proj_bias,
+                "use_conv_bias": s.conv_bias, "layer_norm_epsilon": cfg.norm.eps, "hidden_act": "silu",
+                "residual_in_fp32": True, "initializer_range": cfg.init_std}
     if cfg.family == "gpt2":
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.mlp.activation]
         return {**common, "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.d_model,
@@ -110,7 +122,22 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> Config:
         return default
 
     name = d.get("_name_or_path") or mt
-    if mt == "gpt2":
+    if mt == "mamba":
+        from lmforge.config import SSMConfig
+        hidden, expand = get("hidden_size"), get("expand", default=2)
+        if get("intermediate_size", default=expand * hidden) != expand * hidden:
+            raise FormatError(f"{source}: intermediate_size must be expand * hidden_size")
+        if d.get("hidden_act", "silu") != "silu":
+            raise FormatError(f"{source}: hidden_act {d.get('hidden_act')!r} is not supported (silu only)")
+        cfg = Config(name=name, family="mamba", vocab_size=get("vocab_size"), d_model=hidden,
+                     block_size=d.get("max_position_embeddings") or 65536, n_layer=get("num_hidden_layers"),
+                     block="mamba+none", attention=AttentionConfig(n_head=1),
+                     norm=NormConfig(kind="rmsnorm", eps=get("layer_norm_epsilon", default=1e-5), bias=False),
+                     position=PositionConfig(kind="none"), tie_embeddings=d.get("tie_word_embeddings", True),
+                     ssm=SSMConfig(d_state=get("state_size", default=16), d_conv=get("conv_kernel", default=4),
+                                   expand=expand, dt_rank=get("time_step_rank", default=-(-hidden // 16)),
+                                   conv_bias=d.get("use_conv_bias", True), proj_bias=d.get("use_bias", False)))
+    elif mt == "gpt2":
         n_embd = get("n_embd")
         act = get("activation_function", default="gelu_new")
         if act not in _GPT2_ACT:
@@ -174,7 +201,9 @@ def to_hf_state_dict(cfg: Config, sd: dict[str, torch.Tensor]) -> dict[str, torc
         return hf_encoders.to_hf_state_dict(cfg, sd)
     out: dict[str, torch.Tensor] = {}
     nh, nkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    if cfg.family == "gpt2":
+    if cfg.family == "mamba":  # same tensors, other names
+        out = {_MAMBA_OUT(k): v for k, v in sd.items() if k != "lm_head.weight"}
+    elif cfg.family == "gpt2":
         out["transformer.wte.weight"] = sd["tok_emb.weight"]
         out["transformer.wpe.weight"] = sd["pos_emb.weight"]
         for i in range(cfg.n_layer):
@@ -230,7 +259,14 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "
         raise FormatError(f"{source}: missing tensor {key!r}")
 
     sd: dict[str, torch.Tensor] = {}
-    if cfg.family == "gpt2":
+    if cfg.family == "mamba":
+        names = [f"blocks.{i}.{n}" for i in range(cfg.n_layer) for n in _MAMBA_LAYER
+                 if n != "mixer.conv1d.bias" or cfg.ssm.conv_bias]
+        names += [f"blocks.{i}.mixer.{p}.bias" for i in range(cfg.n_layer) for p in ("in_proj", "out_proj")
+                  if cfg.ssm.proj_bias]
+        for k in ["tok_emb.weight", "norm_f.weight", *names]:
+            sd[k] = take(_MAMBA_OUT(k))
+    elif cfg.family == "gpt2":
         sd["tok_emb.weight"] = take("transformer.wte.weight")
         sd["pos_emb.weight"] = take("transformer.wpe.weight")
         for i in range(cfg.n_layer):
@@ -263,6 +299,20 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "
         raise FormatError(f"{source}: family {cfg.family!r} has no transformers key map")
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else take("lm_head.weight")
     return sd
+
+
+_MAMBA_LAYER = ("norm_1.weight", "mixer.A_log", "mixer.D", "mixer.conv1d.weight", "mixer.conv1d.bias",
+                "mixer.in_proj.weight", "mixer.x_proj.weight", "mixer.dt_proj.weight", "mixer.dt_proj.bias",
+                "mixer.out_proj.weight")
+
+
+def _MAMBA_OUT(k: str) -> str:
+    """Our key -> transformers' MambaForCausalLM key."""
+    if k == "tok_emb.weight":
+        return "backbone.embeddings.weight"
+    if k == "lm_head.weight":
+        return k
+    return "backbone." + k.replace("blocks.", "layers.").replace("norm_1.", "norm.")
 
 
 def _mixtral_experts(cfg: Config, hf: dict[str, torch.Tensor], take, p: str, h: str) -> dict[str, torch.Tensor]:

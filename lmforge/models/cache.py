@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.errors import ConfigError
+
 
 class Cache:
     """Per-layer decode states and what all layers share.
@@ -36,6 +38,37 @@ class Cache:
     def v(self) -> list[torch.Tensor]:
         """Value buffers of the layers that keep values (attention layers), in layer order."""
         return [s.v for s in self.layers if hasattr(s, "v")]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Make row i hold what row `rows[i]` held (beam search: each beam continues its parent's cache).
+        Only the filled slots are copied."""
+        L = self.length
+        for s in self.layers:
+            s.reorder(rows, L)
+        self.key_mask[:, :L] = self.key_mask[rows, :L]
+        self.next_pos = self.next_pos[rows]
+
+    def repeat_rows(self, n: int) -> Cache:
+        """A new cache in which each row of this one appears `n` times in a row (one prompt's prefill
+        shared by its n beams)."""
+        new = object.__new__(Cache)
+        new.__dict__.update(self.__dict__)
+        new.layers = [s.repeat_rows(n) for s in self.layers]
+        new.key_mask = self.key_mask.repeat_interleave(n, 0)
+        new.next_pos = self.next_pos.repeat_interleave(n, 0)
+        return new
+
+    def rollback(self, n: int) -> None:
+        """Forget the last `n` slots of every row (speculative decoding: rejected draft tokens). Key/value
+        slots are simply overwritten by the next update, as attention only reads filled slots; a state
+        that has folded the tokens in (a recurrent one) cannot forget them."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot roll back {n} of {self.length} cached slots")
+        if n and not all(hasattr(s, "k") for s in self.layers):
+            raise ConfigError("this model has layers with a recurrent state, which cannot be rolled back; "
+                              "speculative decoding needs attention layers only")
+        self.length -= n
+        self.next_pos -= n
 
     def bytes(self) -> int:
         """Memory held by all layers' states."""

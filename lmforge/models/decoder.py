@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
 from lmforge.models.cache import Cache
@@ -98,6 +99,13 @@ class DecoderLM(nn.Module):
         self.tie_weights()
         if init_weights and cfg.init == "gpt2":  # skipped when weights are about to be loaded
             self.apply(self._init_weights)
+        if init_weights:  # mixers with parameters of their own meaning (Mamba's A, dt) re-set them
+            for m in self.modules():
+                if hasattr(m, "init_extra"):
+                    m.init_extra()
+        # Training switch, not architecture: each block's activations are recomputed in backward instead
+        # of kept (non-reentrant torch.utils.checkpoint: same numbers, dropout replayed from saved RNG state).
+        self.activation_checkpointing = False
 
     def tie_weights(self) -> None:
         """Share the token embedding with the LM head's output layer when the config ties them."""
@@ -126,24 +134,36 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, logits_to_keep: int = 0,
+                segment_ids: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions when > 0.
 
         attention_mask: (B, T), 1 for real tokens and 0 for padding (left padding for a decoder). With a
-        `cache`, the tokens continue what the cache holds, and the cache advances by T. A model with
-        `head="none"` (a sentence encoder) returns its hidden states (B, T, C) instead of logits.
+        `cache`, the tokens continue what the cache holds, and the cache advances by T. segment_ids: (B, T)
+        for packed rows (several examples in one row, each a contiguous run of one id): a token attends only
+        within its segment and positions restart at 0 in each, so every example computes as it would alone.
+        token_type_ids: BERT's segment A/B embeddings. A model with `head="none"` (a sentence encoder)
+        returns its hidden states (B, T, C) instead of logits.
         """
-        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache,
+        vt = getattr(self, "virtual_tokens", None)  # prompt/prefix tuning (lmforge.adapt.virtual) fill a new cache
+        if cache is None and vt is not None and not vt.disabled:
+            if segment_ids is not None:
+                raise ValueError("virtual tokens (prompt/prefix tuning) cannot be used with packed rows")
+            cache = vt.start(self, *input_ids.shape)
+        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, segment_ids=segment_ids,
                                token_type_ids=token_type_ids)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return x if self.lm_head is None else self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                      cache: Cache | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: Cache | None = None, segment_ids: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), after the final norm: what the LM head reads.
 
-        token_type_ids: (B, T) segment ids for models with token-type embeddings (default: all 0).
+        inputs_embeds: (B, T, C) used instead of looking up `input_ids` (whose shape still gives B, T).
+        token_type_ids: (B, T) segment A/B ids for models with token-type embeddings (default: all 0).
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -182,8 +202,17 @@ class DecoderLM(nn.Module):
         if not cfg.attention.causal and padded:
             # bidirectional: every query sees every real key; padding is left out of the computation
             mask = unpadded = Unpadded(attention_mask)
+        if segment_ids is not None:  # packed examples: block-diagonal causal mask, positions per segment
+            if cache is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be used with a KV cache")
+            idx = torch.arange(T, device=device).expand(B, T)
+            first = torch.ones_like(segment_ids, dtype=torch.bool)
+            first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            positions = idx - torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
+            mask = same & (build_mask(None, 0, T, T, window, device) if mask is None else mask)
 
-        x = self.tok_emb(input_ids)  # (B, T, C)
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         if self.type_emb is not None:
@@ -197,7 +226,10 @@ class DecoderLM(nn.Module):
             x = unpadded.pack(x)  # (1, N, C); attention unpacks its Q/K/V (and rotates them) per row
         if cache is None:
             for block in self.blocks:
-                x = block(x, ctx)
+                if self.activation_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, ctx, use_reentrant=False)
+                else:
+                    x = block(x, ctx)
             if unpadded is not None:
                 x = unpadded.unpack(x)  # (B, T, C), zeros at padding
         else:
@@ -269,6 +301,11 @@ class DecoderLM(nn.Module):
         p = self.tok_emb.weight
         if dtype is None:
             dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-        max_len = min(max_len or self.config.block_size, self.config.block_size)
+        vt = getattr(self, "virtual_tokens", None)
+        vt = vt if vt is not None and not vt.disabled else None
+        max_len = min((max_len or self.config.block_size) + (vt.n if vt else 0), self.config.block_size)
         states = [b.token_mixer.new_state(batch_size, max_len, dtype, p.device) for b in self.blocks]
-        return Cache(states, batch_size, max_len, p.device)
+        cache = Cache(states, batch_size, max_len, p.device)
+        if vt is not None:
+            vt.fill(self, cache)
+        return cache

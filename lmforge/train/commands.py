@@ -103,11 +103,12 @@ def pretrain(config: str | None = None, set_: list[str] | None = None, resume: s
         raise ConfigError("pass --config with a recipe, e.g. --config recipes/gpt2-124m/pretrain.yaml")
     recipe = load_recipe(config, set_ or [])
     run = build_run(recipe, resume)
-    _log(f"{run.run_dir}: {run.info['params']:,} parameters, "
-         + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in run.info.items()
-                     if k != "params"))
+    if run.dist.is_main:
+        _log(f"{run.run_dir}: {run.info['params']:,} parameters, "
+             + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in run.info.items()
+                         if k != "params"))
     result = run.trainer.fit(resume=resume)
-    if result.exit_code:
+    if result.exit_code or not run.dist.is_main:  # rank 0 alone reports
         return result.exit_code
     report = final_report(run, result)
     print_report(report)

@@ -8,6 +8,7 @@ Batches are dicts of tensors. The causal-LM objectives read:
     input_ids: (B, T) token ids fed to the model
     labels:    (B, T) the next token at each position (already shifted)
     loss_mask: (B, T) bool, optional; False where a target is padding and must not count
+    segment_ids: (B, T) long, optional; packed rows (several examples per row), passed to the model
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class Objective:
     def tokens(self, batch: Batch) -> int:
         """Tokens the model processes for this batch (for tokens/s and MFU)."""
         return int(batch["input_ids"].numel())
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable modules the objective owns besides the model (a reward or value head): the trainer
+        optimises them with the model and saves them beside its weights (`heads.safetensors`)."""
+        return {}
 
 
 def add_aux_loss(model: nn.Module, loss: torch.Tensor, stats: dict[str, torch.Tensor], weight: float = 1.0
@@ -101,7 +107,8 @@ class CausalLM(Objective):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cross-entropy of `model(input_ids)` against the (masked) labels."""
-        logits = model(batch["input_ids"])  # (B, T, V)
+        seg = batch.get("segment_ids")  # packed rows: attention stays within each example
+        logits = model(batch["input_ids"]) if seg is None else model(batch["input_ids"], segment_ids=seg)  # (B, T, V)
         labels = self.targets(batch)  # (B, T)
         B = labels.shape[0]
         # fp32 log-softmax: under bf16 autocast the logits are bf16, whose 8-bit mantissa would round the loss
@@ -134,13 +141,24 @@ class CausalLM(Objective):
         return out
 
 
-# name -> the class, or "module:Class" for objectives defined above `train` (align's), imported when used
-OBJECTIVES: dict[str, type[Objective] | str] = {"causal_lm": CausalLM,
-                                                "masked_lm": "lmforge.train.masked:MaskedLM"}
+# name -> class, or "module:attribute" resolved on first use: packages above train (align) provide
+# objectives without train importing them, and without an import cycle.
+OBJECTIVES: dict[str, type[Objective] | str] = {
+    "causal_lm": CausalLM,
+    "dpo": "lmforge.align.dpo:DPO", "ipo": "lmforge.align.dpo:IPO", "simpo": "lmforge.align.dpo:SimPO",
+    "orpo": "lmforge.align.dpo:ORPO", "reward": "lmforge.align.reward:RewardObjective",
+    "ppo": "lmforge.align.ppo:PPO", "distill": "lmforge.compress.distill:Distill",
+    "masked_lm": "lmforge.train.masked:MaskedLM",
+}
+
+
+def register_objective(name: str, cls: type[Objective] | str) -> None:
+    """Make `build_objective(name)` build `cls` (a class or a "module:Class" string, imported when used)."""
+    OBJECTIVES[name] = cls
 
 
 def build_objective(name: str, **kwargs) -> Objective:
-    """An objective by name (`causal_lm`), with its keyword options."""
+    """An objective by name (`causal_lm`, `dpo`, `reward`, ...), with its keyword options."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
     cls = OBJECTIVES[name]
@@ -148,7 +166,7 @@ def build_objective(name: str, **kwargs) -> Objective:
         import importlib
 
         module, _, attr = cls.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        cls = OBJECTIVES[name] = getattr(importlib.import_module(module), attr)
     try:
         return cls(**kwargs)
     except TypeError as e:  # an option the objective does not take (train.objective_args)

@@ -1,6 +1,6 @@
 """YAML recipes: load, apply `key=value` overrides, validate everything before any work starts.
 
-A recipe has seven sections (every key optional except model.preset or model.source; defaults are the
+A recipe has eight sections (every key optional except model.preset or model.source; defaults are the
 dataclasses'):
 
     model:      preset: <name>, then any `Config` field (nested or dotted) overriding the preset; or
@@ -12,6 +12,7 @@ dataclasses'):
     train:      `TrainConfig` (loop, evaluation, checkpoints, dtype, threads)
     optim:      `OptimConfig` (AdamW, schedule, clipping)
     adapter:    `AdapterConfig` (full fine-tuning, or LoRA / DoRA / ... module swaps and their settings)
+    align:      `AlignConfig` (`lmforge align`: DPO-family / reward / PPO settings)
     run:        dir (the run folder), samples
 
 Overrides use dotted keys and YAML values: `train.max_steps=10`, `model.n_layer=2`, `optim.lr=1e-3`.
@@ -31,6 +32,7 @@ from typing import Any, Literal
 import yaml
 
 from lmforge.adapt.config import AdapterConfig
+from lmforge.align.config import AlignConfig
 from lmforge.config import Config, get_preset
 from lmforge.errors import ConfigError, FormatError
 from lmforge.train.optim import OptimConfig
@@ -60,7 +62,7 @@ class DataConfig:
     prompt_loss: bool = False  # instructions: count the loss on prompt (system/user) tokens too
     pack: bool = False  # instructions: pack several examples per row (attention kept within each example)
     max_chars: int = 149  # passages: characters per passage (+ BOS, padded to max_chars + 1 tokens)
-    max_sequences: int | None = None  # passages: use only the first N of each split (quick trials, tests)
+    max_sequences: int | None = None  # passages, instructions: only the first N of each split (quick trials, tests)
 
 
 @dataclass
@@ -74,7 +76,7 @@ class RunConfig:
 
 
 SECTIONS = {"tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-            "adapter": AdapterConfig, "run": RunConfig}
+            "adapter": AdapterConfig, "align": AlignConfig, "run": RunConfig}
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: str = ""  # the file it came from
 
@@ -269,8 +272,6 @@ def from_dict(d: dict[str, Any], source: str = "") -> Recipe:
         raise ConfigError(f"{source or 'recipe'}: must be a YAML mapping with sections model, tokenizer, data, "
                           "train, optim, run")
     allowed = ["model", *SECTIONS]
-    d = dict(d)
-    d.pop("command", None)  # which CLI command a recipe is for (finetune / align); informational
     for k in d:
         if k not in allowed:
             near = difflib.get_close_matches(str(k), allowed, n=1)
@@ -321,8 +322,11 @@ def validate(r: Recipe) -> Recipe:
     _need(t.peak_flops is None or t.peak_flops > 0, f"train.peak_flops must be > 0 or null, got {t.peak_flops}")
     _need(t.min_delta >= 0, f"train.min_delta must be >= 0, got {t.min_delta}")
     _need(t.seq_len is None or t.seq_len >= 1, f"train.seq_len must be a positive integer or null, got {t.seq_len}")
-    _need(t.device == "cpu" or t.device.startswith("cuda"), f"train.device must be 'cpu' or 'cuda[:N]', got "
-          f"{t.device!r}")
+    _need(t.device in ("auto", "cpu") or t.device.startswith("cuda"), f"train.device must be 'auto', 'cpu' or "
+          f"'cuda[:N]', got {t.device!r}")
+    _need(t.global_batch is None or t.global_batch >= 1, f"train.global_batch must be a positive integer or null, "
+          f"got {t.global_batch}")
+    _need(t.dist_timeout > 0, f"train.dist_timeout must be > 0 seconds, got {t.dist_timeout}")
     from lmforge.train.objectives import OBJECTIVES
 
     _need(t.objective in OBJECTIVES, f"train.objective must be one of {list(OBJECTIVES)}, got {t.objective!r}")

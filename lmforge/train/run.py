@@ -3,6 +3,8 @@
 `pretrain`, `finetune` and `align` (and `quickstart`) all start a run with `build_run`; none of them
 builds these pieces itself. In order:
 
+0. processes (`distributed.setup_recipe`): under torchrun, the process group, the same recipe on every
+   rank (config hash) and the per-rank micro-batch from `train.global_batch`;
 1. run folder: refuse a fresh start over checkpoints (`checkpoint.check_resume`), set threads;
 2. tokenizer and model (`build_model`): `model.preset` builds a fresh, seeded model (tokenizer from
    `tokenizer.path`, trained BPE or teenyGPT's chars); `model.source` loads a pretrained model with
@@ -37,6 +39,7 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_bytes
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import distributed
 from lmforge.train.batches import BatchSource, PaddedSequences, TokenWindows, padded_batches
 from lmforge.train.objectives import Objective, build_objective
 from lmforge.train.recipe import Recipe, dump_yaml
@@ -46,6 +49,9 @@ from lmforge.train.trainer import Trainer
 DATA_KINDS: dict[str, str] = {
     "tokens": "lmforge.train.run:token_data",
     "passages": "lmforge.train.run:passage_data",
+    "instructions": "lmforge.data.instruct:instruction_data",
+    "preferences": "lmforge.align.commands:preference_data",
+    "prompts": "lmforge.align.commands:prompt_data",
 }
 
 
@@ -70,6 +76,7 @@ class Run:
     test_batches: Any = None  # () -> iterator of batches on the test split, when the data has one
     test_seqs: torch.Tensor | None = None  # passages: the test split's padded sequences
     info: dict[str, Any] = field(default_factory=dict)
+    dist: distributed.DistEnv = field(default_factory=distributed.DistEnv)  # rank 0 alone reports
 
     @property
     def model(self) -> nn.Module:
@@ -159,7 +166,7 @@ def token_data(recipe: Recipe, tok, run_dir: Path, seq_len: int) -> RunData:
 
     dt, t = recipe.data, recipe.train
     folder = Path(dt.path) if dt.path else run_dir / "data"
-    if dt.path is None:
+    if dt.path is None and not (distributed.rank() > 0 and (folder / "manifest.json").is_file()):  # rank 0 made it
         kwargs: dict[str, Any] = {}
         if tok.eos_id is None:  # teenyGPT's vocabulary has no EOS: BOS starts the next document
             kwargs = {"sep_id": tok.bos_id if tok.bos_id is not None else tok.pad_id}
@@ -183,7 +190,9 @@ def token_data(recipe: Recipe, tok, run_dir: Path, seq_len: int) -> RunData:
     test = shards.get("test")
     test_batches = None
     if test is not None and len(test) > seq_len + 1:
-        probe = TokenWindows(shards["train"].tokens, t.batch_size, seq_len, val_tokens=test.tokens,
+        # the global micro-batch: the same test windows at every world size
+        probe = TokenWindows(shards["train"].tokens, t.batch_size * distributed.world_size(), seq_len,
+                             val_tokens=test.tokens,
                              eval_batches=t.eval_batches)
         test_batches = probe.eval_batches
     return RunData(source, test_batches, None, {"train_tokens": len(shards["train"]), "data_dir": str(folder)})
@@ -249,38 +258,44 @@ def _write_config(recipe: Recipe, cfg, run_dir: Path, resume: str | None) -> Non
 
 def build_run(recipe: Recipe, resume: str | None = None, *,
               prepare_model: Callable[[nn.Module], nn.Module] | None = None,
-              objective: Objective | None = None) -> Run:
+              objective: Objective | Callable[[nn.Module], Objective] | None = None) -> Run:
     """Tokenizer, data, model, objective and `Trainer` for a validated recipe; writes config.yaml.
 
     Args:
         recipe: a validated `Recipe` (`load_recipe` / `from_dict`).
         resume: as `Trainer.fit`'s; a fresh start refuses a run folder that has checkpoints.
         prepare_model: applied to the model after the recipe's adapter (e.g. a value head for PPO).
-        objective: used instead of `build_objective(recipe.train.objective, ...)`.
+        objective: used instead of `build_objective(recipe.train.objective, ...)`; a callable gets the
+            prepared model (objectives whose heads or reference depend on it: reward, DPO, PPO).
     """
     t = recipe.train
+    env = distributed.setup_recipe(recipe, recipe.to_dict())  # before any rank does work
     run_dir = Path(recipe.run.dir)
     ckpt.check_resume(run_dir, resume)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, tok = build_model(recipe, run_dir)
-    cfg = model.config
-    seq_len = t.seq_len or cfg.block_size
-    if seq_len > cfg.block_size:
-        raise ConfigError(f"train.seq_len ({seq_len}) exceeds the model's context ({cfg.block_size})")
-    data = build_data(recipe, tok, run_dir, seq_len)
-    _write_config(recipe, cfg, run_dir, resume)
+    with distributed.main_first(env):  # rank 0 trains the tokenizer and prepares data; the others reuse them
+        model, tok = build_model(recipe, run_dir)
+        cfg = model.config
+        seq_len = t.seq_len or cfg.block_size
+        if seq_len > cfg.block_size:
+            raise ConfigError(f"train.seq_len ({seq_len}) exceeds the model's context ({cfg.block_size})")
+        data = build_data(recipe, tok, run_dir, seq_len)
+    if env.is_main:
+        _write_config(recipe, cfg, run_dir, resume)
 
     info = dict(data.info)
     if recipe.adapter.method != "full":
         from lmforge.adapt import apply_adapter, trainable_parameters
 
         torch.manual_seed(t.seed)  # adapter initialisation depends on the seed only
-        model = apply_adapter(model, recipe.adapter)
+        model = apply_adapter(model, recipe.adapter, total_steps=t.max_steps * t.grad_accum)
         info["trainable"] = trainable_parameters(model)["trainable"]
     if prepare_model is not None:
         model = prepare_model(model)
+    if objective is not None and not isinstance(objective, Objective):
+        objective = objective(model)
     if objective is None:
         try:
             objective = build_objective(t.objective, reduction=t.loss_reduction, mask_padding=t.mask_padding,
@@ -292,4 +307,4 @@ def build_run(recipe: Recipe, resume: str | None = None, *,
     trainer = Trainer(model, objective, data.source, t, recipe.optim, run_dir=run_dir, tokenizer=tok)
     info.update(params=model.num_params(),
                 flops_per_token=model.estimate_flops(seq_len), seq_len=seq_len)
-    return Run(recipe, run_dir, tok, trainer, data.test_batches, data.test_seqs, info)
+    return Run(recipe, run_dir, tok, trainer, data.test_batches, data.test_seqs, info, env)

@@ -51,7 +51,9 @@ class MixerContext:
 def token_mixers() -> dict[str, type]:
     """Token mixer classes by config name."""
     from lmforge.models.mixers.attention import Attention
-    return {"attention": Attention}
+    from lmforge.models.mixers.linear_attention import LinearAttention
+    from lmforge.models.mixers.mamba import Mamba
+    return {"attention": Attention, "mamba": Mamba, "linear_attention": LinearAttention}
 
 
 def channel_mixers() -> dict[str, type]:

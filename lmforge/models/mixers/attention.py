@@ -34,6 +34,17 @@ class KVState:
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def reorder(self, rows: torch.Tensor, length: int) -> None:
+        """Row i takes over row `rows[i]`'s first `length` slots (beam search)."""
+        self.k[:, :, :length] = self.k[rows, :, :length]
+        self.v[:, :, :length] = self.v[rows, :, :length]
+
+    def repeat_rows(self, n: int) -> KVState:
+        """A copy in which each row appears `n` times in a row."""
+        new = object.__new__(KVState)
+        new.k, new.v = self.k.repeat_interleave(n, 0), self.v.repeat_interleave(n, 0)
+        return new
+
     def bytes(self) -> int:
         """Memory held by the key/value buffers."""
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
