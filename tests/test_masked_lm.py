@@ -125,3 +125,22 @@ def test_pretrain_cli_runs_masked_lm(tmp_path, tok):
     assert llm.config.head == "mlm" and llm.config.family == "bert"
     with pytest.raises(ConfigError, match="embed"):
         llm.generate("to be")
+
+
+def test_combined_objective_on_a_decoder(tok, tokens):
+    from lmforge.train.masked import CombinedLM
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny-llama").replace(vocab_size=tok.vocab_size, block_size=32, n_layer=1)
+    obj = CombinedLM(alpha=0.5).bind(tok)
+    tc = TrainConfig(max_steps=15, batch_size=8, progress=False, peak_flops=1e11, eval_every=15, checkpoint_every=0)
+    tr = Trainer(DecoderLM(cfg), obj, TokenWindows(tokens, 8, 32, seed=3, val_tokens=tokens[:3000], eval_batches=2),
+                 tc, OptimConfig(lr=3e-3, warmup_steps=2))
+    before = tr.evaluate()
+    assert before["loss"] == pytest.approx(before["lm_loss"] + 0.5 * before["mlm_loss"])
+    res = tr.fit()
+    assert res.val["lm_loss"] < before["lm_loss"] - 0.3 and res.val["mlm_loss"] < before["mlm_loss"] - 0.3
+    with pytest.raises(ConfigError, match="alpha"):
+        CombinedLM(alpha=-1)
+    r = load_recipe(ROOT / "recipes" / "tiny-llama" / "combined.yaml", ["train.objective_args.alpha=0.25"])
+    assert r.train.objective == "combined_lm" and r.train.objective_args["alpha"] == 0.25

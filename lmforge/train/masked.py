@@ -157,3 +157,44 @@ class MaskedLM(Objective):
         if totals.get("aux_batches"):
             out["aux_loss"] = totals["aux_loss"] / totals["aux_batches"]
         return out
+
+
+class CombinedLM(MaskedLM):
+    """The seed's penalised objective on a decoder: ell_alpha = ell + alpha * ell_masked (Tomczak, "LLMs";
+    Dong et al. 2019, UniLM; alpha = 1 in Izdebski et al. 2023).
+
+    ell is the next-token NLL of the clean batch; ell_masked is computed on a second, corrupted copy (BERT's
+    15% / 80-10-10 masking), predicting each selected token at its own position. The decoder keeps its
+    causal attention for that pass, so x_m is reconstructed from the corrupted prefix and the corrupted
+    token at m: a single-stream approximation of UniLM, whose masked segment attends bidirectionally.
+
+    Args: alpha (weight of the masked term), then `MaskedLM`'s and `CausalLM`'s options.
+    Summaries: loss (ell + alpha * ell_masked), lm_loss / ppl / acc (causal), mlm_loss / mlm_acc.
+    """
+
+    name = "combined_lm"
+
+    def __init__(self, alpha: float = 1.0, mask_prob: float = 0.15,
+                 replace: tuple[float, float, float] | list[float] = (0.8, 0.1, 0.1), whole_word: bool = False,
+                 reduction: str = "token_mean", mask_padding: bool = True):
+        from lmforge.train.objectives import CausalLM
+
+        if alpha < 0:
+            raise ConfigError(f"combined_lm: alpha must be >= 0, got {alpha}")
+        super().__init__(mask_prob, replace, whole_word)
+        self.alpha = float(alpha)
+        self.causal = CausalLM(reduction, mask_padding)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """ell on the clean batch plus alpha times ell_masked on a corrupted copy."""
+        lm, lm_stats = self.causal.loss(model, batch)
+        mlm, mlm_stats = super().loss(model, batch)
+        stats = {**{f"lm_{k}": v for k, v in lm_stats.items()}, **{f"mlm_{k}": v for k, v in mlm_stats.items()}}
+        return lm + self.alpha * mlm, stats
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, float]:
+        """Both terms and their weighted sum."""
+        a = self.causal.summarize({k[3:]: v for k, v in totals.items() if k.startswith("lm_")})
+        b = super().summarize({k[4:]: v for k, v in totals.items() if k.startswith("mlm_")})
+        return {"loss": a["loss"] + self.alpha * b["loss"], "lm_loss": a["loss"], "ppl": a["ppl"], "acc": a["acc"],
+                "mlm_loss": b["loss"], "mlm_acc": b["acc"], "selected_frac": b["selected_frac"]}

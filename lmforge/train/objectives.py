@@ -148,7 +148,7 @@ OBJECTIVES: dict[str, type[Objective] | str] = {
     "dpo": "lmforge.align.dpo:DPO", "ipo": "lmforge.align.dpo:IPO", "simpo": "lmforge.align.dpo:SimPO",
     "orpo": "lmforge.align.dpo:ORPO", "reward": "lmforge.align.reward:RewardObjective",
     "ppo": "lmforge.align.ppo:PPO", "distill": "lmforge.compress.distill:Distill",
-    "masked_lm": "lmforge.train.masked:MaskedLM",
+    "masked_lm": "lmforge.train.masked:MaskedLM", "combined_lm": "lmforge.train.masked:CombinedLM",
 }
 
 
