@@ -170,3 +170,12 @@ def test_over_long_input_and_bad_configs():
     bad = lmforge.get_preset("tiny-bert").replace(**{"norm.placement": "pre"})
     with pytest.raises(ConfigError, match="cannot export"):
         hf.to_hf_config(bad)
+
+
+def test_gguf_export_of_an_encoder_is_a_clear_error(tmp_path):
+    from lmforge.interop.gguf import save_gguf
+
+    llm = LLM(build(lmforge.get_preset("tiny-bert"), None, "t"))
+    with pytest.raises(ConfigError, match="family 'bert' has no GGUF layout"):
+        save_gguf(llm, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
