@@ -142,7 +142,8 @@ def part_align(args) -> None:
     run = Path(args.out) / m
     sets = [f"model.source={args.base}", f"train.max_steps={args.steps}", "train.seq_len=256",
             f"train.eval_every={args.steps}", "train.checkpoint_every=0", "train.progress=false",
-            f"train.threads={args.threads}", f"run.dir={run}", "optim.warmup_steps=5",
+            f"train.threads={args.threads}", f"run.dir={run}", "optim.warmup_steps=5", f"optim.lr={args.lr}",
+            f"optim.min_lr={args.lr / 10}",
             "adapter.target_modules=[q_proj, k_proj, v_proj, o_proj, up_proj, down_proj]"]
     if m == "ppo":
         sets += [f"align.reward_model={args.reward_model}", "align.max_new_tokens=24", "train.eval_every=0"]
@@ -152,21 +153,46 @@ def part_align(args) -> None:
     emit({"part": "align", "method": m, "steps": args.steps, "s": round(time.perf_counter() - t0, 1), **rep})
 
 
+@torch.no_grad()
+def part_prefbase(args) -> None:
+    """The untouched base model's preference accuracy on the test pairs: log p(chosen) > log p(rejected)."""
+    import lmforge
+    from lmforge.align.commands import preference_records
+    from lmforge.align.data import collate, tokenize_pairs
+    from lmforge.align.logps import sequence_logps
+
+    llm = lmforge.load(args.base)
+    tok = llm.tokenizer
+    pairs = tokenize_pairs(preference_records("shakespeare", "test"), tok, chat=True, max_len=257)
+    hits_sum = hits_mean = 0
+    for i in range(0, len(pairs), 8):
+        chunk = pairs[i:i + 8]
+        lp, n = sequence_logps(llm.model.eval(), collate(chunk, tok.pad_id or 0))
+        B = len(chunk)
+        hits_sum += int((lp[:B] > lp[B:]).sum())
+        hits_mean += int((lp[:B] / n[:B] > lp[B:] / n[B:]).sum())
+    emit({"part": "align", "method": "base (no training)", "test_pairs": len(pairs),
+          "acc_sum_logp": round(hits_sum / len(pairs), 4), "acc_mean_logp": round(hits_mean / len(pairs), 4)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True)
-    ap.add_argument("--part", choices=["prune", "distill", "merge", "align"], required=True)
+    ap.add_argument("--part", choices=["prune", "distill", "merge", "align", "prefbase"], required=True)
     ap.add_argument("--method", default="dpo")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--reward-model", default=None)
     ap.add_argument("--out", default="runs/align_results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     info = machine_info()
     with Contention() as busy:
-        {"prune": part_prune, "distill": part_distill, "merge": part_merge, "align": part_align}[args.part](args)
+        parts = {"prune": part_prune, "distill": part_distill, "merge": part_merge, "align": part_align,
+                 "prefbase": part_prefbase}
+        parts[args.part](args)
     emit({"part": "machine", "others_cores": round(busy.cores, 2),
           **{k: info[k] for k in ("cpu", "threads", "torch")}})
 

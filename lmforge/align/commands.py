@@ -212,11 +212,12 @@ def align(config: str | None = None, method: str | None = None, set_: list[str] 
         run.trainer.data.bind(run.model, run.trainer.objective, _reward_fn(recipe, run.tokenizer))
     print(f"{run.run_dir}: align {recipe.align.method}, {run.info.get('params', 0):,} parameters"
           + (f", {run.info['trainable']:,} trainable" if "trainable" in run.info else ""), file=sys.stderr)
+    before = run.trainer.evaluate() if resume in (None, "", "none") else {}
     result = run.trainer.fit(resume=resume)
     if result.exit_code:
         return result.exit_code
     report: dict[str, Any] = {"method": recipe.align.method, "step": result.step, "stopped": result.stopped,
-                              "val": result.val}
+                              "val_before": before, "val": result.val}
     if run.test_batches is not None:
         report["test"] = evaluate(run.model, run.trainer.objective, run.test_batches(), recipe.train.dtype)
     (run.run_dir / "align_metrics.json").write_text(json.dumps(report, indent=2))

@@ -76,7 +76,7 @@ class DPO(Objective):
     Batches: see `lmforge.align.logps` (chosen rows first, then rejected); an optional `ref_logps` (2B,)
     entry holds precomputed reference log-probs. Stats: loss (summed), pairs, correct (chosen reward >
     rejected reward), margin, chosen, rejected (reward sums). Summaries: loss, acc (preference
-    accuracy), margin, reward_chosen, reward_rejected.
+    accuracy; a tie counts half), margin, reward_chosen, reward_rejected.
     """
 
     name = "dpo"
@@ -112,7 +112,7 @@ class DPO(Objective):
         losses, r_c, r_r = preference_loss(self.loss_type, pi_c, pi_r, ref_c, ref_r, lengths[:B], lengths[B:],
                                            self.beta, self.gamma, self.lam, self.label_smoothing)
         stats = {"loss": losses.detach().sum().double(), "pairs": torch.tensor(float(B), dtype=torch.float64),
-                 "correct": (r_c > r_r).sum().double(), "margin": (r_c - r_r).sum().double(),
+                 "correct": _wins(r_c, r_r), "margin": (r_c - r_r).sum().double(),
                  "chosen": r_c.sum().double(), "rejected": r_r.sum().double()}
         return add_aux_loss(model, losses.mean(), stats), stats  # MoE balance loss, if any
 
@@ -121,6 +121,12 @@ class DPO(Objective):
         n = max(totals.get("pairs", 0.0), 1.0)
         return {"loss": totals["loss"] / n, "acc": totals["correct"] / n, "margin": totals["margin"] / n,
                 "reward_chosen": totals["chosen"] / n, "reward_rejected": totals["rejected"] / n}
+
+
+def _wins(r_c: torch.Tensor, r_r: torch.Tensor) -> torch.Tensor:
+    """Pairs whose chosen reward is higher, a tie counting half (at the start of LoRA training every
+    implicit reward is exactly 0: that is chance, 0.5, not 0)."""
+    return ((r_c > r_r).double() + 0.5 * (r_c == r_r).double()).sum()
 
 
 class IPO(DPO):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.align.dpo import _wins
 from lmforge.models.scalar_heads import ScalarHead
 from lmforge.train.objectives import Batch, Objective, add_aux_loss
 
@@ -64,7 +65,7 @@ class RewardObjective(Objective):
         if self.center:
             loss = loss + self.center * ((r_c + r_r) ** 2).mean()
         stats = {"loss": losses.detach().sum().double(), "pairs": torch.tensor(float(B), dtype=torch.float64),
-                 "correct": (r_c > r_r).sum().double(), "margin": (r_c - r_r).detach().sum().double()}
+                 "correct": _wins(r_c.detach(), r_r.detach()), "margin": (r_c - r_r).detach().sum().double()}
         return add_aux_loss(model, loss, stats), stats
 
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:

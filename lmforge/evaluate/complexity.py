@@ -28,6 +28,9 @@ SEED_CLAIMS = {
     "transformer": ("O(N^2)", "O(N)", "O(N)", "O(N)"),
     "linear": ("O(N)", "O(N)", "O(1)", "O(1)"),
     "mamba": ("O(N)", "O(N)", "O(1)", "O(1)"),
+    "s4d": ("O(N log N)", "O(N)", "O(1)", "O(1)"),
+    "retnet": ("O(N)", "O(N)", "O(1)", "O(1)"),
+    "rwkv": ("O(N)", "O(N)", "O(1)", "O(1)"),
 }
 # the exponent each claim predicts for time/memory vs N (per-token decode time: O(N) -> 1, O(1) -> 0)
 _EXPONENT = {"O(N^2)": 2.0, "O(N log N)": 1.0, "O(N)": 1.0, "O(1)": 0.0}
@@ -37,16 +40,21 @@ def family_configs(d_model: int = 256, n_layer: int = 4, vocab: int = 256, conte
                    ) -> dict[str, Config]:
     """Dense transformer, linear transformer and Mamba of about the same non-embedding parameter count.
 
-    A Mamba layer (in 4d^2 + out 2d^2 + small) is about half a transformer layer (attention 4d^2 + MLP
-    8d^2), so Mamba gets twice the layers, as in the Mamba paper's matched comparisons."""
+    A transformer layer is ~16 d^2 (attention 4, SwiGLU MLP 12); a Mamba layer ~6.5 d^2 (in 4, out 2, x/dt
+    projections), so Mamba gets 2.5x the layers (the Mamba paper also doubles layers to match); S4D's
+    mixer is ~d^2, so its MLP is widened to 5d; RWKV's time-mix is 4 d^2, its channel-mix widened to 5.5d."""
     base = get_preset("tiny-llama").replace(vocab_size=vocab, block_size=context, d_model=d_model, n_layer=n_layer,
                                             **{"attention.n_head": max(1, d_model // 64),
                                                "attention.n_kv_head": max(1, d_model // 64),
                                                "mlp.hidden": 4 * d_model})
     dense = base.replace(name="transformer")
     linear = base.replace(name="linear", block="linear_attention+mlp", **{"position.kind": "none"})
-    mamba = base.replace(name="mamba", block="mamba+none", n_layer=2 * n_layer, **{"position.kind": "none"})
-    return {"transformer": dense, "linear": linear, "mamba": mamba}
+    mamba = base.replace(name="mamba", block="mamba+none", n_layer=5 * n_layer // 2, **{"position.kind": "none"})
+    s4d = base.replace(name="s4d", block="s4d+mlp", **{"position.kind": "none", "ssm.d_state": 64,
+                                                             "mlp.hidden": 5 * d_model})
+    retnet = base.replace(name="retnet", block="retention+mlp")
+    rwkv = base.replace(name="rwkv", block="rwkv+rwkv", **{"position.kind": "none", "mlp.hidden": 11 * d_model // 2})
+    return {"transformer": dense, "linear": linear, "mamba": mamba, "s4d": s4d, "retnet": retnet, "rwkv": rwkv}
 
 
 def moe_pair(d_model: int = 256, n_layer: int = 4, vocab: int = 256, n_experts: int = 8, top_k: int = 2
@@ -127,14 +135,19 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
 
 
 def run_study(train_lengths=(256, 512, 1024, 2048, 4096, 8192), positions=(512, 1024, 2048, 4096, 8192),
-              d_model: int = 256, n_layer: int = 4, budget_s: float = 60.0, log=print) -> dict:
-    """Measure every family; a length is skipped for a family once one measurement took over `budget_s`."""
+              d_model: int = 256, n_layer: int = 4, budget_s: float = 30.0, max_train_bytes: float = 3e9,
+              log=print) -> dict:
+    """Measure every family. Longer lengths are skipped for a family once one measurement took over
+    `budget_s`, or when the activations of the next training length would pass `max_train_bytes`
+    (extrapolated linearly from the last one; the machine is shared)."""
     torch.manual_seed(0)
     out: dict = {"families": {}}
     for name, cfg in family_configs(d_model, n_layer).items():
         model = DecoderLM(cfg)
         fam = {"params": model.num_params(non_embedding=True), "train": [], "decode": []}
         for T in train_lengths:
+            if fam["train"] and fam["train"][-1]["train_mem_bytes"] * T / fam["train"][-1]["seq_len"] > max_train_bytes:
+                break
             t0 = time.perf_counter()
             fam["train"].append(measure_training(model, T))
             log(json.dumps({"family": name, **fam["train"][-1]}))

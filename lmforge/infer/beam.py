@@ -49,7 +49,7 @@ def beam_search(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
     if steps <= 0:
         return [[Hypothesis([], 0.0)] * gen.num_return_sequences for _ in prompts]
     eos = torch.tensor(sorted(set(eos_ids)) if gen.stop_at_eos else [], dtype=torch.long, device=device)
-    K = max(2, 1 + eos.numel()) * nb  # candidates kept per step
+    K = min(max(2, 1 + eos.numel()) * nb, nb * cfg.vocab_size)  # candidates kept per step
     lp, early = gen.length_penalty, gen.early_stopping
 
     cache = model.new_cache(B, max_len=T + steps)

@@ -15,6 +15,7 @@ runs unchanged; `update` writes the new keys into their slots and gathers each r
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lmforge.config import Config
@@ -164,6 +165,13 @@ class PagedBatch:
         self.key_mask = self.key_mask.to(pool.device)
         if self.gather is not None:
             self.gather = self.gather.view(-1).to(pool.device)
+            # one gather buffer for keys and one for values, reused by every layer of this pass: a layer's
+            # attention has read them before the next layer's update overwrites them
+            shape = (B * L, pool.n_kv_head, pool.head_dim)
+            self._kbuf = torch.empty(shape, dtype=pool.dtype, device=pool.device)
+            self._vbuf = torch.empty(shape, dtype=pool.dtype, device=pool.device)
+        numpy_ok = pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.float16, torch.float64)
+        self._np_gather = self.gather.numpy() if self.gather is not None and numpy_ok else None
         self.B = B
         # the model hands each attention layer its own state object; here they all write to the pool
         self.layers = [_LayerView(self, i) for i in range(pool.n_layer)]
@@ -179,8 +187,17 @@ class PagedBatch:
         if self.gather is None:
             return kk.view(B, T, nkv, hs).transpose(1, 2), vv.view(B, T, nkv, hs).transpose(1, 2)
         L = self.max_len
-        return (pk.index_select(0, self.gather).view(B, L, nkv, hs).transpose(1, 2),
-                pv.index_select(0, self.gather).view(B, L, nkv, hs).transpose(1, 2))
+        if self._np_gather is not None:
+            # numpy's take is single-threaded: on 2 busy cores PyTorch's 2-thread index_select measured
+            # 7-25 ms for a 4 MB gather against 1.3 ms here (OpenMP threads spin-waiting for each other)
+            for src, dst in ((pk, self._kbuf), (pv, self._vbuf)):
+                np.take(src.view(src.shape[0], -1).numpy(), self._np_gather, axis=0,
+                        out=dst.view(dst.shape[0], -1).numpy(), mode="clip")
+            k, v = self._kbuf, self._vbuf
+        else:
+            k = torch.index_select(pk, 0, self.gather, out=self._kbuf)
+            v = torch.index_select(pv, 0, self.gather, out=self._vbuf)
+        return k.view(B, L, nkv, hs).transpose(1, 2), v.view(B, L, nkv, hs).transpose(1, 2)
 
     def commit(self, seqs: list[SeqBlocks]) -> None:
         """After the forward pass: each sequence now stores T more tokens."""

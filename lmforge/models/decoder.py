@@ -197,7 +197,8 @@ class DecoderLM(nn.Module):
             needs_mask = padded or (window is not None and T > window)
             key_valid = attention_mask if padded else None
         needs_mask = needs_mask and self.has_attention and cfg.attention.causal
-        mask = build_mask(key_valid, start, T, L, window, device) if needs_mask else None
+        n_global = cfg.attention.global_tokens
+        mask = build_mask(key_valid, start, T, L, window, device, n_global) if needs_mask else None
         unpadded = None
         if not cfg.attention.causal and padded:
             # bidirectional: every query sees every real key; padding is left out of the computation
@@ -210,7 +211,7 @@ class DecoderLM(nn.Module):
             first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
             positions = idx - torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values
             same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
-            mask = same & (build_mask(None, 0, T, T, window, device) if mask is None else mask)
+            mask = same & (build_mask(None, 0, T, T, window, device, n_global) if mask is None else mask)
 
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         if self.pos_emb is not None:

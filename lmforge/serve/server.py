@@ -204,6 +204,9 @@ def create_app(llm, engine: Engine | None = None, model_name: str | None = None,
         return req, q
 
     async def respond(request: Request, body, ids: list[int], chat: bool, default_max: int | None):
+        if not getattr(llm.config.attention, "causal", True):
+            raise APIError(400, f"{name!r} is a bidirectional encoder: it embeds text (/v1/embeddings) but does "
+                                "not generate it", param="model", code="not_a_generator")
         body.check(max_new)
         check_prompt(len(ids))
         gen = gen_config(body, default_max, len(ids))
@@ -290,7 +293,11 @@ def create_app(llm, engine: Engine | None = None, model_name: str | None = None,
                                 "encoder model (e.g. `lmforge serve --model <MiniLM folder>`) for /v1/embeddings",
                            param="model", code="embeddings_not_supported")
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        vectors = await asyncio.wrap_future(engine.call(lambda: embed(texts)))
+        try:  # in the engine thread: model work never overlaps a decode step
+            vectors = await asyncio.wrap_future(engine.call(lambda: embed(texts)))
+        except LMForgeError as e:  # e.g. a causal decoder: LLM.embed names what to load instead
+            raise APIError(400, f"{name!r} gives no sentence embeddings: {e}", param="model",
+                           code="embeddings_not_supported") from e
         data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vectors)]
         n = sum(len(llm.tokenizer.encode(t)) for t in texts)
         return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": n, "total_tokens": n}}

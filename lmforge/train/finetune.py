@@ -100,7 +100,7 @@ def finetune_recipe(config: str | None = None, method: str | None = None, model:
     if method:
         d["adapter"]["method"] = method
     if model:
-        d["model"] = {"preset": model.removeprefix("preset:")} if model.startswith("preset:") else {"source": model}
+        d["model"] = {"source": model}
     if data:
         d["data"]["source"] = data
     if out:
@@ -123,7 +123,7 @@ def finetune(config: str | None = None, method: Method | None = None, model: str
         config: a recipe YAML, e.g. recipes/smollm2-135m/lora.yaml (sections as pretrain's, plus adapter).
         method: full | lora | dora | qlora | adalora | adapter (Houlsby bottleneck) | prefix | prompt (prefix / prompt
             tuning); sets adapter.method.
-        model: what to fine-tune: a model folder, .gguf file, short name (smollm2) or preset:<name>.
+        model: what to fine-tune: a model folder, .gguf file or short name (smollm2), with its tokenizer.
         data: a built-in set (shakespeare-instruct) or a .jsonl file of messages / prompt-response lines.
         out: the run folder (default runs/finetune-<method>).
         set_: overrides as dotted key=value items, e.g. --set adapter.r=16 train.max_steps=50 optim.lr=1e-4

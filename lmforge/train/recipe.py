@@ -382,6 +382,12 @@ def validate(r: Recipe) -> Recipe:
     a = r.adapter
     _need(a.r >= 1 and a.alpha > 0 and 0 <= a.dropout < 1, f"adapter.r must be >= 1, adapter.alpha > 0 and "
           f"adapter.dropout in [0, 1), got r={a.r}, alpha={a.alpha}, dropout={a.dropout}")
+    _need(a.target_r is None or 1 <= a.target_r <= a.r, f"adapter.target_r must be in [1, adapter.r={a.r}] or "
+          f"null, got {a.target_r}")
+    _need(a.num_virtual_tokens >= 1 and a.interval >= 1 and a.quant_blocksize >= 2 and a.quant_blocksize % 2 == 0,
+          "adapter.num_virtual_tokens and adapter.interval must be >= 1, adapter.quant_blocksize even and >= 2")
+    _need(not (dt.pack and a.method in ("prefix", "prompt")), f"data.pack: true cannot be used with adapter.method "
+          f"{a.method} (virtual tokens would sit in front of a whole packed row); set data.pack: false")
     _need(a.method == "full" or bool(a.target_modules) or a.path is not None,
           "adapter.target_modules is empty; name the layers to adapt, e.g. [q_proj, v_proj]")
     if r.model.get("source"):

@@ -15,8 +15,9 @@ The interface every mixer implements (one file per mixer in this package):
                A mixer reads what its earlier calls left there and advances it by T tokens in place.
     new_state(batch_size, max_len, dtype, device) -> state      (token mixers only)
         One object per layer, held by `lmforge.models.cache.Cache`: `KVState` (keys/values) for
-        attention, a fixed-size recurrent state for SSM/linear-attention/RWKV/RetNet. It must offer
-        `bytes() -> int`; the generator never looks inside it.
+        attention, a fixed-size recurrent state (a `RecurrentState`) for SSM/linear-attention/RWKV/
+        RetNet. It offers `bytes() -> int`, `reorder(rows, length)` and `repeat_rows(n)` (beam search);
+        the generator never looks inside it.
 
 Channel mixers are called with the same `(x, ctx, state)` (the layer's state, which only stateful
 ones such as RWKV channel-mix read). Class attributes: `attr`, the block attribute holding it (its
@@ -31,6 +32,28 @@ recurrent mixer zeroes its input at padding so its state is exactly what the rea
 from __future__ import annotations
 
 import torch
+
+
+class RecurrentState:
+    """Base of fixed-size decode states: every tensor attribute has the batch as its first dimension."""
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def bytes(self) -> int:
+        """Memory held by the state (the same at every position)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def reorder(self, rows: torch.Tensor, length: int = 0) -> None:
+        """Row i takes over row `rows[i]`'s state (beam search)."""
+        for k, t in self._tensors().items():
+            setattr(self, k, t[rows].clone())
+
+    def repeat_rows(self, n: int) -> RecurrentState:
+        """A copy in which each row appears `n` times in a row."""
+        new = object.__new__(type(self))
+        new.__dict__.update({k: t.repeat_interleave(n, 0) for k, t in self._tensors().items()})
+        return new
 
 
 class MixerContext:
@@ -53,11 +76,16 @@ def token_mixers() -> dict[str, type]:
     from lmforge.models.mixers.attention import Attention
     from lmforge.models.mixers.linear_attention import LinearAttention
     from lmforge.models.mixers.mamba import Mamba
-    return {"attention": Attention, "mamba": Mamba, "linear_attention": LinearAttention}
+    from lmforge.models.mixers.retention import Retention
+    from lmforge.models.mixers.rwkv import RWKVTimeMix
+    from lmforge.models.mixers.s4d import S4D
+    return {"attention": Attention, "mamba": Mamba, "s4d": S4D, "linear_attention": LinearAttention,
+            "retention": Retention, "rwkv": RWKVTimeMix}
 
 
 def channel_mixers() -> dict[str, type]:
     """Channel mixer classes by config name ("none": the block has no channel mixer, as Mamba's)."""
     from lmforge.models.layers import MLP
     from lmforge.models.mixers.moe import MoE
-    return {"mlp": MLP, "moe": MoE}
+    from lmforge.models.mixers.rwkv import RWKVChannelMix
+    return {"mlp": MLP, "moe": MoE, "rwkv": RWKVChannelMix}

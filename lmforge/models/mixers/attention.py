@@ -122,10 +122,11 @@ class Attention(nn.Module):
 
 
 def build_mask(key_valid: torch.Tensor | None, q_start: int, T: int, L: int, window: int | None,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, n_global: int = 0) -> torch.Tensor:
     """Boolean (B or 1, 1, T, L) mask, True = may attend, for queries at slots q_start..q_start+T-1.
 
-    A query sees keys at slots <= its own, within `window` of it, and not padding. Every query also sees
+    A query sees keys at slots <= its own, within `window` of it (or among the first `n_global` slots: the
+    global tokens of Longformer, Beltagy et al. 2020, causal here), and not padding. Every query also sees
     itself, so a padding query never has an all-masked row (that would give NaN, and NaN times a zero
     weight is still NaN when later layers read that slot).
     """
@@ -133,7 +134,7 @@ def build_mask(key_valid: torch.Tensor | None, q_start: int, T: int, L: int, win
     k = torch.arange(L, device=device).unsqueeze(0)  # (1, L)
     allowed = k <= q
     if window is not None:
-        allowed = allowed & (q - k < window)
+        allowed = allowed & ((q - k < window) | (k < n_global))
     allowed = allowed.unsqueeze(0)  # (1, T, L)
     if key_valid is not None:
         allowed = (allowed & key_valid[:, None, :L]) | (k == q).unsqueeze(0)

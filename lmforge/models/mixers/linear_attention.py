@@ -17,21 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.models.mixers import MixerContext
+from lmforge.models.mixers import MixerContext, RecurrentState
 
 _CHUNK = 64
 _EPS = 1e-6
 
 
-class LinearAttentionState:
+class LinearAttentionState(RecurrentState):
     """S (B, H, d, d) and z (B, H, d), fp32."""
 
     def __init__(self, batch_size: int, n_head: int, head_dim: int, device):
         self.S = torch.zeros(batch_size, n_head, head_dim, head_dim, device=device)
         self.z = torch.zeros(batch_size, n_head, head_dim, device=device)
 
-    def bytes(self) -> int:
-        return (self.S.numel() + self.z.numel()) * 4
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:

@@ -22,20 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.models.mixers import MixerContext
+from lmforge.models.mixers import MixerContext, RecurrentState
 
 _CHUNK = 16  # steps per chunk: exp(-a_s) stays within fp32 range while T / L Python steps stay few
 
 
-class MambaState:
+class MambaState(RecurrentState):
     """One layer's decode state: the last d_conv-1 conv inputs (B, D, k-1) and the SSM state h (B, D, N)."""
 
     def __init__(self, batch_size: int, d_inner: int, d_conv: int, d_state: int, dtype, device):
         self.conv = torch.zeros(batch_size, d_inner, d_conv - 1, dtype=dtype, device=device)
         self.ssm = torch.zeros(batch_size, d_inner, d_state, dtype=torch.float32, device=device)
 
-    def bytes(self) -> int:
-        return self.conv.numel() * self.conv.element_size() + self.ssm.numel() * self.ssm.element_size()
 
 
 def selective_scan(x, dt, A, B, C, h0=None, chunk: int = _CHUNK):
