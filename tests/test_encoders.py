@@ -179,3 +179,16 @@ def test_gguf_export_of_an_encoder_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="family 'bert' has no GGUF layout"):
         save_gguf(llm, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_custom_attention_mask_replaces_the_causal_one():
+    torch.manual_seed(0)
+    m = build(lmforge.get_preset("tiny-llama"), None, "t").eval()
+    x = torch.randint(0, 256, (2, 10))
+    tril = torch.ones(10, 10, dtype=torch.bool).tril().expand(2, 1, 10, 10)
+    with torch.no_grad():
+        assert (m(x) - m(x, attn_mask=tril)).abs().max().item() <= 1e-5
+        full = m(x, attn_mask=torch.ones(2, 1, 10, 10, dtype=torch.bool))
+        assert (full[:, 0] - m(x)[:, 0]).abs().max().item() > 1e-4  # the first token now sees the others
+    with pytest.raises(ValueError, match="without a cache"):
+        m(x, attn_mask=tril, cache=m.new_cache(2))

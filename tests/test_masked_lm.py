@@ -144,3 +144,35 @@ def test_combined_objective_on_a_decoder(tok, tokens):
         CombinedLM(alpha=-1)
     r = load_recipe(ROOT / "recipes" / "tiny-llama" / "combined.yaml", ["train.objective_args.alpha=0.25"])
     assert r.train.objective == "combined_lm" and r.train.objective_args["alpha"] == 0.25
+
+
+def test_permutation_masks_follow_the_order():
+    from lmforge.train.permutation import permutation_masks
+
+    rank, targets, visible = permutation_masks(4, 30, 1 / 6, torch.Generator().manual_seed(0))
+    v = visible[:, 0]
+    assert (targets.sum(1) == 5).all()
+    assert torch.equal(targets, rank >= 25)  # the targets are the last steps of each order
+    assert torch.equal(v.sum(-1), rank + 1)  # a position sees every earlier step, and itself
+    for b in range(4):
+        assert sorted(rank[b].tolist()) == list(range(30))
+        i, j = torch.nonzero(v[b] & ~torch.eye(30, dtype=torch.bool), as_tuple=True)
+        assert (rank[b][j] < rank[b][i]).all()
+
+
+def test_permutation_lm_trains_a_decoder(tok, tokens):
+    from lmforge.train.permutation import PermutationLM
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny-llama").replace(vocab_size=tok.vocab_size, block_size=32, n_layer=1)
+    tc = TrainConfig(max_steps=15, batch_size=8, progress=False, peak_flops=1e11, eval_every=15, checkpoint_every=0)
+    tr = Trainer(DecoderLM(cfg), PermutationLM().bind(tok),
+                 TokenWindows(tokens, 8, 32, seed=3, val_tokens=tokens[:3000], eval_batches=2),
+                 tc, OptimConfig(lr=3e-3, warmup_steps=2))
+    before = tr.evaluate()
+    assert tr.evaluate()["loss"] == before["loss"]  # fixed evaluation orders
+    assert tr.fit().val["loss"] < before["loss"] - 0.3
+    with pytest.raises(ConfigError, match=r"\[MASK\]"):
+        PermutationLM().bind(train_bpe(["to be or not to be"] * 20, vocab_size=300))
+    r = load_recipe(ROOT / "recipes" / "tiny-llama" / "permutation.yaml")
+    assert r.train.objective == "permutation_lm"

@@ -135,7 +135,7 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, logits_to_keep: int = 0,
                 segment_ids: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions when > 0.
 
         attention_mask: (B, T), 1 for real tokens and 0 for padding (left padding for a decoder). With a
@@ -151,7 +151,7 @@ class DecoderLM(nn.Module):
                 raise ValueError("virtual tokens (prompt/prefix tuning) cannot be used with packed rows")
             cache = vt.start(self, *input_ids.shape)
         x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, segment_ids=segment_ids,
-                               token_type_ids=token_type_ids)
+                               token_type_ids=token_type_ids, attn_mask=attn_mask)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return x if self.lm_head is None else self.lm_head(x)
@@ -159,11 +159,14 @@ class DecoderLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       cache: Cache | None = None, segment_ids: torch.Tensor | None = None,
                       inputs_embeds: torch.Tensor | None = None,
-                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      token_type_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """Final hidden states (B, T, C), after the final norm: what the LM head reads.
 
         inputs_embeds: (B, T, C) used instead of looking up `input_ids` (whose shape still gives B, T).
         token_type_ids: (B, T) segment A/B ids for models with token-type embeddings (default: all 0).
+        attn_mask: (B, 1, T, T) bool, True = may attend: a caller's own visibility pattern (XLNet-style
+        permutation orders) in place of the causal / padding mask; no cache.
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -212,6 +215,10 @@ class DecoderLM(nn.Module):
             positions = idx - torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values
             same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
             mask = same & (build_mask(None, 0, T, T, window, device, n_global) if mask is None else mask)
+        if attn_mask is not None:
+            if cache is not None or unpadded is not None or segment_ids is not None:
+                raise ValueError("attn_mask replaces the model's own mask: use it without a cache, padding or segments")
+            mask = attn_mask.to(torch.bool)
 
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         if self.pos_emb is not None:

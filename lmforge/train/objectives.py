@@ -149,6 +149,7 @@ OBJECTIVES: dict[str, type[Objective] | str] = {
     "orpo": "lmforge.align.dpo:ORPO", "reward": "lmforge.align.reward:RewardObjective",
     "ppo": "lmforge.align.ppo:PPO", "distill": "lmforge.compress.distill:Distill",
     "masked_lm": "lmforge.train.masked:MaskedLM", "combined_lm": "lmforge.train.masked:CombinedLM",
+    "permutation_lm": "lmforge.train.permutation:PermutationLM",
 }
 
 
