@@ -98,3 +98,17 @@ def test_embed_cli(tmp_path, capsys):
     assert np.abs(np.array(rows[0]["embedding"]) - arr[0]).max() <= 1e-6
     assert main(["embed", "--texts", "x", "--out", str(tmp_path / "e.csv")]) == 2
     assert "npy or .jsonl" in capsys.readouterr().err
+
+
+def test_minilm_folder_round_trip_is_exact(models, tmp_path):
+    from safetensors.torch import load_file
+
+    ours, tok, ref = models
+    ours.save(tmp_path / "m")
+    a = load_file(str(FOLDER / "model.safetensors"))
+    b = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert set(b) == set(a) - {"embeddings.position_ids"}  # a buffer transformers no longer stores
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    again = lmforge.load(tmp_path / "m")
+    assert np.array_equal(again.embed(SENTENCES[:3]), ours.embed(SENTENCES[:3]))
+    assert transformers.AutoModel.from_pretrained(tmp_path / "m").config.model_type == "bert"
