@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("lmforge.infer.commands:chat", "chat with a model (its chat template), one turn or interactively"),
     "convert": ("lmforge.interop.commands:convert", "convert a model between lmforge, Hugging Face and GGUF"),
     "eval": ("lmforge.evaluate.commands:eval_", "evaluate a model (perplexity, bits per byte)"),
+    "embed": ("lmforge.infer.embed:embed", "sentence embeddings from an encoder (MiniLM), to .npy or JSONL"),
     "bench": ("lmforge.evaluate.complexity:bench",
               "measure block families' time/memory growth (complexity) or MoE routing overhead (moe)"),
     "align": ("lmforge.align.commands:align", "align with preferences: DPO, IPO, SimPO, ORPO, reward model, PPO"),

@@ -20,6 +20,7 @@ from lmforge.infer.generate import GenerationConfig, TextStream, beam_search, ge
 from lmforge.interop import hf
 from lmforge.io import atomic_dir, write_json
 from lmforge.models import DecoderLM
+from lmforge.models.decoder import tied_key
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -79,6 +80,27 @@ class LLM:
                               "tokenizer=<folder> to lmforge.load")
         return self.tokenizer
 
+    def _need_decoder(self, what: str) -> None:
+        if not self.config.attention.causal:
+            raise ConfigError(f"{self.config.name!r} is a bidirectional encoder: it cannot {what} text. Use "
+                              "llm.embed(texts) (lmforge embed) for sentence embeddings, or load a decoder model")
+
+    def embed(self, texts: str | list[str], batch_size: int = 32, pooling: str = "mean", normalize: bool = True,
+              max_length: int | None = None, truncate: bool = False, progress: bool | None = None):
+        """Sentence embeddings (N, d_model) as a float32 numpy array, from an encoder such as all-MiniLM-L6-v2.
+
+        pooling: "mean" over real tokens (sentence-transformers' default) or "cls"; normalize: unit L2
+        norm, so a dot product is a cosine similarity. Inputs longer than the context (or `max_length`)
+        are an error unless `truncate`.
+        """
+        from lmforge.infer.embed import embed_texts
+
+        if self.config.attention.causal:
+            raise ConfigError(f"{self.config.name!r} is a causal decoder; embed() needs a bidirectional encoder "
+                              "such as lmforge.load('minilm')")
+        return embed_texts(self.model, self._need_tokenizer(), texts, batch_size=batch_size, pooling=pooling,
+                           normalize=normalize, max_length=max_length, truncate=truncate, progress=progress)
+
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a prompt as generation sees it (the tokenizer's BOS included where it adds one)."""
         tok = self._need_tokenizer()
@@ -125,6 +147,7 @@ class LLM:
         `prompt_lookup=True` (or the longest n-gram to match, default 3) drafts by copying from the
         context, for output that repeats its input. `draft_tokens` are proposed per step.
         """
+        self._need_decoder("generate")
         lookup = 3 if prompt_lookup is True else int(prompt_lookup or 0)
         gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, repetition_penalty=repetition_penalty,
@@ -209,6 +232,7 @@ class LLM:
         messages: [{"role": "system" | "user" | "assistant", "content": "..."}, ...]
         Other keyword arguments are `generate`'s (sampling, beam search, `draft`, `prompt_lookup`).
         """
+        self._need_decoder("chat")
         tok = self._need_tokenizer()
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
@@ -243,7 +267,7 @@ class LLM:
             tensors, config_json = hf.to_hf_state_dict(cfg, sd), hf.to_hf_config(cfg)
             config_json["torch_dtype"] = str(dt or next(self.model.parameters()).dtype).removeprefix("torch.")
         else:
-            tensors = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+            tensors = {k: v for k, v in sd.items() if k != self.model.tied_key}
             config_json = {"model_type": "lmforge", **cfg.to_dict()}
         with atomic_dir(folder) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
@@ -329,7 +353,7 @@ def build(cfg: Config, state_dict: dict[str, torch.Tensor] | None, source: str,
         cast[k] = v.to(device=device, dtype=want).contiguous()  # no copy when already right
     model.load_state_dict(cast, assign=True)
     if cfg.tie_embeddings:  # assign gives each key its own Parameter: tie them again
-        model.lm_head.weight = model.tok_emb.weight
+        model.tie_weights()
     return model.to(device=device, dtype=dtype)  # the buffers; parameters are already there
 
 
@@ -383,8 +407,8 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         for p in pickles:
             tensors.update(_load_pickle(p, allow_pickle))
     sd = hf.from_hf_state_dict(cfg, tensors, str(folder)) if layout == "hf" else dict(tensors)
-    if layout != "hf" and cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd.get("tok_emb.weight")
+    if layout != "hf" and tied_key(cfg):
+        sd[tied_key(cfg)] = sd.get("tok_emb.weight")
     model = build(cfg, sd, str(folder), dtype, device, assign=True)
     if (folder / "adapter_config.json").is_file():  # a fine-tuned model saved as base + adapter
         from lmforge.adapt import load_adapter

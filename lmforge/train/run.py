@@ -105,6 +105,15 @@ def build_tokenizer(recipe: Recipe, run_dir: Path):
     if tk.kind == "char":
         return CharTokenizer()
     folder = run_dir / "tokenizer"
+    if tk.kind == "wordpiece" and not (folder / "tokenizer.json").is_file():
+        from lmforge.data import iter_documents
+        from lmforge.tokenizers.wordpiece import train_wordpiece
+
+        tok = train_wordpiece(iter_documents(recipe.data.source, "train"), vocab_size=tk.vocab_size,
+                              min_frequency=tk.min_frequency)
+        tok.save(folder)
+        _log(f"trained a WordPiece tokenizer ({tok.vocab_size} tokens) on {recipe.data.source} -> {folder}")
+        return tok
     if (folder / "tokenizer.json").is_file():  # made by an earlier (possibly interrupted) start of this run
         return load_tokenizer(folder)
     from lmforge.data import iter_documents
@@ -288,7 +297,13 @@ def build_run(recipe: Recipe, resume: str | None = None, *,
     if objective is not None and not isinstance(objective, Objective):
         objective = objective(model)
     if objective is None:
-        objective = build_objective(t.objective, reduction=t.loss_reduction, mask_padding=t.mask_padding)
+        try:
+            objective = build_objective(t.objective, reduction=t.loss_reduction, mask_padding=t.mask_padding,
+                                        **t.objective_args)
+        except ValueError as e:
+            raise ConfigError(f"train.objective: {e}") from None
+        if hasattr(objective, "bind"):  # objectives that need the tokenizer ([MASK] id, word boundaries)
+            objective.bind(tok)
     trainer = Trainer(model, objective, data.source, t, recipe.optim, run_dir=run_dir, tokenizer=tok)
     info.update(params=model.num_params(),
                 flops_per_token=model.estimate_flops(seq_len), seq_len=seq_len)
