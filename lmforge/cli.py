@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("lmforge.infer.commands:chat", "chat with a model (its chat template), one turn or interactively"),
     "convert": ("lmforge.interop.commands:convert", "convert a model between lmforge, Hugging Face and GGUF"),
     "eval": ("lmforge.evaluate.commands:eval_", "evaluate a model (perplexity, bits per byte)"),
+    "quantize": ("lmforge.quant.commands:quantize", "quantize a model's linear layers (int8, int4, nf4, q8_0)"),
 }
 
 

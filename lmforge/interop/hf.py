@@ -23,6 +23,8 @@ _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": 
 
 def exportable(cfg: Config) -> str | None:
     """Why `cfg` cannot be written as its family's HF layout, or None when it can."""
+    if cfg.bitlinear:
+        return "ternary (BitLinear) layers have no transformers layout"
     if cfg.family not in HF_FAMILIES:
         return f"family {cfg.family!r} has no transformers layout (supported: {', '.join(HF_FAMILIES)})"
     if cfg.parallel_residual or cfg.norm.placement != "pre" or cfg.lm_head_bias:

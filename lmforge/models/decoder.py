@@ -58,6 +58,10 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         if init_weights and cfg.init == "gpt2":  # skipped when weights are about to be loaded
             self.apply(self._init_weights)
+        if cfg.bitlinear:  # ternary QAT: the same parameters, a forward through ternary weights
+            from lmforge.quant.ternary import ternarize
+
+            ternarize(self)
 
     def _init_weights(self, m: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections back into the residual stream get 1/sqrt(2L)
@@ -131,12 +135,17 @@ class DecoderLM(nn.Module):
     # ---- accounting --------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); `non_embedding` leaves out token/position tables."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters()) + sum(self._quantized_weights().values())
         if non_embedding:
-            n -= self.tok_emb.weight.numel()
+            n -= self.tok_emb.num_embeddings * self.tok_emb.embedding_dim
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
         return n
+
+    def _quantized_weights(self) -> dict[str, int]:
+        """Weights held by quantized layers (lmforge.quant swaps; they have no float `weight`): name -> count."""
+        return {name: m.in_features * m.out_features for name, m in self.named_modules()
+                if hasattr(m, "dequantize") and not isinstance(m, nn.Linear)}
 
     def estimate_flops(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention scores.
@@ -147,6 +156,7 @@ class DecoderLM(nn.Module):
         T = seq_len or cfg.block_size
         # every nn.Linear, the LM head included (tied or not, it is a real matmul)
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        n_matmul += sum(self._quantized_weights().values())
         return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
