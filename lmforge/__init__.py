@@ -10,4 +10,13 @@ __version__ = "0.1.0"
 from lmforge.config import Config, get_preset, list_presets  # noqa: E402
 from lmforge.llm import LLM, load  # noqa: E402
 
-__all__ = ["Config", "LLM", "get_preset", "list_presets", "load", "__version__"]
+__all__ = ["Config", "LLM", "get_preset", "list_presets", "load", "serve", "__version__"]
+
+
+def __getattr__(name: str):
+    # `lmforge.serve(llm, host, port)`: the serving package, callable; imported on first use only
+    if name == "serve":
+        import importlib
+
+        return importlib.import_module("lmforge.serve")
+    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

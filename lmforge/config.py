@@ -15,6 +15,9 @@ from lmforge.errors import ConfigError
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
+# Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
+TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv")
+CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
 
 
 @dataclass
@@ -27,6 +30,7 @@ class AttentionConfig:
     qkv_bias: bool = True
     out_bias: bool = True
     sliding_window: int | None = None  # Mistral: each query sees at most this many keys (itself included)
+    global_tokens: int = 0  # with a window: the first slots stay visible to every query (Longformer/BigBird)
     dropout: float = 0.0
 
 
@@ -37,6 +41,32 @@ class MLPConfig:
     hidden: int = 3072
     activation: Activation = "gelu"
     bias: bool = True
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts (channel mixer "moe"): experts, routing, capacity and auxiliary losses."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    hidden: int | None = None  # each expert's width; None: mlp.hidden (activation and gating from `mlp`)
+    n_shared: int = 0  # always-on shared experts (DeepSeekMoE)
+    capacity_factor: float | None = None  # None: no capacity limit, nothing dropped
+    normalize_topk: bool = True  # renormalise the top-k gates to sum 1 (Mixtral)
+    aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch Transformer uses 0.01)
+    z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE uses 0.001)
+
+
+@dataclass
+class SSMConfig:
+    """State-space token mixers (Mamba): state size, conv width, expansion, dt rank."""
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # None: ceil(d_model / 16), as Mamba
+    conv_bias: bool = True
+    proj_bias: bool = False
 
 
 @dataclass
@@ -78,6 +108,12 @@ class Config:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    ssm: SSMConfig = field(default_factory=SSMConfig)
+    # Every layer is "token_mixer+channel_mixer" (see lmforge.models.mixers): `block` for all layers,
+    # `layers` (n_layer entries) per layer; an entry without "+channel" takes `block`'s channel mixer.
+    block: str = "attention+mlp"
+    layers: list[str] | None = None
     parallel_residual: bool = False  # Falcon/GPT-J: x + attn(ln(x)) + mlp(ln(x)), one shared norm
     tie_embeddings: bool = True
     lm_head_bias: bool = False
@@ -103,6 +139,19 @@ class Config:
     def head_dim(self) -> int:
         return self.attention.head_dim or self.d_model // self.attention.n_head
 
+    def layer_mixers(self) -> list[tuple[str, str]]:
+        """(token mixer, channel mixer) of every layer, from `block` and `layers`."""
+        default_token, _, default_channel = self.block.partition("+")
+        out = []
+        for spec in self.layers if self.layers is not None else [self.block] * self.n_layer:
+            token, plus, channel = str(spec).partition("+")
+            out.append((token, channel if plus else default_channel or "mlp"))
+        return out
+
+    def uses(self, mixer: str) -> bool:
+        """Whether any layer uses this token or channel mixer."""
+        return any(mixer in pair for pair in self.layer_mixers())
+
     # ---- validation and (de)serialisation -----------------------------------------------------
     def validate(self) -> Config:
         """Check that the numbers fit together; raise `ConfigError` naming the field otherwise."""
@@ -122,6 +171,8 @@ class Config:
         need(self.n_head % self.n_kv_head == 0,
              f"attention.n_head ({a.n_head}) must be a multiple of attention.n_kv_head ({self.n_kv_head})")
         need(a.sliding_window is None or a.sliding_window > 0, "attention.sliding_window must be positive")
+        need(a.global_tokens >= 0 and (a.global_tokens == 0 or a.sliding_window is not None),
+             "attention.global_tokens needs attention.sliding_window (global tokens widen a window)")
         need(self.position.kind != "rope" or self.head_dim % 2 == 0, "RoPE needs an even head_dim")
         need(self.mlp.hidden > 0, "mlp.hidden must be positive")
         need(self.mlp.activation in Activation.__args__,
@@ -134,6 +185,40 @@ class Config:
              f"position.kind must be 'learned', 'rope' or 'none', got {self.position.kind!r}")
         need(not (self.parallel_residual and self.norm.placement == "post"),
              "parallel_residual needs norm.placement='pre'")
+        need(self.layers is None or (isinstance(self.layers, list) and len(self.layers) == self.n_layer),
+             f"layers must list one block per layer (n_layer={self.n_layer}), got {self.layers!r}")
+        for i, (token, channel) in enumerate(self.layer_mixers()):
+            where = f"layers[{i}]" if self.layers is not None else "block"
+            need(token in TOKEN_MIXERS, f"{where}: unknown token mixer {token!r}; valid: {', '.join(TOKEN_MIXERS)} "
+                 "(a block is written 'token+channel', e.g. 'attention+mlp')")
+            need(channel in CHANNEL_MIXERS,
+                 f"{where}: unknown channel mixer {channel!r}; valid: {', '.join(CHANNEL_MIXERS)}")
+        need(not (self.parallel_residual and any(c == "none" for _, c in self.layer_mixers())),
+             "parallel_residual needs a channel mixer in every layer")
+        if self.uses("moe"):
+            m = self.moe
+            need(isinstance(m.n_experts, int) and m.n_experts > 0, f"moe.n_experts must be positive, got {m.n_experts}")
+            need(isinstance(m.top_k, int) and 0 < m.top_k <= m.n_experts,
+                 f"moe.top_k must be in 1..moe.n_experts ({m.n_experts}), got {m.top_k}")
+            need(m.hidden is None or m.hidden > 0, "moe.hidden must be positive")
+            need(m.n_shared >= 0, "moe.n_shared must be >= 0")
+            need(m.capacity_factor is None or m.capacity_factor > 0,
+                 f"moe.capacity_factor must be positive (or null for no limit), got {m.capacity_factor}")
+        for i, (token, channel) in enumerate(self.layer_mixers()):
+            need((token == "rwkv") == (channel == "rwkv"),
+                 f"layer {i}: RWKV's time-mix and channel-mix share one decode state; use 'rwkv+rwkv'")
+        for kind in ("linear_attention", "retention"):
+            need(not self.uses(kind) or self.n_kv_head == self.n_head,
+                 f"{kind} has no grouped KV heads: set attention.n_kv_head = attention.n_head")
+        if self.uses("s4d"):
+            need(self.ssm.d_state % 2 == 0 and self.ssm.d_state > 0,
+                 f"ssm.d_state must be a positive even number for s4d (conjugate pairs), got {self.ssm.d_state}")
+        if self.uses("mamba"):
+            s = self.ssm
+            for f in ("d_state", "d_conv", "expand"):
+                need(isinstance(getattr(s, f), int) and getattr(s, f) > 0, f"ssm.{f} must be a positive integer")
+            need(s.d_conv >= 2, "ssm.d_conv must be >= 2")
+            need(s.dt_rank is None or s.dt_rank > 0, "ssm.dt_rank must be positive")
         for f in ("embed_dropout", "resid_dropout"):
             need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
         return self
@@ -178,7 +263,8 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
     return cls(**kwargs)
 
 
-_SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig}
+_SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig,
+               "moe": MoEConfig, "ssm": SSMConfig}
 
 
 # ================================================================================================
@@ -272,6 +358,89 @@ def _qwen2_0_5b() -> Config:
                        ffn=4864, theta=1000000.0, eps=1e-6, tied=True, qkv_bias=True)
 
 
+def _mixtral_8x7b() -> Config:
+    # Jiang et al. 2024, "Mixtral of Experts", Table 1, and mistralai/Mixtral-8x7B-v0.1 config.json:
+    # dim 4096, 32 layers, 32 heads (8 KV), head_dim 128, 8 experts of SwiGLU width 14336, top-2,
+    # context 32768, RoPE theta 1e6, vocab 32000, untied. 46.7B parameters, 12.9B active per token.
+    c = _llama_like("mixtral-8x7b", "mixtral", vocab=32000, ctx=32768, d=4096, layers=32, heads=32, kv=8,
+                    ffn=14336, theta=1e6, eps=1e-5, tied=False)
+    c.block, c.moe = "attention+moe", MoEConfig(n_experts=8, top_k=2, aux_loss_coef=0.02)
+    c.bos_id, c.eos_id = 1, 2
+    return c
+
+
+def _tiny_moe() -> Config:
+    # Mixtral's block at test size: 4 experts of width 64, top-2, no capacity limit (so cached decoding
+    # equals the full pass; dropping is tested by setting moe.capacity_factor).
+    c = _llama_like("tiny-moe", "mixtral", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=2, ffn=64,
+                    theta=1e6, eps=1e-5, tied=False)
+    c.block, c.moe = "attention+moe", MoEConfig(n_experts=4, top_k=2)
+    return c
+
+
+def _mamba(name: str, d: int, layers: int, vocab: int, ctx: int) -> Config:
+    # Gu & Dao 2023, "Mamba", and state-spaces/mamba-130m-hf config.json: blocks are RMSNorm -> mixer ->
+    # residual with no MLP, d_state 16, conv 4, expand 2, dt_rank ceil(d/16), no positions, tied head.
+    return Config(name=name, family="mamba", vocab_size=vocab, block_size=ctx, d_model=d, n_layer=layers,
+                  block="mamba+none", norm=NormConfig(kind="rmsnorm", eps=1e-5, bias=False),
+                  position=PositionConfig(kind="none"), tie_embeddings=True, attention=AttentionConfig(n_head=1),
+                  mlp=MLPConfig(hidden=4 * d, activation="silu", bias=False))
+
+
+def _tiny_linear() -> Config:
+    # Katharopoulos et al. 2020: a pre-norm transformer with linear attention (elu + 1 features), no positions.
+    c = _llama_like("tiny-linear", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block, c.position = "linear_attention+mlp", PositionConfig(kind="none")
+    return c
+
+
+def _tiny_retnet() -> Config:
+    # Sun et al. 2023, "Retentive Network": pre-LN blocks of multi-scale retention + FFN, rotary-style
+    # relative positions on q/k, no biases. Test size.
+    c = _llama_like("tiny-retnet", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=128,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block = "retention+mlp"
+    return c
+
+
+def _tiny_rwkv() -> Config:
+    # Peng et al. 2023, RWKV-4: pre-LN blocks of time-mix + channel-mix (hidden 4d), no positions.
+    # (RWKV-4 also has a LayerNorm after the embedding; it is left out here.)
+    c = _gpt2("tiny-rwkv", 2, 64, 4)
+    c.vocab_size, c.block_size, c.bos_id, c.eos_id = 256, 128, None, None
+    c.block, c.position, c.tie_embeddings = "rwkv+rwkv", PositionConfig(kind="none"), False
+    c.mlp = MLPConfig(hidden=256, activation="relu", bias=False)
+    return c
+
+
+def _tiny_s4d() -> Config:
+    # Gu et al. 2022 (S4D): pre-norm blocks of S4D (64 states per channel in the paper; 16 here) + MLP.
+    c = _llama_like("tiny-s4d", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block, c.position, c.ssm = "s4d+mlp", PositionConfig(kind="none"), SSMConfig(d_state=16)
+    return c
+
+
+def _tiny_mamba() -> Config:
+    c = _mamba("tiny-mamba", 64, 2, 256, 128)
+    c.ssm.d_state = 8  # test size: half of Mamba's 16 keeps the scan cheap on 2 cores
+    return c
+
+
+def _tiny_jamba() -> Config:
+    # Lieber et al. 2024, "Jamba": Mamba and attention layers interleaved (1 attention per 8 layers at
+    # scale), MoE in every other layer's channel mixer, no position encoding (Mamba carries order).
+    # Test size: 4 layers, one of them attention.
+    c = _llama_like("tiny-jamba", "lmforge", vocab=256, ctx=128, d=64, layers=4, heads=4, kv=2, ffn=128,
+                    theta=1e4, eps=1e-6, tied=False)
+    c.position = PositionConfig(kind="none")
+    c.layers = ["mamba+mlp", "mamba+moe", "attention+mlp", "mamba+moe"]
+    c.moe = MoEConfig(n_experts=4, top_k=2, hidden=64)
+    c.ssm = SSMConfig(d_state=8)
+    return c
+
+
 def _tiny(family: str) -> Config:
     """A few-thousand-parameter model of each family, for tests: same code paths, tiny shapes."""
     base = {
@@ -306,6 +475,15 @@ PRESETS: dict[str, Any] = {
     "mistral-7b": _mistral_7b,
     "falcon-7b": _falcon_7b,
     "qwen2-0.5b": _qwen2_0_5b,
+    "mixtral-8x7b": _mixtral_8x7b,
+    "tiny-moe": _tiny_moe,
+    "mamba-130m": lambda: _mamba("mamba-130m", 768, 24, 50280, 2048),
+    "tiny-jamba": _tiny_jamba,
+    "tiny-linear": _tiny_linear,
+    "tiny-retnet": _tiny_retnet,
+    "tiny-rwkv": _tiny_rwkv,
+    "tiny-s4d": _tiny_s4d,
+    "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }
 

@@ -16,7 +16,7 @@ from torch import nn
 from lmforge import __version__
 from lmforge.config import Config, get_preset
 from lmforge.errors import ConfigError, FormatError
-from lmforge.infer.generate import GenerationConfig, TextStream, generate_ids, iter_tokens
+from lmforge.infer.generate import GenerationConfig, TextStream, beam_search, generate_ids, iter_tokens
 from lmforge.interop import hf
 from lmforge.io import atomic_dir, write_json
 from lmforge.models import DecoderLM
@@ -106,45 +106,90 @@ class LLM:
     def generate(self, prompt: str | list[str], max_new_tokens: int = 128, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  stop: list[str] | str | None = None, seed: int | None = None, truncate: bool = False,
-                 stream: bool = False) -> str | list[str] | Iterator[str]:
+                 stream: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
+                 early_stopping: bool | str = False, num_return_sequences: int = 1,
+                 draft: LLM | str | None = None, prompt_lookup: bool | int = False, draft_tokens: int = 5,
+                 ) -> str | list[str] | list[list[str]] | Iterator[str]:
         """Continue a prompt (or a batch of prompts of any lengths) and return the new text.
 
         temperature 0 is greedy decoding. With `stream=True` (one prompt) returns an iterator of text
         pieces as they are produced. Generation stops at EOS, at a stop string (not included in the
         output), at max_new_tokens or when the context is full.
+
+        Beam search: `num_beams` > 1 (deterministic; the sampling settings are ignored), with
+        `length_penalty`, `early_stopping` (True, False or "never") and `num_return_sequences` best beams,
+        returned as a list of texts per prompt (best first) when that is > 1.
+
+        Speculative decoding gives the same output as without it, faster when the drafts are good:
+        `draft` is a smaller model of the same tokenizer (an LLM or anything `lmforge.load` takes);
+        `prompt_lookup=True` (or the longest n-gram to match, default 3) drafts by copying from the
+        context, for output that repeats its input. `draft_tokens` are proposed per step.
         """
+        lookup = 3 if prompt_lookup is True else int(prompt_lookup or 0)
         gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, repetition_penalty=repetition_penalty,
                                stop=tuple([stop] if isinstance(stop, str) else stop or ()), seed=seed,
-                               truncate=truncate).validate()
+                               truncate=truncate, num_beams=num_beams, length_penalty=length_penalty,
+                               early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+                               prompt_lookup=lookup, draft_tokens=draft_tokens).validate()
+        draft_model = self._draft_model(draft)
+        if draft_model is not None and num_beams > 1:
+            raise ConfigError("beam search and speculative decoding cannot be combined; choose one")
         if stream:
             if not isinstance(prompt, str):
                 raise ConfigError("stream=True takes one prompt, not a list")
-            return self._stream([self.encode_prompt(prompt)], gen, chat=False)
+            return self._stream([self.encode_prompt(prompt)], gen, chat=False, draft=draft_model)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConfigError("no prompts given")
-        return self._complete([self.encode_prompt(p) for p in prompts], gen, single=isinstance(prompt, str))
+        return self._complete([self.encode_prompt(p) for p in prompts], gen, single=isinstance(prompt, str),
+                              draft=draft_model)
 
-    def _complete(self, ids: list[list[int]], gen: GenerationConfig, single: bool, chat: bool = False):
-        outs = generate_ids(self.model, ids, gen, self.eos_ids(chat), self._pad_id())
-        texts = []
-        for out in outs:
-            s = TextStream(self._decode, gen.stop)
-            for t in out:
-                s.push(t)
-                if s.stopped:
-                    break
-            texts.append(s.text)
+    def _draft_model(self, draft: LLM | str | os.PathLike | None) -> DecoderLM | None:
+        """The draft's model, after checking that it shares this model's tokenizer."""
+        if draft is None:
+            return None
+        if not isinstance(draft, LLM):
+            draft = load(draft, dtype=self.model.tok_emb.weight.dtype, device=str(self.model.tok_emb.weight.device))
+        mine, theirs = self._need_tokenizer(), draft.tokenizer
+        if theirs is None:
+            raise ConfigError("the draft model has no tokenizer, so it cannot be checked against this model's; "
+                              "give it the same tokenizer as the target")
+        if theirs is not mine and (theirs.vocab_size != mine.vocab_size or any(
+                theirs.id_to_token(i) != mine.id_to_token(i) for i in range(mine.vocab_size))):
+            raise ConfigError(f"the draft model's tokenizer ({theirs.vocab_size} tokens) differs from this "
+                              f"model's ({mine.vocab_size} tokens): speculative decoding needs a draft of the "
+                              "same tokenizer (e.g. a smaller model of the same family), or use prompt_lookup")
+        return draft.model
+
+    def _complete(self, ids: list[list[int]], gen: GenerationConfig, single: bool, chat: bool = False,
+                  draft: DecoderLM | None = None):
+        if gen.num_beams > 1:
+            hyps = beam_search(self.model, ids, gen, self.eos_ids(chat), self._pad_id())
+            texts = [[self._text(h.tokens, gen) for h in row] for row in hyps]
+            if gen.num_return_sequences == 1:
+                texts = [row[0] for row in texts]
+        else:
+            outs = generate_ids(self.model, ids, gen, self.eos_ids(chat), self._pad_id(), draft=draft)
+            texts = [self._text(out, gen) for out in outs]
         return texts[0] if single else texts
+
+    def _text(self, ids: list[int], gen: GenerationConfig) -> str:
+        s = TextStream(self._decode, gen.stop)
+        for t in ids:
+            s.push(t)
+            if s.stopped:
+                break
+        return s.text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _stream(self, ids: list[list[int]], gen: GenerationConfig, chat: bool) -> Iterator[str]:
+    def _stream(self, ids: list[list[int]], gen: GenerationConfig, chat: bool,
+                draft: DecoderLM | None = None) -> Iterator[str]:
         s = TextStream(self._decode, gen.stop)
         eos = set(self.eos_ids(chat))
-        for nxt in iter_tokens(self.model, ids, gen, sorted(eos), self._pad_id()):
+        for nxt in iter_tokens(self.model, ids, gen, sorted(eos), self._pad_id(), draft=draft):
             t = int(nxt[0])
             if t in eos:
                 break
@@ -169,7 +214,8 @@ class LLM:
         gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, **kwargs).validate()
         if stream:
             return self._stream([ids], gen, chat=True)
-        return self._complete([ids], gen, single=True, chat=True).strip()
+        out = self._complete([ids], gen, single=True, chat=True)
+        return [t.strip() for t in out] if isinstance(out, list) else out.strip()
 
     # ---- compression ---------------------------------------------------------------------------
     def quantize(self, method: str, **options: Any) -> LLM:
@@ -191,16 +237,22 @@ class LLM:
     def save(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
         """Write a model folder: config.json, model.safetensors, tokenizer files, lmforge.json.
 
+        A model with adapters (`lmforge.adapt`) is written as its base weights plus adapter_config.json and
+        adapter_model.safetensors (peft's format); `lmforge.load` puts the adapter back on.
+
         Families with a `transformers` layout (GPT-2, Llama, Mistral, Qwen2) are written in it, so
         `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads them too. The write is atomic.
         """
+        from lmforge.adapt import base_state_dict, has_adapters, save_adapter
+
         cfg = self.config
         dt = resolve_dtype(dtype)
         quant = getattr(self.model, "quantization", None)
         if quant:
             return self._save_quantized(folder, dt, quant)
-        sd = {k: (v.to(dt) if dt and v.is_floating_point() else v).detach().cpu()
-              for k, v in self.model.state_dict().items()}
+        adapted = has_adapters(self.model)  # base weights as usual, adapters beside them in peft's format
+        state = base_state_dict(self.model) if adapted else self.model.state_dict()
+        sd = {k: (v.to(dt) if dt and v.is_floating_point() else v).detach().cpu() for k, v in state.items()}
         layout = "hf" if hf.exportable(cfg) is None else "native"
         if layout == "hf":
             tensors, config_json = hf.to_hf_state_dict(cfg, sd), hf.to_hf_config(cfg)
@@ -216,6 +268,12 @@ class LLM:
                                               "weights_layout": layout, "config": cfg.to_dict()})
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
+            if adapted:
+                from lmforge.adapt import LoRALinear, adapter_layers
+                from lmforge.adapt.bottleneck import save_native_adapter
+
+                lora = all(type(m) is LoRALinear for _, m in adapter_layers(self.model))
+                (save_adapter if lora else save_native_adapter)(self.model, tmp)
         return Path(folder)
 
     def _save_quantized(self, folder, dt: torch.dtype | None, quant: dict) -> Path:
@@ -344,6 +402,10 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         raise FormatError(f"{folder}: no config.json or lmforge.json; not a model folder")
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
         tensors = _read_safetensors(folder)
+    elif layout == "dcp":  # a ddp/fsdp run's sharded checkpoint
+        from lmforge.interop.dcp import read_model_tensors
+
+        tensors, layout = read_model_tensors(folder), "native"
     else:
         pickles = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         if not pickles:
@@ -362,6 +424,14 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
     if layout != "hf" and cfg.tie_embeddings:
         sd["lm_head.weight"] = sd.get("tok_emb.weight")
     model = build(cfg, sd, str(folder), dtype, device, assign=True)
+    if (folder / "adapter_config.json").is_file():  # a fine-tuned model saved as base + adapter
+        from lmforge.adapt import load_adapter
+
+        load_adapter(model, folder)
+    elif (folder / "lmforge_adapter.json").is_file():  # base + lmforge-format adapters (bottleneck)
+        from lmforge.adapt.bottleneck import load_native_adapter
+
+        load_native_adapter(model, folder)
     tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
     return LLM(model, tok, str(folder))
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 
 def generate(prompt: list[str], model: str = "runs/quickstart/model", max_new_tokens: int = 128,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop: list[str] | None = None, seed: int | None = None, dtype: str = "float32",
-             truncate: bool = False, stream: bool = True) -> int:
+             truncate: bool = False, stream: bool = True, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: Literal["false", "true", "never"] = "false", num_return_sequences: int = 1,
+             draft: str | None = None, prompt_lookup: int = 0, draft_tokens: int = 5) -> int:
     """Continue one or more prompts with a model and print the text.
 
-    Several prompts run as one left-padded batch. Example:
+    Several prompts run as one left-padded batch. Examples:
     lmforge generate "ROMEO:" --model runs/quickstart/model --temperature 0.8 --seed 0
+    lmforge generate "The capital of France is" --model smollm2 --num-beams 4 --num-return-sequences 2
+    lmforge generate "Rewrite: ..." --model smollm2 --temperature 0 --prompt-lookup 3
 
     Args:
         prompt: the text(s) to continue.
@@ -26,14 +31,34 @@ def generate(prompt: list[str], model: str = "runs/quickstart/model", max_new_to
         seed: random seed, for reproducible sampling.
         dtype: float32 or bfloat16.
         truncate: keep the last tokens of a prompt longer than the context instead of failing.
-        stream: print text as it is generated (one prompt only).
+        stream: print text as it is generated (one prompt only; not with beam search).
+        num_beams: beam search with this many beams (1 = off; deterministic, ignores sampling settings).
+        length_penalty: beam search: a finished beam scores sum(log p) / length ** length_penalty.
+        early_stopping: beam search: true = stop once num_beams beams finished; false = once no running
+          beam can beat them at its current length; never = ... at the longest length.
+        num_return_sequences: beam search: print this many best beams per prompt.
+        draft: speculative decoding with this smaller model of the same tokenizer as the draft.
+        prompt_lookup: speculative decoding that drafts by copying from the context, matching n-grams up
+          to this long (0 = off; 3 is a good choice).
+        draft_tokens: speculative decoding: tokens drafted per step.
     """
     import lmforge
 
     llm = lmforge.load(model, dtype=dtype)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-              repetition_penalty=repetition_penalty, stop=stop, seed=seed, truncate=truncate)
-    if stream and len(prompt) == 1:
+              repetition_penalty=repetition_penalty, stop=stop, seed=seed, truncate=truncate,
+              num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
+              early_stopping={"false": False, "true": True}.get(early_stopping, early_stopping),
+              draft=lmforge.load(draft, dtype=dtype) if draft else None, prompt_lookup=prompt_lookup,
+              draft_tokens=draft_tokens)
+    if num_beams > 1 and num_return_sequences > 1:
+        outs = llm.generate(prompt, **kw)
+        for p, beams in zip(prompt, outs):
+            for i, o in enumerate(beams, 1):
+                print(f"[{i}] {p}{o}")
+            print("-" * 40)
+        return 0
+    if stream and len(prompt) == 1 and num_beams == 1:
         sys.stdout.write(prompt[0])
         for piece in llm.generate(prompt[0], stream=True, **kw):
             sys.stdout.write(piece)

@@ -1,113 +1,56 @@
-"""Autoregressive generation: one engine for greedy and sampled decoding, batches and streaming.
+"""Autoregressive generation: one engine for greedy and sampled decoding, batches and streaming,
+beam search and speculative decoding.
 
 The model runs once over the (left-padded) prompts to fill a preallocated KV cache, then once per
 new token with a single position per row. Sampling happens on fp32 logits of the last position only.
+`iter_tokens` and `generate_ids` are the entry points; with `gen.num_beams > 1` they run beam search
+(`beam.py`), with a draft model or `gen.prompt_lookup` speculative decoding (`speculative.py`), both
+over the same static KV cache.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.infer.beam import Hypothesis, beam_search
 from lmforge.infer.packed import blas_decode, pack_linears
+from lmforge.infer.sampling import GenerationConfig, filter_logits, prepare_prompts, sample_next
+from lmforge.infer.speculative import SpecStats, speculative_tokens
 from lmforge.models import DecoderLM
 
-
-@dataclass
-class GenerationConfig:
-    """How to pick each next token and when to stop.
-
-    temperature 0 means greedy (arg-max). top_k 0 and top_p 1.0 switch those filters off.
-    repetition_penalty > 1 discourages tokens already in the prompt or output (Keskar et al. 2019).
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop: Sequence[str] = field(default_factory=tuple)
-    seed: int | None = None
-    stop_at_eos: bool = True
-    truncate: bool = False  # keep the last tokens of a prompt longer than the context instead of failing
-
-    def validate(self) -> GenerationConfig:
-        """Reject values that have no meaning, naming the allowed range."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        if any(not s for s in self.stop):
-            raise ConfigError("stop strings must be non-empty")
-        return self
+__all__ = ["GenerationConfig", "Hypothesis", "SpecStats", "TextStream", "beam_search", "filter_logits",
+           "generate_ids", "iter_tokens", "prepare_prompts", "sample_next", "speculative_tokens"]
 
 
-def sample_next(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator | None,
-                seen: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick one token per row from logits (B, V). `seen` (B, V) bool marks tokens to penalise."""
-    logits = logits.float()
-    if seen is not None and gen.repetition_penalty != 1.0:
-        p = gen.repetition_penalty
-        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
-    if gen.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / gen.temperature
-    if gen.top_k and gen.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, gen.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if gen.top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
-        drop = probs.cumsum(dim=-1) - probs >= gen.top_p
-        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def prepare_prompts(prompts: list[list[int]], block_size: int, gen: GenerationConfig, pad_id: int
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Left-pad token lists into (B, T) ids and a (B, T) mask (None when no row is padded)."""
-    rows = []
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ConfigError("empty prompt: there is nothing to condition on (this tokenizer adds no BOS "
-                              "token); give some text")
-        if len(p) > block_size:
-            if not gen.truncate:
-                raise ConfigError(f"prompt {i} has {len(p)} tokens but the model's context is {block_size}; "
-                                  "shorten it or pass truncate=True (--truncate) to keep its last tokens")
-            p = p[-block_size:]
-        rows.append(p)
-    T = max(len(p) for p in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, p in enumerate(rows):
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):] = 1
-    return ids, (None if bool(mask.all()) else mask)
+def is_speculative(gen: GenerationConfig, draft: DecoderLM | None) -> bool:
+    """Whether these settings decode speculatively (a draft model, or prompt lookup)."""
+    return draft is not None or gen.prompt_lookup > 0
 
 
 @torch.inference_mode()
 def iter_tokens(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfig,
-                eos_ids: Sequence[int] = (), pad_id: int = 0) -> Iterator[torch.Tensor]:
+                eos_ids: Sequence[int] = (), pad_id: int = 0, draft: DecoderLM | None = None,
+                stats: SpecStats | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) LongTensor, until max_new_tokens or the context is full.
 
     Rows that produced an EOS keep yielding `pad_id`. The caller decides about stop strings and may
-    simply stop iterating.
+    simply stop iterating. Speculative decoding (`draft`, or `gen.prompt_lookup`) takes one prompt and
+    fills `stats`; beam search has no token-by-token form (see `beam_search`).
     """
     gen.validate()
+    if gen.num_beams > 1:
+        raise ConfigError("beam search picks its tokens only at the end, so it cannot stream; "
+                          "call generate without stream (or beam_search)")
+    if is_speculative(gen, draft):
+        if len(prompts) != 1:
+            raise ConfigError("speculative decoding streams one prompt at a time; give one prompt")
+        for chunk in speculative_tokens(model, prompts[0], gen, eos_ids, draft, stats):
+            for t in chunk:
+                yield torch.tensor([t])
+        return
     cfg = model.config
     device = model.tok_emb.weight.device
     pack_linears(model)  # CPU: multiply from prepacked weights (no-op elsewhere and when done before)
@@ -153,8 +96,20 @@ def iter_tokens(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
 
 
 def generate_ids(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfig,
-                 eos_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
-    """New tokens for every prompt (EOS included when it ended the row, padding excluded)."""
+                 eos_ids: Sequence[int] = (), pad_id: int = 0, draft: DecoderLM | None = None,
+                 stats: SpecStats | None = None) -> list[list[int]]:
+    """New tokens for every prompt (EOS included when it ended the row, padding excluded).
+
+    With beam search, the best hypothesis of each prompt (`beam_search` gives the n best and scores);
+    speculative decoding runs the prompts one after another.
+    """
+    gen.validate()
+    if gen.num_beams > 1:
+        if draft is not None:
+            raise ConfigError("beam search and speculative decoding cannot be combined; choose one")
+        return [hyps[0].tokens for hyps in beam_search(model, prompts, gen, eos_ids, pad_id)]
+    if is_speculative(gen, draft):
+        return [sum(speculative_tokens(model, p, gen, eos_ids, draft, stats), []) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     eos = set(eos_ids) if gen.stop_at_eos else set()

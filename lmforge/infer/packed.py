@@ -55,7 +55,9 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode calls this ~100 times per token, so the common path is kept to a few attribute reads
         w = self.weight
-        if x.dtype != w.dtype or (w.requires_grad and torch.is_grad_enabled()):
+        # the packed kernels have no backward: any gradient through here (into the weight, or back into
+        # the input, e.g. frozen layers under LoRA) takes the plain path
+        if x.dtype != w.dtype or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w._version)  # a new dtype or device is a new storage, hence a new data_ptr
         if key != self._packed_key:

@@ -14,9 +14,10 @@ import torch
 from lmforge.config import AttentionConfig, Config, MLPConfig, NormConfig, PositionConfig
 from lmforge.errors import ConfigError, FormatError
 
-HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
-_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-         "qwen2": "Qwen2ForCausalLM"}
+HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "mamba")
+_ARCH = {"mamba": "MambaForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+         "mistral": "MistralForCausalLM",
+         "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
              "gelu_fast": "gelu_tanh"}
 
@@ -29,6 +30,17 @@ def exportable(cfg: Config) -> str | None:
         return f"family {cfg.family!r} has no transformers layout (supported: {', '.join(HF_FAMILIES)})"
     if cfg.parallel_residual or cfg.norm.placement != "pre" or cfg.lm_head_bias:
         return "transformers' layout needs pre-norm, sequential blocks and no LM-head bias"
+    if cfg.family == "mamba":
+        ok = (cfg.layer_mixers() == [("mamba", "none")] * cfg.n_layer and cfg.norm.kind == "rmsnorm"
+              and cfg.position.kind == "none" and cfg.ssm.conv_bias)
+        return None if ok else "transformers' Mamba is RMSNorm + Mamba mixer in every layer, no positions"
+    block = ("attention", "moe" if cfg.family == "mixtral" else "mlp")
+    if cfg.layer_mixers() != [block] * cfg.n_layer:
+        return f"transformers' {cfg.family} layout has '{'+'.join(block)}' in every layer"
+    m = cfg.moe
+    if cfg.family == "mixtral" and (m.n_shared or m.capacity_factor is not None or not m.normalize_topk
+                                    or m.hidden not in (None, cfg.mlp.hidden)):
+        return "transformers' Mixtral has no shared experts, no capacity limit and renormalised top-k gates"
     if cfg.family == "gpt2":
         ok = (cfg.position.kind == "learned" and cfg.norm.kind == "layernorm" and cfg.norm.bias
               and cfg.n_kv_head == cfg.n_head and cfg.attention.qkv_bias and cfg.attention.out_bias
@@ -41,8 +53,10 @@ def exportable(cfg: Config) -> str | None:
         ok = ok and (cfg.attention.qkv_bias is False or cfg.family == "llama")
     if cfg.family == "qwen2":
         ok = ok and cfg.attention.qkv_bias
-    if cfg.family == "llama":
+    if cfg.family in ("llama", "mixtral"):
         ok = ok and cfg.attention.sliding_window is None
+    if cfg.family == "mixtral":
+        ok = ok and not cfg.attention.qkv_bias
     return None if ok else f"this config differs from the {cfg.family} block (positions, norm, MLP or biases)"
 
 
@@ -54,6 +68,13 @@ def to_hf_config(cfg: Config) -> dict[str, Any]:
     common = {"architectures": [_ARCH[cfg.family]], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
               "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
+    if cfg.family == "mamba":
+        s = cfg.ssm
+        return {**common, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "state_size": s.d_state,
+                "conv_kernel": s.d_conv, "expand": s.expand, "intermediate_size": s.expand * cfg.d_model,
+                "time_step_rank": s.dt_rank or -(-cfg.d_model // 16), "use_bias": s.proj_bias,
+                "use_conv_bias": s.conv_bias, "layer_norm_epsilon": cfg.norm.eps, "hidden_act": "silu",
+                "residual_in_fp32": True, "initializer_range": cfg.init_std}
     if cfg.family == "gpt2":
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.mlp.activation]
         return {**common, "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.d_model,
@@ -73,6 +94,9 @@ def to_hf_config(cfg: Config) -> dict[str, Any]:
         d.update(sliding_window=cfg.attention.sliding_window)
     elif cfg.family == "qwen2":
         d.update(use_sliding_window=False, sliding_window=None)
+    elif cfg.family == "mixtral":
+        d.update(sliding_window=None, num_local_experts=cfg.moe.n_experts, num_experts_per_tok=cfg.moe.top_k,
+                 router_aux_loss_coef=cfg.moe.aux_loss_coef, output_router_logits=False, router_jitter_noise=0.0)
     return d
 
 
@@ -91,7 +115,22 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> Config:
         return default
 
     name = d.get("_name_or_path") or mt
-    if mt == "gpt2":
+    if mt == "mamba":
+        from lmforge.config import SSMConfig
+        hidden, expand = get("hidden_size"), get("expand", default=2)
+        if get("intermediate_size", default=expand * hidden) != expand * hidden:
+            raise FormatError(f"{source}: intermediate_size must be expand * hidden_size")
+        if d.get("hidden_act", "silu") != "silu":
+            raise FormatError(f"{source}: hidden_act {d.get('hidden_act')!r} is not supported (silu only)")
+        cfg = Config(name=name, family="mamba", vocab_size=get("vocab_size"), d_model=hidden,
+                     block_size=d.get("max_position_embeddings") or 65536, n_layer=get("num_hidden_layers"),
+                     block="mamba+none", attention=AttentionConfig(n_head=1),
+                     norm=NormConfig(kind="rmsnorm", eps=get("layer_norm_epsilon", default=1e-5), bias=False),
+                     position=PositionConfig(kind="none"), tie_embeddings=d.get("tie_word_embeddings", True),
+                     ssm=SSMConfig(d_state=get("state_size", default=16), d_conv=get("conv_kernel", default=4),
+                                   expand=expand, dt_rank=get("time_step_rank", default=-(-hidden // 16)),
+                                   conv_bias=d.get("use_conv_bias", True), proj_bias=d.get("use_bias", False)))
+    elif mt == "gpt2":
         n_embd = get("n_embd")
         act = get("activation_function", default="gelu_new")
         if act not in _GPT2_ACT:
@@ -130,6 +169,13 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> Config:
         )
         if mt == "llama" and d.get("mlp_bias"):
             raise FormatError(f"{source}: mlp_bias=true is not supported")
+        if mt == "mixtral":
+            from lmforge.config import MoEConfig
+            if d.get("sliding_window"):
+                cfg.attention.sliding_window = d["sliding_window"]
+            cfg.block = "attention+moe"
+            cfg.moe = MoEConfig(n_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
+                                aux_loss_coef=float(d.get("router_aux_loss_coef", 0.02)))
     for attr, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "pad_token_id")):
         v = d.get(key)
         setattr(cfg, attr, v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None))
@@ -146,7 +192,9 @@ def to_hf_state_dict(cfg: Config, sd: dict[str, torch.Tensor]) -> dict[str, torc
     """Our state dict -> HF keys and layouts (tied heads left out, as transformers saves them)."""
     out: dict[str, torch.Tensor] = {}
     nh, nkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    if cfg.family == "gpt2":
+    if cfg.family == "mamba":  # same tensors, other names
+        out = {_MAMBA_OUT(k): v for k, v in sd.items() if k != "lm_head.weight"}
+    elif cfg.family == "gpt2":
         out["transformer.wte.weight"] = sd["tok_emb.weight"]
         out["transformer.wpe.weight"] = sd["pos_emb.weight"]
         for i in range(cfg.n_layer):
@@ -173,6 +221,13 @@ def to_hf_state_dict(cfg: Config, sd: dict[str, torch.Tensor]) -> dict[str, torc
                 out[h + "self_attn.q_proj.bias"], out[h + "self_attn.k_proj.bias"] = qb, kb
                 out[h + "self_attn.v_proj.bias"] = vb
             out[h + "self_attn.o_proj.weight"] = sd[p + "attn.proj.weight"]
+            if cfg.family == "mixtral":  # on disk: one (w1 gate, w3 up, w2 down) triple per expert
+                moe = h + "block_sparse_moe."
+                out[moe + "gate.weight"] = sd[p + "moe.router.weight"]
+                for j, (fc, proj) in enumerate(zip(sd[p + "moe.w_fc"], sd[p + "moe.w_proj"])):
+                    out[moe + f"experts.{j}.w1.weight"], out[moe + f"experts.{j}.w3.weight"] = fc.chunk(2)
+                    out[moe + f"experts.{j}.w2.weight"] = proj
+                continue
             gate, up = sd[p + "mlp.fc.weight"].chunk(2)
             out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
             out[h + "mlp.down_proj.weight"] = sd[p + "mlp.proj.weight"]
@@ -193,7 +248,14 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "
         raise FormatError(f"{source}: missing tensor {key!r}")
 
     sd: dict[str, torch.Tensor] = {}
-    if cfg.family == "gpt2":
+    if cfg.family == "mamba":
+        names = [f"blocks.{i}.{n}" for i in range(cfg.n_layer) for n in _MAMBA_LAYER
+                 if n != "mixer.conv1d.bias" or cfg.ssm.conv_bias]
+        names += [f"blocks.{i}.mixer.{p}.bias" for i in range(cfg.n_layer) for p in ("in_proj", "out_proj")
+                  if cfg.ssm.proj_bias]
+        for k in ["tok_emb.weight", "norm_f.weight", *names]:
+            sd[k] = take(_MAMBA_OUT(k))
+    elif cfg.family == "gpt2":
         sd["tok_emb.weight"] = take("transformer.wte.weight")
         sd["pos_emb.weight"] = take("transformer.wpe.weight")
         for i in range(cfg.n_layer):
@@ -206,7 +268,7 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "
                 sd[p + ours + ".weight"] = take(h + theirs + ".weight").t()
                 sd[p + ours + ".bias"] = take(h + theirs + ".bias")
         sd["norm_f.weight"], sd["norm_f.bias"] = take("transformer.ln_f.weight"), take("transformer.ln_f.bias")
-    elif cfg.family in ("llama", "mistral", "qwen2"):
+    elif cfg.family in ("llama", "mistral", "qwen2", "mixtral"):
         sd["tok_emb.weight"] = take("model.embed_tokens.weight")
         for i in range(cfg.n_layer):
             p, h = f"blocks.{i}.", f"model.layers.{i}."
@@ -216,6 +278,9 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "
             if cfg.attention.qkv_bias:
                 sd[p + "attn.qkv.bias"] = torch.cat([take(h + f"self_attn.{x}_proj.bias") for x in "qkv"])
             sd[p + "attn.proj.weight"] = take(h + "self_attn.o_proj.weight")
+            if cfg.family == "mixtral":
+                sd.update(_mixtral_experts(cfg, hf, take, p, h))
+                continue
             sd[p + "mlp.fc.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
             sd[p + "mlp.proj.weight"] = take(h + "mlp.down_proj.weight")
         sd["norm_f.weight"] = take("model.norm.weight")
@@ -223,3 +288,31 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "
         raise FormatError(f"{source}: family {cfg.family!r} has no transformers key map")
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else take("lm_head.weight")
     return sd
+
+
+_MAMBA_LAYER = ("norm_1.weight", "mixer.A_log", "mixer.D", "mixer.conv1d.weight", "mixer.conv1d.bias",
+                "mixer.in_proj.weight", "mixer.x_proj.weight", "mixer.dt_proj.weight", "mixer.dt_proj.bias",
+                "mixer.out_proj.weight")
+
+
+def _MAMBA_OUT(k: str) -> str:
+    """Our key -> transformers' MambaForCausalLM key."""
+    if k == "tok_emb.weight":
+        return "backbone.embeddings.weight"
+    if k == "lm_head.weight":
+        return k
+    return "backbone." + k.replace("blocks.", "layers.").replace("norm_1.", "norm.")
+
+
+def _mixtral_experts(cfg: Config, hf: dict[str, torch.Tensor], take, p: str, h: str) -> dict[str, torch.Tensor]:
+    """One Mixtral layer's router and experts: per-expert w1/w3/w2 (the on-disk layout) or, as
+    `transformers` 5 keeps them in memory, `mlp.experts.gate_up_proj` / `down_proj` (already ours)."""
+    if any(k.endswith(h + "mlp.experts.gate_up_proj") for k in hf):
+        return {p + "moe.router.weight": take(h + "mlp.gate.weight"),
+                p + "moe.w_fc": take(h + "mlp.experts.gate_up_proj"),
+                p + "moe.w_proj": take(h + "mlp.experts.down_proj")}
+    moe = h + "block_sparse_moe."
+    E = cfg.moe.n_experts
+    fc = [torch.cat([take(moe + f"experts.{j}.w1.weight"), take(moe + f"experts.{j}.w3.weight")]) for j in range(E)]
+    return {p + "moe.router.weight": take(moe + "gate.weight"), p + "moe.w_fc": torch.stack(fc),
+            p + "moe.w_proj": torch.stack([take(moe + f"experts.{j}.w2.weight") for j in range(E)])}

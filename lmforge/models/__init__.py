@@ -1,6 +1,6 @@
 """Model architectures, all driven by `lmforge.config.Config`."""
 
-from lmforge.models.attention import KVCache
+from lmforge.models.cache import Cache, KVCache
 from lmforge.models.decoder import DecoderLM
 
-__all__ = ["DecoderLM", "KVCache"]
+__all__ = ["Cache", "DecoderLM", "KVCache"]

@@ -1,8 +1,10 @@
 """The decoder-only language model: every family lmforge serves, chosen by `Config`.
 
 Reads top to bottom: embeddings (+ learned positions) -> n_layer blocks -> final norm -> LM head.
-A block is pre-norm (GPT-2, Llama), post-norm (teenyGPT, the original Transformer) or parallel
-(Falcon); attention is MHA/GQA/MQA with optional RoPE and sliding window.
+A block is a token mixer (attention: MHA/GQA/MQA with optional RoPE and sliding window, or another
+family from `lmforge.models.mixers`) and a channel mixer (MLP, ...), chosen per layer by
+`Config.block` / `Config.layers`, with one norm/residual rule around them: pre-norm (GPT-2, Llama),
+post-norm (teenyGPT, the original Transformer) or parallel (Falcon).
 """
 
 from __future__ import annotations
@@ -11,34 +13,56 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
-from lmforge.models.attention import Attention, KVCache, build_mask
-from lmforge.models.layers import MLP, Rotary, make_norm
+from lmforge.models.cache import Cache
+from lmforge.models.layers import Rotary, make_norm
+from lmforge.models.mixers import MixerContext, channel_mixers, token_mixers
+from lmforge.models.mixers.attention import build_mask
 
 
 class Block(nn.Module):
-    """One transformer block: attention and MLP, each with a residual connection and a norm."""
+    """One block: a token mixer and a channel mixer, each with a residual connection and a norm.
 
-    def __init__(self, cfg: Config):
+    The mixers sit under their own attribute names (`attn`, `mlp`, ...: see each class's `attr`), so
+    state-dict keys read like the family's; `token_mixer` / `channel_mixer` reach them generically.
+    The channel mixer may be absent ("none", as in Mamba): the block is then x + mixer(norm(x)).
+    """
+
+    def __init__(self, cfg: Config, layer: int = 0):
         super().__init__()
+        token, channel = cfg.layer_mixers()[layer]
         self.placement = "parallel" if cfg.parallel_residual else cfg.norm.placement
+        tcls = token_mixers()[token]
+        ccls = channel_mixers()[channel] if channel != "none" else None
+        self.tname, self.cname = tcls.attr, ccls.attr if ccls else None
         self.norm_1 = make_norm(cfg)
-        self.attn = Attention(cfg)
-        self.norm_2 = None if cfg.parallel_residual else make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.add_module(self.tname, tcls(cfg))
+        self.norm_2 = None if cfg.parallel_residual or ccls is None else make_norm(cfg)
+        if ccls is not None:
+            self.add_module(self.cname, ccls(cfg))
         self.drop = nn.Dropout(cfg.resid_dropout)
 
-    def forward(self, x, rope, mask, cache, layer):
-        # x: (B, T, C)
+    @property
+    def token_mixer(self) -> nn.Module:
+        return self._modules[self.tname]
+
+    @property
+    def channel_mixer(self) -> nn.Module | None:
+        return self._modules[self.cname] if self.cname else None
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, state=None) -> torch.Tensor:
+        # x: (B, T, C); state: this layer's decode state (from the cache) or None
+        mix, ffn = self._modules[self.tname], self._modules[self.cname] if self.cname else None
         if self.placement == "pre":  # x + f(norm(x))
-            x = x + self.drop(self.attn(self.norm_1(x), rope, mask, cache, layer))
-            return x + self.drop(self.mlp(self.norm_2(x)))
+            x = x + self.drop(mix(self.norm_1(x), ctx, state))
+            return x if ffn is None else x + self.drop(ffn(self.norm_2(x), ctx, state))
         if self.placement == "post":  # norm(x + f(x))
-            x = self.norm_1(x + self.drop(self.attn(x, rope, mask, cache, layer)))
-            return self.norm_2(x + self.drop(self.mlp(x)))
-        h = self.norm_1(x)  # parallel: x + attn(norm(x)) + mlp(norm(x))
-        return x + self.drop(self.attn(h, rope, mask, cache, layer)) + self.drop(self.mlp(h))
+            x = self.norm_1(x + self.drop(mix(x, ctx, state)))
+            return x if ffn is None else self.norm_2(x + self.drop(ffn(x, ctx, state)))
+        h = self.norm_1(x)  # parallel: x + mix(norm(x)) + ffn(norm(x))
+        return x + self.drop(mix(h, ctx, state)) + self.drop(ffn(h, ctx, state))
 
 
 class DecoderLM(nn.Module):
@@ -51,13 +75,21 @@ class DecoderLM(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position.kind == "learned" else None
         self.rotary = Rotary(cfg) if cfg.position.kind == "rope" else None
         self.drop = nn.Dropout(cfg.embed_dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.has_attention = cfg.uses("attention")
         self.norm_f = make_norm(cfg) if cfg.norm.placement == "pre" else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if init_weights and cfg.init == "gpt2":  # skipped when weights are about to be loaded
             self.apply(self._init_weights)
+        if init_weights:  # mixers with parameters of their own meaning (Mamba's A, dt) re-set them
+            for m in self.modules():
+                if hasattr(m, "init_extra"):
+                    m.init_extra()
+        # Training switch, not architecture: each block's activations are recomputed in backward instead
+        # of kept (non-reentrant torch.utils.checkpoint: same numbers, dropout replayed from saved RNG state).
+        self.activation_checkpointing = False
         if cfg.bitlinear:  # ternary QAT: the same parameters, a forward through ternary weights
             from lmforge.quant.ternary import ternarize
 
@@ -68,7 +100,9 @@ class DecoderLM(nn.Module):
         # so the stream's variance does not grow with depth.
         std = self.config.init_std
         if isinstance(m, nn.Linear):
-            resid = m is not self.lm_head and any(m is b.attn.proj or m is b.mlp.proj for b in self.blocks)
+            resid = m is not self.lm_head and any(
+                m is getattr(mixer, name, None) for b in self.blocks for mixer in (b.token_mixer, b.channel_mixer)
+                if mixer is not None for name in getattr(mixer, "resid_projs", ()))
             nn.init.normal_(m.weight, std=std / math.sqrt(2 * self.config.n_layer) if resid else std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -76,20 +110,32 @@ class DecoderLM(nn.Module):
             nn.init.normal_(m.weight, std=std)
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: Cache | None = None, logits_to_keep: int = 0,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions when > 0.
 
         attention_mask: (B, T), 1 for real tokens and 0 for left padding. With a `cache`, the tokens
-        continue what the cache holds, and the cache advances by T.
+        continue what the cache holds, and the cache advances by T. segment_ids: (B, T) for packed rows
+        (several examples in one row, each a contiguous run of one id): a token attends only within its
+        segment and positions restart at 0 in each, so every example computes as it would alone.
         """
-        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
+        vt = getattr(self, "virtual_tokens", None)  # prompt/prefix tuning (lmforge.adapt.virtual) fill a new cache
+        if cache is None and vt is not None and not vt.disabled:
+            if segment_ids is not None:
+                raise ValueError("virtual tokens (prompt/prefix tuning) cannot be used with packed rows")
+            cache = vt.start(self, *input_ids.shape)
+        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, segment_ids=segment_ids)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, C), after the final norm: what the LM head reads."""
+                      cache: Cache | None = None, segment_ids: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C), after the final norm: what the LM head reads.
+
+        inputs_embeds: (B, T, C) used instead of looking up `input_ids` (whose shape still gives B, T).
+        """
         cfg = self.config
         B, T = input_ids.shape
         device = input_ids.device
@@ -109,28 +155,62 @@ class DecoderLM(nn.Module):
         # mask: None whenever SDPA's built-in causal mask (or no mask for one query) is exact
         window = cfg.attention.sliding_window
         L = start + T
+        padded = attention_mask is not None and not attention_mask.all()
         if cache is not None:
             cache.key_mask[:, start:L] = True if attention_mask is None else attention_mask
-            cache.has_padding = cache.has_padding or attention_mask is not None and not attention_mask.all()
+            cache.has_padding = cache.has_padding or padded
             needs_mask = cache.has_padding or (window is not None and L > window) or (T > 1 and start > 0)
             key_valid = cache.key_mask if cache.has_padding else None
         else:
-            padded = attention_mask is not None and not attention_mask.all()
             needs_mask = padded or (window is not None and T > window)
             key_valid = attention_mask if padded else None
-        mask = build_mask(key_valid, start, T, L, window, device) if needs_mask else None
+        needs_mask = needs_mask and self.has_attention
+        n_global = cfg.attention.global_tokens
+        mask = build_mask(key_valid, start, T, L, window, device, n_global) if needs_mask else None
+        if segment_ids is not None:  # packed examples: block-diagonal causal mask, positions per segment
+            if cache is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be used with a KV cache")
+            idx = torch.arange(T, device=device).expand(B, T)
+            first = torch.ones_like(segment_ids, dtype=torch.bool)
+            first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            positions = idx - torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
+            mask = same & (build_mask(None, 0, T, T, window, device, n_global) if mask is None else mask)
 
-        x = self.tok_emb(input_ids)  # (B, T, C)
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.drop(x)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, i)
+        ctx = MixerContext(positions, rope, mask, attention_mask if padded else None, start)
+        if cache is None:
+            for block in self.blocks:
+                if self.activation_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, ctx, use_reentrant=False)
+                else:
+                    x = block(x, ctx)
+        else:
+            for block, state in zip(self.blocks, cache.layers):
+                x = block(x, ctx, state)
         if cache is not None:
             cache.length = L
             cache.next_pos += attention_mask.sum(1) if attention_mask is not None else T
         return self.norm_f(x) if self.norm_f is not None else x
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary losses (MoE load balancing, router z-loss) of the last forward, or None.
+
+        The training objective adds it to the loss; mixers leave theirs in `last_aux_loss`."""
+        losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def moe_stats(self) -> dict[str, torch.Tensor]:
+        """Routing statistics of the last forward summed over MoE layers (dropped assignments/tokens, losses)."""
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modules():
+            for key, v in getattr(m, "last_stats", {}).items():
+                out[key] = out[key] + v if key in out else v
+        return out
 
     # ---- accounting --------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
@@ -157,16 +237,24 @@ class DecoderLM(nn.Module):
         # every nn.Linear, the LM head included (tied or not, it is a real matmul)
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         n_matmul += sum(self._quantized_weights().values())
-        return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        # batched expert weights are not nn.Linear: count what one token multiplies by (top-k experts)
+        n_matmul += sum(m.active_expert_params() for m in self.modules() if hasattr(m, "active_expert_params"))
+        return 6.0 * n_matmul + 12.0 * self._n_attention_layers() * cfg.n_head * cfg.head_dim * T
+
+    def _n_attention_layers(self) -> int:
+        return sum(token == "attention" for token, _ in self.config.layer_mixers())
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of KV cache one token occupies: 2 (K and V) x layers x KV heads x head_dim x size."""
+        """Bytes of KV cache one token occupies: 2 (K and V) x attention layers x KV heads x head_dim x size.
+
+        Recurrent layers keep a state of fixed size instead (see `new_cache(...).bytes()`)."""
         cfg = self.config
         size = torch.empty((), dtype=dtype or self.tok_emb.weight.dtype).element_size()
-        return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * size
+        return 2 * self._n_attention_layers() * cfg.n_kv_head * cfg.head_dim * size
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """A preallocated KV cache for `batch_size` rows and up to `max_len` (default: context) slots.
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> Cache:
+        """A decode cache for `batch_size` rows and up to `max_len` (default: context) slots: each
+        layer's state from its token mixer (preallocated KV buffers for attention).
 
         By default it holds the model's dtype, except that a bf16/fp16 model on the CPU keeps an fp32
         cache: PyTorch's CPU attention is several times slower in bf16 than in fp32 for the single query
@@ -176,5 +264,11 @@ class DecoderLM(nn.Module):
         p = self.tok_emb.weight
         if dtype is None:
             dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-        return KVCache(self.config, batch_size, min(max_len or self.config.block_size, self.config.block_size),
-                       dtype, p.device)
+        vt = getattr(self, "virtual_tokens", None)
+        vt = vt if vt is not None and not vt.disabled else None
+        max_len = min((max_len or self.config.block_size) + (vt.n if vt else 0), self.config.block_size)
+        states = [b.token_mixer.new_state(batch_size, max_len, dtype, p.device) for b in self.blocks]
+        cache = Cache(states, batch_size, max_len, p.device)
+        if vt is not None:
+            vt.fill(self, cache)
+        return cache

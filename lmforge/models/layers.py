@@ -33,7 +33,11 @@ class MLP(nn.Module):
 
     A gated MLP keeps gate and up in one `fc` (2*hidden outputs, gate first): one matmul instead of
     two, which at batch-1 decode is one weight read instead of two kernel launches.
+    A channel mixer (see `lmforge.models.mixers`); `ctx` and `state` are not needed.
     """
+
+    attr = "mlp"
+    resid_projs = ("proj",)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -43,7 +47,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.d_model, 2 * h if self.gated else h, bias=cfg.mlp.bias)
         self.proj = nn.Linear(h, cfg.d_model, bias=cfg.mlp.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx=None, state=None) -> torch.Tensor:
         h = self.fc(x)  # (B, T, h) or (B, T, 2h)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)

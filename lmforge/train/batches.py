@@ -6,6 +6,10 @@ batches an uninterrupted run would. `eval_batches()` is deterministic and touche
 
 - `TokenWindows`: random (block_size + 1)-token windows from a flat token array (an np.memmap shard).
 - `PaddedSequences`: fixed-length padded sequences (teenyGPT's passages), shuffled once per epoch.
+
+With several ranks (`shard(rank, world_size)`) every rank steps through the same global batch positions
+(batch_size x world_size sequences per draw) and reads only its own slice of them: the ranks see distinct
+data, and the state saved in a checkpoint is global, so a run resumes at any world size without replay.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 
 from lmforge.data import sample_batch
+from lmforge.errors import ConfigError
 from lmforge.train.objectives import Batch
 
 
@@ -32,6 +37,21 @@ class BatchSource:
     """Protocol of a training batch source (see the module docstring)."""
 
     epoch: int | None = None  # completed passes over the data, for sources that have epochs
+    rank: int = 0
+    world_size: int = 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only rank `rank`'s slice of each global batch of `batch_size * world_size` sequences.
+
+        A source that has not implemented its slicing refuses (each rank would train on the same batches).
+        """
+        raise ConfigError(f"{type(self).__name__} cannot split its batches over {world_size} ranks yet; train it "
+                          "with train.strategy: single")
+
+    def _set_shard(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size = rank, world_size
 
     def next_batch(self) -> Batch:
         """The next training batch."""
@@ -66,15 +86,25 @@ class TokenWindows(BatchSource):
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """Every rank draws the global batch's window starts from the same generator and reads its slice."""
+        self._set_shard(rank, world_size)
+
     def _windows(self, data: np.ndarray, starts) -> Batch:
         w = torch.from_numpy(np.stack([np.asarray(data[s:s + self.block_size + 1], dtype=np.int64) for s in starts]))
         return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
 
     def next_batch(self) -> Batch:
-        """A batch of random windows."""
-        x, y = sample_batch(self.tokens, self.batch_size, self.block_size, self.generator)
+        """A batch of random windows (this rank's slice of the global draw)."""
         self.batches_drawn += 1
-        return {"input_ids": x, "labels": y}
+        if self.world_size == 1:
+            x, y = sample_batch(self.tokens, self.batch_size, self.block_size, self.generator)
+            return {"input_ids": x, "labels": y}
+        # the same starts sample_batch draws for one process with the global batch; this rank reads its part
+        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size * self.world_size,),
+                               generator=self.generator)
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+        return {k: v.contiguous() for k, v in self._windows(self.tokens, mine).items()}
 
     def state_dict(self) -> dict:
         """Generator state and the number of batches drawn."""
@@ -86,17 +116,21 @@ class TokenWindows(BatchSource):
         self.batches_drawn = int(state["batches_drawn"])
 
     def eval_batches(self) -> Iterator[Batch]:
-        """Up to `eval_batches` batches of non-overlapping windows spread evenly over the validation tokens."""
+        """Up to `eval_batches` batches of non-overlapping windows spread evenly over the validation tokens.
+
+        Batches are of the global micro-batch (batch_size x world_size), so every world size evaluates the
+        same windows; the Trainer hands whole batches to the ranks in turn.
+        """
         if self.val_tokens is None:
             return
-        span = self.block_size + 1
-        n_windows = min(len(self.val_tokens) // span, self.n_eval * self.batch_size)
+        span, size = self.block_size + 1, self.batch_size * self.world_size
+        n_windows = min(len(self.val_tokens) // span, self.n_eval * size)
         if n_windows == 0:
             return
         stride = (len(self.val_tokens) // span) // n_windows * span
         starts = [i * stride for i in range(n_windows)]
-        for i in range(0, n_windows, self.batch_size):
-            yield self._windows(self.val_tokens, starts[i:i + self.batch_size])
+        for i in range(0, n_windows, size):
+            yield self._windows(self.val_tokens, starts[i:i + size])
 
 
 def pad_sequences(seqs: list[list[int]], length: int, pad_id: int) -> torch.Tensor:
@@ -143,8 +177,19 @@ class PaddedSequences(BatchSource):
 
     @property
     def steps_per_epoch(self) -> int:
-        """Batches in one pass."""
-        return len(self.seqs) // self.batch_size
+        """Batches in one pass (global batches when sharded)."""
+        return len(self.seqs) // self._global
+
+    @property
+    def _global(self) -> int:
+        return self.batch_size * self.world_size
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only rank `rank`'s slice of each global batch."""
+        if len(self.seqs) < self.batch_size * world_size:
+            raise ValueError(f"{len(self.seqs)} sequences are fewer than one global batch of "
+                             f"{self.batch_size} x {world_size} ranks")
+        self._set_shard(rank, world_size)
 
     def _order(self) -> torch.Tensor:
         if self._perm is None:
@@ -155,11 +200,12 @@ class PaddedSequences(BatchSource):
 
     def next_batch(self) -> Batch:
         """The next batch of this epoch's order; moves to the next epoch when this one is used up."""
-        if self.index + self.batch_size > len(self.seqs):
+        n = self._global
+        if self.index + n > len(self.seqs):
             self.epoch, self.index, self._perm = self.epoch + 1, 0, None
-        idx = self._order()[self.index:self.index + self.batch_size]
-        self.index += self.batch_size
-        if self.index + self.batch_size > len(self.seqs):  # epoch used up: count it now, not at the next draw
+        idx = self._order()[self.index:self.index + n][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        self.index += n
+        if self.index + n > len(self.seqs):  # epoch used up: count it now, not at the next draw
             self.epoch, self.index, self._perm = self.epoch + 1, 0, None
         return shift_padded(self.seqs[idx], self.pad_id)
 

@@ -91,8 +91,33 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+HEADS_FILE = "heads.safetensors"
+
+
+def save_heads(folder: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an objective's head weights (reward / value heads) into a model folder, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / HEADS_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return path
+
+
+def load_heads(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The head weights `save_heads` wrote; FormatError when the folder has none."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / HEADS_FILE
+    if not path.is_file():
+        raise FormatError(f"{folder}: no {HEADS_FILE}; this model folder holds no reward/value head (train one "
+                          "with `lmforge align --method reward`)")
+    return load_file(str(path))
+
+
 def save_checkpoint(run_dir: str | Path, step: int, llm, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep_last: int = 3) -> Path:
+                    state: dict[str, Any], keep_last: int = 3, heads: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `checkpoints/step-<step>/` atomically, then prune all but the newest `keep_last` (0 keeps all).
 
     `llm` is an `LLM` (model + tokenizer) saved as a model folder; `state` is JSON-ready run state
@@ -102,6 +127,8 @@ def save_checkpoint(run_dir: str | Path, step: int, llm, optimizer: torch.optim.
     target = checkpoint_dir(run_dir, step)
     with atomic_dir(target) as tmp:
         llm.save(tmp)
+        if heads:
+            save_heads(tmp, heads)
         torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         # state.json last: its presence with matching checksums is what "whole" means
@@ -188,13 +215,23 @@ def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer) -> None
 
 
 def load_model_weights(folder: Path, model: torch.nn.Module) -> None:
-    """Copy the checkpoint's weights into `model` in place (same config), exactly."""
+    """Copy the checkpoint's weights into `model` in place (same config), exactly.
+
+    A frozen quantized layer of `model` (a QLoRA base) is left as it is: the checkpoint holds its
+    dequantized weights, which the run rebuilt identically from its source.
+    """
     from lmforge.llm import load
 
     saved = load(folder).model
     with torch.no_grad():
         ours = model.state_dict()
         for k, v in saved.state_dict().items():
+            if k not in ours:
+                parent = k.rpartition(".")[0]
+                if callable(getattr(model.get_submodule(parent), "dequantize", None)):
+                    continue
+                raise FormatError(f"{folder}: tensor {k} has no place in this run's model; the checkpoint is of "
+                                  "another model or adapter setup")
             ours[k].copy_(v)
 
 

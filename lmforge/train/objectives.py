@@ -8,6 +8,7 @@ Batches are dicts of tensors. The causal-LM objectives read:
     input_ids: (B, T) token ids fed to the model
     labels:    (B, T) the next token at each position (already shifted)
     loss_mask: (B, T) bool, optional; False where a target is padding and must not count
+    segment_ids: (B, T) long, optional; packed rows (several examples per row), passed to the model
 """
 
 from __future__ import annotations
@@ -47,6 +48,32 @@ class Objective:
         """Tokens the model processes for this batch (for tokens/s and MFU)."""
         return int(batch["input_ids"].numel())
 
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable modules the objective owns besides the model (a reward or value head): the trainer
+        optimises them with the model and saves them beside its weights (`heads.safetensors`)."""
+        return {}
+
+
+def add_aux_loss(model: nn.Module, loss: torch.Tensor, stats: dict[str, torch.Tensor], weight: float = 1.0
+                 ) -> torch.Tensor:
+    """`loss` plus the model's auxiliary loss from its last forward (MoE load balancing + router z-loss).
+
+    Any objective calls this right after its forward pass; a model without one (no MoE layer) returns
+    `loss` unchanged. Adds summable stats `aux_loss` (x weight) and `moe_dropped` (assignments over capacity).
+    """
+    inner = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    inner = getattr(inner, "module", inner)  # DistributedDataParallel wrapper
+    fn = getattr(inner, "aux_loss", None)
+    aux = fn() if callable(fn) else None
+    if aux is None:
+        return loss
+    stats["aux_loss"] = aux.detach().double() * weight
+    stats["aux_batches"] = torch.tensor(weight, dtype=torch.float64)
+    dropped = inner.moe_stats().get("dropped")
+    if dropped is not None:
+        stats["moe_dropped"] = dropped.double()
+    return loss + aux.to(loss.dtype)
+
 
 class CausalLM(Objective):
     """Next-token cross-entropy.
@@ -80,7 +107,8 @@ class CausalLM(Objective):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cross-entropy of `model(input_ids)` against the (masked) labels."""
-        logits = model(batch["input_ids"])  # (B, T, V)
+        seg = batch.get("segment_ids")  # packed rows: attention stays within each example
+        logits = model(batch["input_ids"]) if seg is None else model(batch["input_ids"], segment_ids=seg)  # (B, T, V)
         labels = self.targets(batch)  # (B, T)
         B = labels.shape[0]
         # fp32 log-softmax: under bf16 autocast the logits are bf16, whose 8-bit mantissa would round the loss
@@ -97,7 +125,7 @@ class CausalLM(Objective):
             correct = ((logits.argmax(-1) == labels) & counted).sum()
         stats = {"nll": total.detach().double(), "tokens": n_tok.double(), "correct": correct.double(),
                  "sequences": torch.tensor(float(B), dtype=torch.float64)}
-        return loss, stats
+        return add_aux_loss(model, loss, stats), stats
 
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         """loss (as trained), nll_per_token, ppl, acc."""
@@ -107,14 +135,35 @@ class CausalLM(Objective):
                "nll_per_token": per_tok, "ppl": math.exp(min(per_tok, 700.0)), "acc": totals["correct"] / tokens}
         if self.reduction == "sequence_sum":
             out["nll_per_sequence"] = out["loss"]
+        if totals.get("aux_batches"):  # MoE: mean auxiliary loss per batch, dropped assignments in total
+            out["aux_loss"] = totals["aux_loss"] / totals["aux_batches"]
+            out["moe_dropped"] = totals.get("moe_dropped", 0.0)
         return out
 
 
-OBJECTIVES = {"causal_lm": CausalLM}
+# name -> class, or "module:attribute" resolved on first use: packages above train (align) provide
+# objectives without train importing them, and without an import cycle.
+OBJECTIVES: dict[str, type[Objective] | str] = {
+    "causal_lm": CausalLM,
+    "dpo": "lmforge.align.dpo:DPO", "ipo": "lmforge.align.dpo:IPO", "simpo": "lmforge.align.dpo:SimPO",
+    "orpo": "lmforge.align.dpo:ORPO", "reward": "lmforge.align.reward:RewardObjective",
+    "ppo": "lmforge.align.ppo:PPO", "distill": "lmforge.compress.distill:Distill",
+}
+
+
+def register_objective(name: str, cls: type[Objective] | str) -> None:
+    """Make `build_objective(name)` build `cls` (a class or a "module:Class" string, imported when used)."""
+    OBJECTIVES[name] = cls
 
 
 def build_objective(name: str, **kwargs) -> Objective:
-    """An objective by name (`causal_lm`), with its keyword options."""
+    """An objective by name (`causal_lm`, `dpo`, `reward`, ...), with its keyword options."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](**kwargs)
+    cls = OBJECTIVES[name]
+    if isinstance(cls, str):
+        import importlib
+
+        module, _, attr = cls.partition(":")
+        cls = OBJECTIVES[name] = getattr(importlib.import_module(module), attr)
+    return cls(**kwargs)

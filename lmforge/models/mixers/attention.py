@@ -1,0 +1,113 @@
+"""Causal self-attention (MHA / GQA / MQA, sliding window) and its decode state, the KV buffers.
+
+softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017), computed by `F.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import Config
+from lmforge.models.layers import apply_rope
+from lmforge.models.mixers import MixerContext
+
+
+class KVState:
+    """One layer's preallocated key/value buffers (B, nkv, max_len, hs), filled left to right.
+
+    Every row of a batch shares the slot index (prompts are left-padded), so a decode step writes one
+    slot for all rows; which slots hold real tokens is the model cache's `key_mask`.
+    """
+
+    def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, T, hs) at slots start..start+T-1; return views of slots 0..start+T-1."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, rows: torch.Tensor, length: int) -> None:
+        """Row i takes over row `rows[i]`'s first `length` slots (beam search)."""
+        self.k[:, :, :length] = self.k[rows, :, :length]
+        self.v[:, :, :length] = self.v[rows, :, :length]
+
+    def repeat_rows(self, n: int) -> KVState:
+        """A copy in which each row appears `n` times in a row."""
+        new = object.__new__(KVState)
+        new.k, new.v = self.k.repeat_interleave(n, 0), self.v.repeat_interleave(n, 0)
+        return new
+
+    def bytes(self) -> int:
+        """Memory held by the key/value buffers."""
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with one fused QKV projection.
+
+    n_kv_head < n_head gives grouped-query attention (Ainslie et al. 2023); n_kv_head = 1 multi-query
+    (Shazeer 2019). Attention itself is `F.scaled_dot_product_attention`.
+    """
+
+    attr = "attn"  # the block's attribute (state-dict prefix `blocks.i.attn.`)
+    resid_projs = ("proj",)  # writes into the residual stream: scaled at GPT-2 init
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
+                             bias=cfg.attention.qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.attention.out_bias)
+        self.dropout = cfg.attention.dropout
+
+    def new_state(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVState:
+        """Empty key/value buffers for `max_len` slots."""
+        return KVState(batch_size, self.n_kv_head, max_len, self.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, state: KVState | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hs, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
+        qk, v = self.qkv(x).split([(nh + nkv) * hs, nkv * hs], dim=-1)
+        qk = qk.view(B, T, nh + nkv, hs).transpose(1, 2)  # (B, nh + nkv, T, hs): queries, then keys
+        if ctx.rope is not None:
+            qk = apply_rope(qk, *ctx.rope)  # one rotation for queries and keys together
+        q, k = qk.split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if state is not None:
+            k, v = state.update(k, v, ctx.start)  # (B, nkv, L, hs), L = slots filled incl. these T
+            q = q.to(k.dtype)  # a cache may be kept in higher precision than the model (see new_cache)
+        # mask None means "plain causal, queries and keys aligned" (or a single query seeing all keys)
+        mask = ctx.mask
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh,
+        )  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs).to(x.dtype))
+
+
+def build_mask(key_valid: torch.Tensor | None, q_start: int, T: int, L: int, window: int | None,
+               device: torch.device, n_global: int = 0) -> torch.Tensor:
+    """Boolean (B or 1, 1, T, L) mask, True = may attend, for queries at slots q_start..q_start+T-1.
+
+    A query sees keys at slots <= its own, within `window` of it (or among the first `n_global` slots: the
+    global tokens of Longformer, Beltagy et al. 2020, causal here), and not padding. Every query also sees
+    itself, so a padding query never has an all-masked row (that would give NaN, and NaN times a zero
+    weight is still NaN when later layers read that slot).
+    """
+    q = torch.arange(q_start, q_start + T, device=device).unsqueeze(1)  # (T, 1)
+    k = torch.arange(L, device=device).unsqueeze(0)  # (1, L)
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & ((q - k < window) | (k < n_global))
+    allowed = allowed.unsqueeze(0)  # (1, T, L)
+    if key_valid is not None:
+        allowed = (allowed & key_valid[:, None, :L]) | (k == q).unsqueeze(0)
+    return allowed.unsqueeze(1)  # (B, 1, T, L)

@@ -1,0 +1,127 @@
+"""Sparse mixture of experts: a channel mixer that routes each token to its top-k expert MLPs.
+
+y = sum_{e in topk(p)} g_e * expert_e(x), p = softmax(W_r x), g the top-k probabilities (renormalised
+to sum 1 as in Mixtral, Jiang et al. 2024) (Shazeer et al. 2017; Fedus et al. 2022, Switch Transformer).
+
+- Experts are one batched weight, `w_fc` (E, 2h or h, C) and `w_proj` (E, C, h), the layout
+  `transformers` keeps in memory for Mixtral (an expert-parallel split is a slice along E). Tokens are
+  sorted by expert and each expert multiplies one contiguous group: a loop over experts, never over tokens.
+- Capacity (Switch Transformer): with `capacity_factor` set, each expert takes at most
+  ceil(factor * N * k / E) of the N tokens' assignments, first come first served in token order; an
+  assignment over capacity is dropped, so a token whose every assignment is dropped gets 0 from this
+  mixer and the block passes its residual through unchanged. `last_stats["dropped"]` counts them.
+- Auxiliary losses, left in `last_aux_loss` for `DecoderLM.aux_loss()`:
+  load balancing (Switch eq. 4-6, as `transformers`' Mixtral computes it for top-k)
+      L_bal = E * sum_e f_e * P_e,  f_e = (assignments to e) / N,  P_e = mean_n p_e(n)
+  (its minimum, k, is at uniform routing), and the router z-loss (Zoph et al. 2022, ST-MoE eq. 5)
+      L_z = mean_n logsumexp(W_r x_n)^2,
+  weighted by `moe.aux_loss_coef` and `moe.z_loss_coef`.
+- Shared experts (DeepSeekMoE, Dai et al. 2024): `n_shared` always-on experts, held as one MLP of
+  width n_shared * h, added to every token's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import GATED, Config
+from lmforge.models.layers import _ACT, MLP
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (+ optional shared experts). A channel mixer: (B, T, C) -> (B, T, C)."""
+
+    attr = "moe"
+    resid_projs = ()  # w_proj is a batched Parameter, scaled here
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.moe
+        C, h = cfg.d_model, m.hidden or cfg.mlp.hidden
+        self.n_experts, self.top_k, self.hidden = m.n_experts, m.top_k, h
+        self.capacity_factor, self.normalize = m.capacity_factor, m.normalize_topk
+        self.aux_coef, self.z_coef = m.aux_loss_coef, m.z_loss_coef
+        self.gated = cfg.mlp.activation in GATED
+        self.act = _ACT[cfg.mlp.activation]
+        self.router = nn.Linear(C, m.n_experts, bias=False)
+        self.w_fc = nn.Parameter(torch.empty(m.n_experts, 2 * h if self.gated else h, C))
+        self.w_proj = nn.Parameter(torch.empty(m.n_experts, C, h))
+        nn.init.normal_(self.w_fc, std=cfg.init_std)
+        nn.init.normal_(self.w_proj, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        self.shared = None
+        if m.n_shared:
+            self.shared = MLP(dataclasses.replace(cfg, mlp=dataclasses.replace(cfg.mlp, hidden=m.n_shared * h,
+                                                                               bias=False)))
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def active_expert_params(self) -> int:
+        """Expert weights one token multiplies by (k experts; router and shared experts are nn.Linear)."""
+        return self.top_k * (self.w_fc[0].numel() + self.w_proj[0].numel())
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (N, E) -> probabilities (N, E) fp32, top-k gates (N, k), top-k experts (N, k)."""
+        probs = logits.float().softmax(dim=-1)
+        gates, experts = probs.topk(self.top_k, dim=-1)
+        if self.normalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return probs, gates, experts
+
+    def balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """L_bal = E * sum_e f_e P_e for probabilities (N, E) and chosen experts (N, k)."""
+        N, E = probs.shape
+        f = torch.bincount(experts.reshape(-1), minlength=E).to(probs.dtype) / N  # (E,) no gradient
+        return E * (f * probs.mean(dim=0)).sum()
+
+    def forward(self, x: torch.Tensor, ctx=None, state=None) -> torch.Tensor:
+        B, T, C = x.shape
+        xf = x.reshape(-1, C)  # (N, C)
+        N, E, k = xf.shape[0], self.n_experts, self.top_k
+        logits = self.router(xf)  # (N, E)
+        probs, gates, experts = self.route(logits)
+        flat = experts.reshape(-1)  # (N*k,) assignment a belongs to token a // k
+        order = flat.argsort(stable=True)  # assignments grouped by expert, token order within a group
+        counts = torch.bincount(flat, minlength=E)  # (E,)
+        dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        dropped_tokens = dropped
+        if self.capacity_factor is not None:
+            cap = math.ceil(self.capacity_factor * N * k / E)
+            starts = counts.cumsum(0) - counts
+            rank = torch.arange(N * k, device=x.device) - starts[flat[order]]  # place in its expert's queue
+            keep = rank < cap
+            dropped = (~keep).sum()
+            kept_mask = torch.zeros(N * k, dtype=torch.bool, device=x.device)
+            kept_mask[order[keep]] = True
+            dropped_tokens = (~kept_mask.view(N, k).any(dim=1)).sum()
+            order, counts = order[keep], counts.clamp(max=cap)
+        tok = order // k  # (M,) token of each kept assignment, grouped by expert
+        xs = xf[tok]  # (M, C) one gather for all experts
+        outs, i = [], 0
+        for e, c in enumerate(counts.tolist()):
+            if c == 0:
+                continue
+            h = F.linear(xs[i:i + c], self.w_fc[e])  # (c, 2h) or (c, h)
+            if self.gated:
+                gate, up = h.chunk(2, dim=-1)
+                h = self.act(gate) * up
+            else:
+                h = self.act(h)
+            outs.append(F.linear(h, self.w_proj[e]))  # (c, C)
+            i += c
+        y = torch.zeros_like(xf)
+        if outs:
+            w = gates.reshape(-1)[order].to(x.dtype)  # (M,)
+            y = y.index_add(0, tok, torch.cat(outs) * w[:, None])
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+        bal = self.balance_loss(probs, experts)
+        self.last_aux_loss = self.aux_coef * bal + self.z_coef * z
+        self.last_stats = {"balance_loss": bal.detach(), "z_loss": z.detach(), "dropped": dropped,
+                           "dropped_tokens": dropped_tokens}
+        return y.view(B, T, C)

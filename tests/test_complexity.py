@@ -1,0 +1,44 @@
+"""The complexity study's machinery (the numbers themselves come from bench/complexity.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.evaluate import complexity as cx
+from lmforge.models import DecoderLM
+
+
+def test_fit_exponent_recovers_a_power_law():
+    xs = [256, 512, 1024, 2048]
+    assert cx.fit_exponent(xs, [3 * x ** 2 for x in xs]) == pytest.approx(2.0)
+    assert cx.fit_exponent(xs, [5.0] * 4) == pytest.approx(0.0)
+    assert cx.fit_exponent([1], [1]) is None
+
+
+@pytest.mark.slow
+def test_families_are_matched_and_their_state_grows_as_claimed(tmp_path):
+    with torch.device("meta"):  # the benchmark's shape
+        params = {n: DecoderLM(c, init_weights=False).num_params(non_embedding=True)
+                  for n, c in cx.family_configs(context=512).items()}
+    assert set(params) == set(cx.SEED_CLAIMS) and max(params.values()) / min(params.values()) < 1.1, params
+    study = cx.run_study(train_lengths=(32, 64), positions=(32, 96), d_model=64, n_layer=2, log=lambda s: None)
+    fams = study["families"]
+    assert fams["transformer"]["fit"]["decode_mem"] > 0.8  # the KV cache grows with position
+    for name in ("mamba", "linear", "s4d", "retnet", "rwkv"):
+        assert fams[name]["fit"]["decode_mem"] == 0, name
+    assert all(r["train_mem_bytes"] > 0 for f in fams.values() for r in f["train"])
+    assert "| mamba |" in cx.table(study)
+    assert cx.plot(study, tmp_path / "c.png").stat().st_size > 5000
+
+
+def test_saved_bytes_counts_what_backward_keeps():
+    w = torch.randn(100, 100, requires_grad=True)
+    n, out = cx.saved_bytes(lambda: (torch.randn(10, 100) @ w).relu().sum())
+    assert n >= 10 * 100 * 4 and out.requires_grad
+
+
+def test_unknown_benchmark_is_refused():
+    with pytest.raises(ConfigError, match="available: complexity, moe"):
+        cx.bench("speed")
