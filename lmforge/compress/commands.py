@@ -32,7 +32,7 @@ def prune(model: str = "runs/quickstart/model", out: str = "runs/pruned",
     from lmforge.compress import prune as P
     from lmforge.compress.report import held_out_text, measure, print_comparison
 
-    llm = lmforge.load(model)
+    llm = lmforge.load(model, dequantize=True)  # pruning edits float weights
     text = held_out_text(eval_source) if report else ""
     before = measure(llm, text, eval_tokens) if report else None
     if method == "magnitude":
@@ -93,7 +93,7 @@ def distill(teacher: str = "runs/quickstart/model", out: str = "runs/distill", l
     from lmforge.data import iter_documents
     from lmforge.train import OptimConfig, TokenWindows, TrainConfig, Trainer
 
-    t = lmforge.load(teacher)
+    t = lmforge.load(teacher, dequantize=True)
     if t.tokenizer is None:
         raise ConfigError(f"{teacher}: the teacher has no tokenizer; distillation tokenizes text with it")
     n_layer = layers or max(1, t.config.n_layer // 2)
