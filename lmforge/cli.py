@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("lmforge.compress.commands:distill", "distill a teacher into a smaller student of its tokenizer"),
     "merge": ("lmforge.adapt.merging:merge", "merge fine-tunes of one base (average, task arithmetic, TIES, DARE)"),
     "serve": ("lmforge.serve.commands:serve", "serve a model: OpenAI-compatible HTTP API and a chat page"),
+    "quantize": ("lmforge.quant.commands:quantize", "quantize a model's linear layers (int8, int4, nf4, q8_0)"),
 }
 
 

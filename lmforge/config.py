@@ -132,6 +132,7 @@ class Config:
     pooler: bool = False  # BERT's pooler (dense + tanh on the first token), kept for interop
     tie_embeddings: bool = True
     lm_head_bias: bool = False
+    bitlinear: bool = False  # BitNet b1.58: train linears (not the LM head) ternary, see lmforge.quant.ternary
     embed_dropout: float = 0.0  # on token (+ position) embeddings
     resid_dropout: float = 0.0  # on each block's attention and MLP outputs
     init: Literal["gpt2", "torch"] = "gpt2"  # gpt2: N(0, init_std), scaled residual projections

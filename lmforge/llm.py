@@ -230,16 +230,36 @@ class LLM:
         """Reply to a conversation, rendered with the tokenizer's chat template (ChatML if it has none).
 
         messages: [{"role": "system" | "user" | "assistant", "content": "..."}, ...]
+        Other keyword arguments are `generate`'s (sampling, beam search, `draft`, `prompt_lookup`).
         """
         self._need_decoder("chat")
         tok = self._need_tokenizer()
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
+        draft = self._draft_model(kwargs.pop("draft", None))
+        if kwargs.get("prompt_lookup") is True:
+            kwargs["prompt_lookup"] = 3
         gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, **kwargs).validate()
         if stream:
-            return self._stream([ids], gen, chat=True)
-        out = self._complete([ids], gen, single=True, chat=True)
+            return self._stream([ids], gen, chat=True, draft=draft)
+        out = self._complete([ids], gen, single=True, chat=True, draft=draft)
         return [t.strip() for t in out] if isinstance(out, list) else out.strip()
+
+    # ---- compression ---------------------------------------------------------------------------
+    def quantize(self, method: str, **options: Any) -> LLM:
+        """A new `LLM` whose linear layers are quantized (this one is left as it was).
+
+        method: "int8" (per-channel), "int4" (group-wise, `group_size=32|64|128`), "nf4" (`blocksize`,
+        `double_quant`) or "q8_0". See `lmforge.quant.quantize` for the options.
+        """
+        from lmforge.quant import is_quantized, quantize
+
+        if is_quantized(self.model):  # before copying anything
+            quantize(self.model, method, **options)
+        p = next(self.model.parameters())
+        model = empty_model(self.config, p.dtype, p.device)  # a fresh copy (deepcopy cannot copy packed weights)
+        model.load_state_dict(self.model.state_dict())
+        return LLM(quantize(model, method, **options), self.tokenizer, self.source)
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
@@ -255,6 +275,9 @@ class LLM:
 
         cfg = self.config
         dt = resolve_dtype(dtype)
+        quant = getattr(self.model, "quantization", None)
+        if quant:
+            return self._save_quantized(folder, dt, quant)
         adapted = has_adapters(self.model)  # base weights as usual, adapters beside them in peft's format
         state = base_state_dict(self.model) if adapted else self.model.state_dict()
         sd = {k: (v.to(dt) if dt and v.is_floating_point() else v).detach().cpu() for k, v in state.items()}
@@ -279,6 +302,22 @@ class LLM:
 
                 lora = all(type(m) is LoRALinear for _, m in adapter_layers(self.model))
                 (save_adapter if lora else save_native_adapter)(self.model, tmp)
+        return Path(folder)
+
+    def _save_quantized(self, folder, dt: torch.dtype | None, quant: dict) -> Path:
+        # lmforge's own layout: transformers has no reader for these layers
+        from lmforge.quant.model import quant_state_dict
+
+        cfg = self.config
+        tensors = quant_state_dict(self.model, dt)
+        with atomic_dir(folder) as tmp:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            write_json(tmp / "config.json", {"model_type": "lmforge", **cfg.to_dict(), "quantization": quant})
+            write_json(tmp / "lmforge.json", {"format_version": 1, "lmforge_version": __version__,
+                                              "weights_layout": "native", "config": cfg.to_dict(),
+                                              "quantization": quant})
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp)
         return Path(folder)
 
 
@@ -402,6 +441,13 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         tensors = {}
         for p in pickles:
             tensors.update(_load_pickle(p, allow_pickle))
+    if meta is not None and meta.get("quantization"):
+        from lmforge.quant.model import load_quantized_state, restore
+
+        model = load_quantized_state(restore(empty_model(cfg), meta["quantization"]), tensors, dtype, device,
+                                     str(folder))
+        tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
+        return LLM(model, tok, str(folder))
     sd = hf.from_hf_state_dict(cfg, tensors, str(folder)) if layout == "hf" else dict(tensors)
     if layout != "hf" and tied_key(cfg):
         sd[tied_key(cfg)] = sd.get("tok_emb.weight")
@@ -433,7 +479,7 @@ def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
-         tokenizer: str | os.PathLike | None = None, allow_pickle: bool = False) -> LLM:
+         tokenizer: str | os.PathLike | None = None, allow_pickle: bool = False, dequantize: bool = False) -> LLM:
     """Load a model from a preset, a model folder (lmforge or Hugging Face), a .gguf file or a short name.
 
     Args:
@@ -443,6 +489,8 @@ def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, d
         device: where to put the weights.
         tokenizer: a folder or tokenizer.json to use instead of the model's own.
         allow_pickle: allow .bin/.pt weights (read with weights_only=True); off by default.
+        dequantize: expand a GGUF file's Q8_0/Q4_0/Q4_1 linears to float (`dtype`) instead of running
+            them quantized (the default on the CPU).
     """
     dt = resolve_dtype(dtype)
     src = str(source)
@@ -469,7 +517,7 @@ def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, d
         elif path.suffix == ".gguf":
             from lmforge.interop import gguf as gguf_io
 
-            llm = gguf_io.load_gguf(path, dtype=dt, device=device)
+            llm = gguf_io.load_gguf(path, dtype=dt, device=device, dequantize=dequantize)
         elif path.suffix in (".bin", ".pt", ".pth"):
             raise FormatError(f"{path}: a bare pickle file has no config; put it in a model folder with "
                               "config.json (pickles also need allow_pickle=True)")

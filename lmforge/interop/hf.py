@@ -26,6 +26,8 @@ _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": 
 
 def exportable(cfg: Config) -> str | None:
     """Why `cfg` cannot be written as its family's HF layout, or None when it can."""
+    if cfg.bitlinear:
+        return "ternary (BitLinear) layers have no transformers layout"
     if cfg.family in ENCODER_FAMILIES:
         return hf_encoders.exportable(cfg)
     if cfg.family not in HF_FAMILIES:

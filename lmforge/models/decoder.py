@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
+from lmforge.errors import ConfigError
 from lmforge.models.cache import Cache
 from lmforge.models.heads import Pooler, build_lm_head, output_layer
 from lmforge.models.layers import Rotary, make_norm
@@ -106,6 +107,10 @@ class DecoderLM(nn.Module):
         # Training switch, not architecture: each block's activations are recomputed in backward instead
         # of kept (non-reentrant torch.utils.checkpoint: same numbers, dropout replayed from saved RNG state).
         self.activation_checkpointing = False
+        if cfg.bitlinear:  # ternary QAT: the same parameters, a forward through ternary weights
+            from lmforge.quant.ternary import ternarize
+
+            ternarize(self)
 
     def tie_weights(self) -> None:
         """Share the token embedding with the LM head's output layer when the config ties them."""
@@ -173,11 +178,17 @@ class DecoderLM(nn.Module):
         device = input_ids.device
         start = cache.length if cache is not None else 0
         if cache is not None and not cfg.attention.causal:
-            raise ValueError("a bidirectional encoder has no KV cache: it reads its whole input at once")
+            raise ConfigError("a bidirectional encoder has no KV cache: it reads its whole input at once")
         limit = cache.max_len if cache is not None else cfg.block_size - cfg.embedding.position_offset
         if start + T > limit:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit} "
-                             "(or the cache's capacity)")
+            why = ""
+            if cfg.attention.sliding_window and self.has_attention:
+                why = (f"; the sliding window ({cfg.attention.sliding_window}) limits what a token sees, "
+                       "not how long a sequence may be")
+            elif not self.has_attention and self.rotary is None and self.pos_emb is None:
+                why = "; this model has no position limit: raise block_size (e.g. replace(block_size=...))"
+            raise ConfigError(f"sequence of {start + T} tokens exceeds the context of {limit} "
+                              f"(or the cache's capacity){why}")
         # positions: (B, T). Left padding shifts each row so its first real token has position 0.
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.bool)
@@ -266,12 +277,17 @@ class DecoderLM(nn.Module):
     # ---- accounting --------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); `non_embedding` leaves out token/position tables."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters()) + sum(self._quantized_weights().values())
         if non_embedding:
-            n -= self.tok_emb.weight.numel()
+            n -= self.tok_emb.num_embeddings * self.tok_emb.embedding_dim
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
         return n
+
+    def _quantized_weights(self) -> dict[str, int]:
+        """Weights held by quantized layers (lmforge.quant swaps; they have no float `weight`): name -> count."""
+        return {name: m.in_features * m.out_features for name, m in self.named_modules()
+                if hasattr(m, "dequantize") and not isinstance(m, nn.Linear)}
 
     def estimate_flops(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention scores.
@@ -282,6 +298,7 @@ class DecoderLM(nn.Module):
         T = seq_len or cfg.block_size
         # every nn.Linear, the LM head included (tied or not, it is a real matmul)
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        n_matmul += sum(self._quantized_weights().values())
         # batched expert weights are not nn.Linear: count what one token multiplies by (top-k experts)
         n_matmul += sum(m.active_expert_params() for m in self.modules() if hasattr(m, "active_expert_params"))
         return 6.0 * n_matmul + 12.0 * self._n_attention_layers() * cfg.n_head * cfg.head_dim * T

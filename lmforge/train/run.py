@@ -133,7 +133,8 @@ def build_model(recipe: Recipe, run_dir: Path) -> tuple[nn.Module, Any]:
     if recipe.model.get("source"):
         from lmforge.llm import load
 
-        llm = load(recipe.model["source"], dtype=recipe.model.get("dtype"))
+        # training needs float weights: a GGUF's quantized blocks are expanded (QLoRA re-quantizes its own way)
+        llm = load(recipe.model["source"], dtype=recipe.model.get("dtype"), dequantize=True)
         tok = llm.tokenizer
         if recipe.tokenizer.path is not None:
             from lmforge.tokenizers import load_tokenizer
