@@ -293,18 +293,18 @@ def bench(what: Literal["complexity", "moe"], out: str = "bench/results", quick:
         what: "complexity" (training/decode time and memory vs length, fitted exponents, PNG) or
             "moe" (training tokens/s of an MoE vs the dense model with its active parameters).
         out: folder for complexity.json / complexity.png / complexity.md.
-        quick: fewer lengths (256..1024 training, 512..2048 decode), for a smoke run.
+        quick: fewer lengths (256..2048 training; decode at 512, 2048, 8192).
         d_model: model width of every family.
         n_layer: transformer layers (Mamba gets 2.5x as many, to match parameters).
     """
     from lmforge.errors import ConfigError
     if what == "moe":
         moe_throughput()
-        moe_vs_dense(out, steps=40 if quick else 150)
+        moe_vs_dense(out, steps=60 if quick else 150)
         return
     if what != "complexity":
         raise ConfigError(f"unknown benchmark {what!r}; available: complexity, moe")
-    kw = {"train_lengths": (256, 512, 1024), "positions": (512, 1024, 2048)} if quick else {}
+    kw = {"train_lengths": (256, 512, 1024, 2048), "positions": (512, 2048, 8192)} if quick else {}
     moe = moe_throughput() if not quick else None
     study = run_study(d_model=d_model, n_layer=n_layer, **kw)
     folder = Path(out)
