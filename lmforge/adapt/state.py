@@ -12,7 +12,7 @@ from lmforge.adapt.lora import adapter_layers
 
 def trainable_parameters(model: nn.Module) -> dict[str, Any]:
     """{"trainable", "total", "percent", "adapter_layers"}: parameters that receive gradients vs all
-    (shared tensors, such as tied embeddings, counted once)."""
+    (shared tensors, such as tied embeddings, counted once; a quantized layer counts the weights it holds)."""
     seen: set[int] = set()
     total = trainable = 0
     for p in model.parameters():
@@ -23,6 +23,9 @@ def trainable_parameters(model: nn.Module) -> dict[str, Any]:
         total += n
         if p.requires_grad:
             trainable += n
+    for m in model.modules():  # a quantized layer's weight is a buffer of codes: count the weights it stands for
+        if callable(getattr(m, "dequantize", None)) and hasattr(m, "in_features"):
+            total += m.in_features * m.out_features
     return {"trainable": trainable, "total": total, "percent": round(100.0 * trainable / max(total, 1), 4),
             "adapter_layers": sum(1 for _ in adapter_layers(model))}
 
