@@ -163,7 +163,7 @@ def part_prefbase(args) -> None:
 
     llm = lmforge.load(args.base)
     tok = llm.tokenizer
-    pairs = tokenize_pairs(preference_records("shakespeare", "test"), tok, chat=True, max_len=257)
+    pairs = tokenize_pairs(preference_records("shakespeare-prefs", "test"), tok, chat=True, max_len=257)
     hits_sum = hits_mean = 0
     for i in range(0, len(pairs), 8):
         chunk = pairs[i:i + 8]

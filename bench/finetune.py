@@ -63,7 +63,7 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
     common.set_threads(threads)
     import lmforge
 
-    llm = lmforge.load("smollm2", dtype="float32")
+    llm = lmforge.load("smollm2", dtype="float32", dequantize=True)
     data = batches(llm.tokenizer, steps + 1, batch, seq)
     if which == "lmforge":
         from lmforge.adapt import apply_lora, apply_qlora
@@ -145,7 +145,7 @@ def main() -> None:
     import lmforge
 
     with tempfile.TemporaryDirectory() as tmp:
-        lmforge.load("smollm2", dtype="float32").save(tmp)  # the same weights for transformers
+        lmforge.load("smollm2", dtype="float32", dequantize=True).save(tmp)  # the same weights for transformers
         lora_peak = None
         for case in cases:
             common.note(f"[finetune] {case} ...")

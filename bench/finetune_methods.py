@@ -35,7 +35,7 @@ def base_row(seq: int) -> dict:
     from lmforge.train.objectives import CausalLM
     from lmforge.train.trainer import evaluate
 
-    llm = lmforge.load("smollm2", dtype="float32")
+    llm = lmforge.load("smollm2", dtype="float32", dequantize=True)
     test = load_splits("shakespeare-instruct")["test"]
     ex = render_rows(llm.tokenizer, test, seq + 1)
     pad = llm.tokenizer.pad_id if llm.tokenizer.pad_id is not None else llm.tokenizer.eos_id

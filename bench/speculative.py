@@ -70,7 +70,7 @@ def run_case(name: str, args, llm_cache: dict) -> dict[str, Any]:
     if dt not in llm_cache:
         llm_cache.clear()
         gc.collect()
-        llm_cache[dt] = lmforge.load("smollm2", dtype=common.DTYPES[dt])
+        llm_cache[dt] = lmforge.load("smollm2", dtype=common.DTYPES[dt], dequantize=True)
     llm = llm_cache[dt]
     model, tok = llm.model.eval(), llm.tokenizer
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": TASK + PASSAGE}],

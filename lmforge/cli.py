@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("lmforge.infer.commands:chat", "chat with a model (its chat template), one turn or interactively"),
     "convert": ("lmforge.interop.commands:convert", "convert a model between lmforge, Hugging Face and GGUF"),
     "eval": ("lmforge.evaluate.commands:eval_", "evaluate a model (perplexity, bits per byte)"),
+    "embed": ("lmforge.infer.embed:embed", "sentence embeddings from an encoder (MiniLM), to .npy or JSONL"),
     "bench": ("lmforge.evaluate.complexity:bench",
               "measure block families' time/memory growth (complexity) or MoE routing overhead (moe)"),
     "align": ("lmforge.align.commands:align", "align with preferences: DPO, IPO, SimPO, ORPO, reward model, PPO"),
@@ -41,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("lmforge.compress.commands:distill", "distill a teacher into a smaller student of its tokenizer"),
     "merge": ("lmforge.adapt.merging:merge", "merge fine-tunes of one base (average, task arithmetic, TIES, DARE)"),
     "serve": ("lmforge.serve.commands:serve", "serve a model: OpenAI-compatible HTTP API and a chat page"),
+    "quantize": ("lmforge.quant.commands:quantize", "quantize a model's linear layers (int8, int4, nf4, q8_0)"),
 }
 
 

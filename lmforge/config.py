@@ -32,6 +32,7 @@ class AttentionConfig:
     sliding_window: int | None = None  # Mistral: each query sees at most this many keys (itself included)
     global_tokens: int = 0  # with a window: the first slots stay visible to every query (Longformer/BigBird)
     dropout: float = 0.0
+    causal: bool = True  # False: bidirectional (BERT-style encoders), padding masked
 
 
 @dataclass
@@ -91,6 +92,15 @@ class PositionConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    """Input-embedding extras of BERT-style encoders: segment (token-type) table, norm, position offset."""
+
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0: none
+    norm: bool = False  # a norm on the summed embeddings (BERT, RoBERTa)
+    position_offset: int = 0  # first position id; RoBERTa counts from padding_idx + 1 = 2
+
+
+@dataclass
 class Config:
     """A decoder-only language model, fully described.
 
@@ -108,6 +118,7 @@ class Config:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     ssm: SSMConfig = field(default_factory=SSMConfig)
     # Every layer is "token_mixer+channel_mixer" (see lmforge.models.mixers): `block` for all layers,
@@ -115,8 +126,13 @@ class Config:
     block: str = "attention+mlp"
     layers: list[str] | None = None
     parallel_residual: bool = False  # Falcon/GPT-J: x + attn(ln(x)) + mlp(ln(x)), one shared norm
+    # What sits on the final hidden states (lmforge/models/heads.py): "linear" (the LM head), "mlm"
+    # (BERT's dense + act + norm before the output layer) or "none" (the model returns hidden states).
+    head: Literal["linear", "mlm", "none"] = "linear"
+    pooler: bool = False  # BERT's pooler (dense + tanh on the first token), kept for interop
     tie_embeddings: bool = True
     lm_head_bias: bool = False
+    bitlinear: bool = False  # BitNet b1.58: train linears (not the LM head) ternary, see lmforge.quant.ternary
     embed_dropout: float = 0.0  # on token (+ position) embeddings
     resid_dropout: float = 0.0  # on each block's attention and MLP outputs
     init: Literal["gpt2", "torch"] = "gpt2"  # gpt2: N(0, init_std), scaled residual projections
@@ -184,6 +200,12 @@ class Config:
              f"position.kind must be 'learned', 'rope' or 'none', got {self.position.kind!r}")
         need(not (self.parallel_residual and self.norm.placement == "post"),
              "parallel_residual needs norm.placement='pre'")
+        need(self.head in ("linear", "mlm", "none"), f"head must be 'linear', 'mlm' or 'none', got {self.head!r}")
+        e = self.embedding
+        need(e.type_vocab_size >= 0 and e.position_offset >= 0,
+             "embedding.type_vocab_size and embedding.position_offset must be >= 0")
+        need(e.position_offset == 0 or self.position.kind == "learned",
+             "embedding.position_offset needs learned positions")
         need(self.layers is None or (isinstance(self.layers, list) and len(self.layers) == self.n_layer),
              f"layers must list one block per layer (n_layer={self.n_layer}), got {self.layers!r}")
         for i, (token, channel) in enumerate(self.layer_mixers()):
@@ -263,7 +285,7 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
 
 
 _SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig,
-               "moe": MoEConfig, "ssm": SSMConfig}
+               "embedding": EmbeddingConfig, "moe": MoEConfig, "ssm": SSMConfig}
 
 
 # ================================================================================================
@@ -485,6 +507,13 @@ PRESETS: dict[str, Any] = {
     "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }
+
+
+# Encoder presets live in their own table (BERT, RoBERTa, MiniLM); imported here so that one
+# `get_preset` serves every family.
+from lmforge.encoder_presets import ENCODER_PRESETS  # noqa: E402
+
+PRESETS.update(ENCODER_PRESETS)
 
 
 def list_presets() -> list[str]:

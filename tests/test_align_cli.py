@@ -28,12 +28,12 @@ def tiny_source(tmp_path_factory):
     return folder
 
 
-def _align(tmp_path, source, method, *extra):
+def _align(tmp_path, source, method, *extra, data=(f"data.source={PREFS}", "data.val_fraction=0.25")):
     run = tmp_path / method
     args = ["align", "--config", str(ROOT / "recipes" / "smollm2" / f"{method}.yaml"), "--set",
             f"model.source={source}", "train.max_steps=2", "train.batch_size=2", "train.seq_len=96",
             "train.eval_every=0", "train.eval_batches=1", "train.checkpoint_every=0", "train.progress=false",
-            "train.peak_flops=1e11", f"data.source={PREFS}", "data.val_fraction=0.25", f"run.dir={run}", *extra]
+            "train.peak_flops=1e11", *data, f"run.dir={run}", *extra]
     assert main(args) == 0
     return run, json.loads((run / "align_metrics.json").read_text())
 
@@ -44,6 +44,23 @@ def test_preference_recipes_run_end_to_end(tmp_path, tiny_source, method):
     run, report = _align(tmp_path, tiny_source, method)
     assert report["step"] == 2 and 0.0 <= report["val"]["acc"] <= 1.0
     assert (run / "model" / "adapter_config.json").is_file()  # LoRA: the reference was adapters-off
+
+
+@pytest.mark.slow
+def test_dpo_recipe_on_the_shipped_preference_set(tmp_path, tiny_source):
+    run, report = _align(tmp_path, tiny_source, "dpo", data=("data.max_sequences=8",))  # shakespeare-prefs
+    assert report["step"] == 2 and 0.0 <= report["test"]["acc"] <= 1.0 and report["val_before"]["acc"] == 0.5
+
+
+def test_malformed_lines_are_reported_and_the_good_ones_kept(tmp_path, tiny_source, capsys):
+    good = PREFS.read_text().splitlines()
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("\n".join([good[0], "{not json", good[1], '{"prompt": "p", "chosen": "x", "rejected": "x"}',
+                             *good[2:]]) + "\n")
+    run, report = _align(tmp_path, tiny_source, "simpo", data=(f"data.source={f}", "data.val_fraction=0.25"))
+    err = capsys.readouterr().err
+    assert "line 2: invalid JSON" in err and "line 4: chosen and rejected are identical" in err
+    assert "kept 16" in err and report["step"] == 2
 
 
 @pytest.mark.slow

@@ -91,3 +91,25 @@ def test_bad_beam_settings(kwargs, match):
 def test_beam_search_does_not_stream(pair):
     with pytest.raises(ConfigError, match="cannot stream"):
         next(iter_tokens(pair[0], PROMPTS, GenerationConfig(num_beams=2)))
+
+
+def test_beam_search_on_a_hybrid_model_reorders_recurrent_states():
+    """tiny-jamba mixes attention and Mamba layers: beams' scores equal an uncached recomputation."""
+    from lmforge.config import get_preset as preset
+    from lmforge.models import DecoderLM
+
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny-jamba")).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    prompt = [5, 17, 99, 3]
+    hyps = beam_search(model, [prompt], GenerationConfig(max_new_tokens=8, num_beams=3, num_return_sequences=3,
+                                                         length_penalty=0.0))[0]
+    assert len({tuple(h.tokens) for h in hyps}) == 3
+    for h in hyps:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + h.tokens]))[0].float(), -1)
+        total = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(h.tokens))
+        assert abs(total - h.score) <= 1e-4
+    with pytest.raises(ConfigError, match="recurrent"):
+        generate_ids(model, [prompt], GenerationConfig(max_new_tokens=4, prompt_lookup=2))

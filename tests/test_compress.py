@@ -157,6 +157,7 @@ def test_prune_and_distill_cli(tmp_path, capsys):
     assert rep["after"]["params"] < rep["before"]["params"] and rep["after"]["ppl"] > 0
     assert load(tmp_path / "p").config.n_head == 2
     assert main(["distill", "--teacher", str(tmp_path / "t"), "--layers", "1", "--steps", "4", "--batch-size", "2",
-                 "--seq-len", "32", "--eval-tokens", "300", "--out", str(tmp_path / "d")]) == 0
+                 "--seq-len", "32", "--train-tokens", "5000", "--eval-tokens", "300",
+                 "--out", str(tmp_path / "d")]) == 0
     student = load(tmp_path / "d" / "model")
     assert student.config.n_layer == 1 and "teacher" in capsys.readouterr().out

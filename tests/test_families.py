@@ -165,3 +165,10 @@ def test_beam_search_runs_on_recurrent_states(name):
         lp = torch.log_softmax(model(torch.tensor([prompt[0] + hyp.tokens]))[0, 3:-1], -1)
     total = lp.gather(1, torch.tensor(hyp.tokens)[:, None]).sum().item()
     assert total == pytest.approx(hyp.score, abs=1e-3)
+
+
+def test_too_long_for_a_windowed_or_recurrent_model_is_a_clear_error():
+    with pytest.raises(ConfigError, match="sliding window \\(16\\) limits what a token sees"):
+        DecoderLM(get_preset("tiny-mistral"))(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(ConfigError, match="no position limit: raise block_size"):
+        DecoderLM(get_preset("tiny-mamba"))(torch.zeros(1, 129, dtype=torch.long))

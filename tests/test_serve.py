@@ -397,5 +397,7 @@ def test_embeddings_from_an_encoder():
         got = np.array([d.embedding for d in r.data])
         assert np.allclose(got, enc.embed(["a cat sat on the mat", "stock markets fell"]), atol=1e-5)
         assert r.usage.prompt_tokens > 0
+        as_floats = c.embeddings.create(model="minilm", input="a cat sat on the mat", encoding_format="float")
+        assert np.allclose(as_floats.data[0].embedding, got[0], atol=1e-6)
         with pytest.raises(openai.BadRequestError, match="encoder"):
             c.completions.create(model="minilm", prompt="hello", max_tokens=3)

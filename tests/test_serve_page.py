@@ -27,7 +27,7 @@ def test_chat_page_streams_a_reply_in_chromium(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: see test_serve.py
     try:
-        with ServerThread(tiny_chat_llm()) as server, sync_api.sync_playwright() as pw:
+        with ServerThread(tiny_chat_llm(block_size=4096)) as server, sync_api.sync_playwright() as pw:
             # a fresh profile in tmp_path: nothing from another run, nothing written elsewhere
             browser = pw.chromium.launch_persistent_context(
                 str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
@@ -54,8 +54,9 @@ def test_chat_page_streams_a_reply_in_chromium(tmp_path):
                 page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length == 2",
                                        timeout=60_000)
                 assert len(page.query_selector_all(".msg.user")) == 2
-                # the stop button ends a long reply early and the server drops the request
-                page.fill("#max_tokens", "200")
+                # the stop button ends a long reply early and the server drops the request (3000 tokens take
+                # seconds even for this model, so the click lands mid-reply)
+                page.fill("#max_tokens", "3000")
                 page.fill("#input", "Go on for a long time.")
                 page.click("#send")
                 page.wait_for_function("document.querySelectorAll('.msg.assistant')[2].textContent.length > 0",

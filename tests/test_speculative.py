@@ -199,3 +199,13 @@ def test_cli_beams_and_speculative(llms, tmp_path, capsys):
     assert beams[0][4:] == "the cat sat" + best
     assert main(base + ["--draft", str(tmp_path / "alien")]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_chat_takes_the_same_decoding_options(llms):
+    big, small, _ = llms
+    msgs = [{"role": "user", "content": "the cat sat on the mat"}]
+    plain = big.chat(msgs, max_new_tokens=12)
+    assert big.chat(msgs, max_new_tokens=12, prompt_lookup=True) == plain
+    assert big.chat(msgs, max_new_tokens=12, draft=small) == plain
+    assert big.chat(msgs, max_new_tokens=12, num_beams=2, num_return_sequences=2)[0] == \
+        big.chat(msgs, max_new_tokens=12, num_beams=2)

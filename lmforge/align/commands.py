@@ -7,7 +7,7 @@
 
 The recipe is a fine-tuning recipe (`lmforge.train.recipe`) plus an `align` section (`AlignConfig`).
 Data kinds added here: `preferences` (prompt / chosen / rejected JSONL: the shipped set built from the
-embedded corpus, `data.source: shakespeare`, or a file) and `prompts` (the same records' prompts, for
+embedded corpus, `data.source: shakespeare-prefs`, or a file) and `prompts` (the same records' prompts, for
 PPO's rollouts). The run folder is a training run's: checkpoints, metrics.jsonl, curves.png, model/
 (with heads.safetensors for a reward model) and align_metrics.json (test-split results).
 """
@@ -18,7 +18,7 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -26,15 +26,17 @@ from lmforge.align.config import METHODS
 from lmforge.align.data import PreferencePairs, collate, read_jsonl, tokenize_pairs
 from lmforge.errors import ConfigError
 
-PREFERENCE_SETS = {"shakespeare": "shakespeare_instruct"}  # corpus -> folder of its shipped preference set
+PREFERENCE_SETS = ("shakespeare-prefs",)  # shipped sets (lmforge.data.instruct.BUILTIN)
 
 
 def preference_records(source: str, split: str, val_fraction: float = 0.05) -> list[dict]:
-    """Records of a split: the shipped set's prefs_<split>.jsonl, or a JSONL file split by `val_fraction`."""
+    """Records of a split: a shipped set's prefs_<split>.jsonl, or a JSONL file split by `val_fraction`."""
     from lmforge.data.corpus import data_root
+    from lmforge.data.instruct import BUILTIN
 
     if source in PREFERENCE_SETS:
-        path = data_root() / PREFERENCE_SETS[source] / f"prefs_{split}.jsonl"
+        folder, prefix = BUILTIN[source]
+        path = data_root() / folder / f"{prefix}{split}.jsonl"
         return read_jsonl(path) if path.is_file() or split == "train" else []
     path = Path(source)
     if not path.is_file():
@@ -181,7 +183,8 @@ def _reward_fn(recipe, tok):
     return TokenCountReward(ids[0])
 
 
-def align(config: str | None = None, method: str | None = None, set_: list[str] | None = None,
+def align(config: str | None = None,
+          method: Literal["dpo", "ipo", "simpo", "orpo", "reward", "ppo"] | None = None, set_: list[str] | None = None,
           resume: str = "none") -> int:
     """Align a model with preferences: DPO, IPO, SimPO, ORPO, a Bradley-Terry reward model, or PPO.
 
@@ -214,7 +217,7 @@ def align(config: str | None = None, method: str | None = None, set_: list[str] 
           + (f", {run.info['trainable']:,} trainable" if "trainable" in run.info else ""), file=sys.stderr)
     before = run.trainer.evaluate() if resume in (None, "", "none") else {}
     result = run.trainer.fit(resume=resume)
-    if result.exit_code:
+    if result.exit_code or not run.dist.is_main:  # under torchrun, rank 0 alone reports
         return result.exit_code
     report: dict[str, Any] = {"method": recipe.align.method, "step": result.step, "stopped": result.stopped,
                               "val_before": before, "val": result.val}

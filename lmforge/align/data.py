@@ -9,14 +9,13 @@ Batches stack all chosen rows, then all rejected rows (`lmforge.align.logps` des
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lmforge.errors import ConfigError, FormatError
+from lmforge.errors import ConfigError
 from lmforge.train.batches import BatchSource
 from lmforge.train.objectives import Batch
 
@@ -31,22 +30,11 @@ class Pair:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file; a malformed line is a FormatError naming its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such preference file (JSONL with prompt, chosen, rejected per line)")
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise FormatError(f"{path}:{i}: not valid JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise FormatError(f"{path}:{i}: each line must be a JSON object with prompt, chosen, rejected")
-        out.append(rec)
-    return out
+    """Preference records of a JSONL file, through the one JSONL reader (`lmforge.data.instruct.read_jsonl`):
+    malformed lines are reported with their line numbers and skipped, the good ones kept."""
+    from lmforge.data.instruct import read_jsonl as read_rows
+
+    return read_rows(path, "preferences")[0]
 
 
 def _prompt_text(prompt, tok, chat: bool) -> tuple[str, bool]:

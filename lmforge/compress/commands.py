@@ -32,7 +32,7 @@ def prune(model: str = "runs/quickstart/model", out: str = "runs/pruned",
     from lmforge.compress import prune as P
     from lmforge.compress.report import held_out_text, measure, print_comparison
 
-    llm = lmforge.load(model)
+    llm = lmforge.load(model, dequantize=True)  # pruning edits float weights
     text = held_out_text(eval_source) if report else ""
     before = measure(llm, text, eval_tokens) if report else None
     if method == "magnitude":
@@ -57,8 +57,8 @@ def prune(model: str = "runs/quickstart/model", out: str = "runs/pruned",
 def distill(teacher: str = "runs/quickstart/model", out: str = "runs/distill", layers: int | None = None,
             steps: int = 200,
             batch_size: int = 8, seq_len: int = 128, lr: float = 1e-3, temperature: float = 2.0, alpha: float = 0.5,
-            hidden_weight: float = 0.0, source: str = "shakespeare", eval_tokens: int = 4096, seed: int = 0,
-            report: bool = True) -> int:
+            hidden_weight: float = 0.0, source: str = "shakespeare", train_tokens: int = 400_000,
+            eval_tokens: int = 4096, seed: int = 0, report: bool = True) -> int:
     """Distill a teacher into a shallower student of the same tokenizer; print before/after numbers.
 
     The student keeps the teacher's width and vocabulary and starts from evenly spaced teacher layers;
@@ -80,6 +80,7 @@ def distill(teacher: str = "runs/quickstart/model", out: str = "runs/distill", l
         alpha: weight of the soft KL term (1 - alpha: next-token loss).
         hidden_weight: weight of final hidden-state MSE matching (0 = off).
         source: training text: embedded corpus name or a text/JSONL file or folder.
+        train_tokens: tokens of it to train on (the first ones; a tenth as many for validation).
         eval_tokens: tokens of the held-out split scored for perplexity.
         seed: seed of the data order.
         report: measure teacher and student (perplexity, parameters, decode speed).
@@ -92,7 +93,7 @@ def distill(teacher: str = "runs/quickstart/model", out: str = "runs/distill", l
     from lmforge.data import iter_documents
     from lmforge.train import OptimConfig, TokenWindows, TrainConfig, Trainer
 
-    t = lmforge.load(teacher)
+    t = lmforge.load(teacher, dequantize=True)
     if t.tokenizer is None:
         raise ConfigError(f"{teacher}: the teacher has no tokenizer; distillation tokenizes text with it")
     n_layer = layers or max(1, t.config.n_layer // 2)
@@ -104,16 +105,16 @@ def distill(teacher: str = "runs/quickstart/model", out: str = "runs/distill", l
     ids: list[int] = []
     for doc in iter_documents(source, "train"):
         ids += encode(doc)
-        if len(ids) > 400_000:
+        if len(ids) > train_tokens:
             break
     val_ids: list[int] = []
     for doc in iter_documents(source, "val"):
         val_ids += encode(doc)
-        if len(val_ids) > 50_000:
+        if len(val_ids) > train_tokens // 10:
             break
-    data = TokenWindows(np.array(ids, dtype=np.int64), batch_size, seq_len, seed=seed,
-                        val_tokens=np.array(val_ids, dtype=np.int64) if len(val_ids) > seq_len + 1 else None,
-                        eval_batches=4)
+    val = np.array(val_ids[:train_tokens // 10], dtype=np.int64)
+    data = TokenWindows(np.array(ids[:train_tokens], dtype=np.int64), batch_size, seq_len, seed=seed,
+                        val_tokens=val if len(val) > seq_len + 1 else None, eval_batches=4)
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, seq_len=seq_len, eval_every=max(steps // 4, 1),
                       checkpoint_every=max(steps // 2, 1), seed=seed)
     trainer = Trainer(student, Distill(t.model, temperature, alpha, hidden_weight), data, cfg,

@@ -30,6 +30,20 @@ SPLITS = ("train", "val", "test")
 # comedy per split, each ~4-5% of the corpus. Changing these changes every prepared dataset.
 VAL_WORKS = ("julius_caesar", "twelfth_night")
 TEST_WORKS = ("macbeth", "tempest")
+# The kind of each play, as the First Folio's catalogue (1623) groups them: Comedies, Histories,
+# Tragedies (Troilus and Cressida and Cymbeline as printed there, among the tragedies). Pericles, not in
+# the Folio, and the poems have no kind.
+PLAY_KINDS: dict[str, str] = {
+    **dict.fromkeys(("tempest", "two_gentlemen_of_verona", "merry_wives_of_windsor", "measure_for_measure",
+                     "comedy_of_errors", "much_ado_about_nothing", "loves_labours_lost", "midsummer_nights_dream",
+                     "merchant_of_venice", "as_you_like_it", "taming_of_the_shrew", "alls_well_that_ends_well",
+                     "twelfth_night", "winters_tale"), "comedy"),
+    **dict.fromkeys(("john", "richard_ii", "henry_iv_part_1", "henry_iv_part_2", "henry_v", "henry_vi_part_1",
+                     "henry_vi_part_2", "henry_vi_part_3", "richard_iii", "henry_viii"), "history"),
+    **dict.fromkeys(("troilus_and_cressida", "coriolanus", "tragedy_of_titus_andronicus", "romeo_and_juliet",
+                     "timon_of_athens", "julius_caesar", "macbeth", "hamlet", "lear", "othello",
+                     "antony_and_cleopatra", "cymbeline"), "tragedy"),
+}
 TEXT_SUFFIXES = (".txt", ".md")
 DOC_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
 

@@ -17,6 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -135,7 +136,7 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
 
 
 def run_study(train_lengths=(256, 512, 1024, 2048, 4096, 8192), positions=(512, 1024, 2048, 4096, 8192),
-              d_model: int = 256, n_layer: int = 4, budget_s: float = 30.0, max_train_bytes: float = 3e9,
+              d_model: int = 256, n_layer: int = 4, budget_s: float = 20.0, max_train_bytes: float = 2e9,
               log=print) -> dict:
     """Measure every family. Longer lengths are skipped for a family once one measurement took over
     `budget_s`, or when the activations of the next training length would pass `max_train_bytes`
@@ -236,7 +237,55 @@ def moe_throughput(steps: int = 3, batch: int = 4, seq_len: int = 256, log=print
     return res
 
 
-def bench(what: str = "complexity", out: str = "bench/results", quick: bool = False,
+def moe_vs_dense(out: str | Path, steps: int = 150, batch: int = 8, seq_len: int = 64, d_model: int = 128,
+                 log=print) -> dict:
+    """Dense vs MoE at fixed compute on the embedded corpus (characters): the same active parameters per
+    token (dense MLP width = k x expert width), the same tokens, so the same training FLOPs; validation loss
+    curves and tokens/s side by side, written to `out`/moe_vs_dense.{json,png}."""
+    import numpy as np
+
+    from lmforge.data.corpus import corpus_works, read_work
+    from lmforge.tokenizers.char import CharTokenizer
+    from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
+
+    tok = CharTokenizer()
+    enc = lambda split, n: np.asarray(tok.encode(tok.normalize(  # noqa: E731
+        " ".join(read_work(w) for w in corpus_works(split))[:n]), add_special_tokens=False), dtype=np.uint16)
+    train, val = enc("train", 400_000), enc("val", 40_000)
+    out = Path(out)
+    res = {}
+    for name, cfg in moe_pair(d_model=d_model, n_layer=4, vocab=tok.vocab_size).items():
+        torch.manual_seed(0)
+        model = DecoderLM(cfg.replace(block_size=seq_len))
+        run = out / f"moe_vs_dense-{name}"
+        tc = TrainConfig(max_steps=steps, batch_size=batch, progress=False, eval_every=max(steps // 10, 1),
+                         checkpoint_every=0, peak_flops=1e11)
+        tr = Trainer(model, CausalLM(), TokenWindows(train, batch, seq_len, val_tokens=val, eval_batches=4), tc,
+                     OptimConfig(lr=3e-3, warmup_steps=10, min_lr=3e-4), run_dir=run)
+        r = tr.fit(resume=None)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        curve = [(x["step"], x["loss"]) for x in rows if x.get("split") == "val"]
+        res[name] = {"tok_s": r.tokens_per_s, "val_curve": curve, "final_val": r.val.get("loss"),
+                     "active_flops_per_token": model.estimate_flops(seq_len), "params": model.num_params()}
+        log(json.dumps({"model": name, **{k: v for k, v in res[name].items() if k != "val_curve"}}))
+    res["tok_s_ratio"] = res["moe"]["tok_s"] / res["dense"]["tok_s"]
+    (out / "moe_vs_dense.json").write_text(json.dumps(res, indent=1))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("dense", "moe"):
+        ax.plot(*zip(*res[name]["val_curve"]), "o-", label=f"{name} ({res[name]['tok_s']:.0f} tok/s)")
+    ax.set_xlabel("step (same tokens, same active FLOPs)")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "moe_vs_dense.png", dpi=90)
+    plt.close(fig)
+    return res
+
+
+def bench(what: Literal["complexity", "moe"], out: str = "bench/results", quick: bool = False,
           d_model: int = 256, n_layer: int = 4) -> None:
     """Measure the block families (seed 002's Table 1) or MoE routing overhead; table, JSON and plots.
 
@@ -244,17 +293,18 @@ def bench(what: str = "complexity", out: str = "bench/results", quick: bool = Fa
         what: "complexity" (training/decode time and memory vs length, fitted exponents, PNG) or
             "moe" (training tokens/s of an MoE vs the dense model with its active parameters).
         out: folder for complexity.json / complexity.png / complexity.md.
-        quick: fewer lengths (256..1024 training, 512..2048 decode), for a smoke run.
+        quick: fewer lengths (256..2048 training; decode at 512, 2048, 8192).
         d_model: model width of every family.
-        n_layer: transformer layers (Mamba gets twice as many, to match parameters).
+        n_layer: transformer layers (Mamba gets 2.5x as many, to match parameters).
     """
     from lmforge.errors import ConfigError
     if what == "moe":
         moe_throughput()
+        moe_vs_dense(out, steps=60 if quick else 150)
         return
     if what != "complexity":
         raise ConfigError(f"unknown benchmark {what!r}; available: complexity, moe")
-    kw = {"train_lengths": (256, 512, 1024), "positions": (512, 1024, 2048)} if quick else {}
+    kw = {"train_lengths": (256, 512, 1024, 2048), "positions": (512, 2048, 8192)} if quick else {}
     moe = moe_throughput() if not quick else None
     study = run_study(d_model=d_model, n_layer=n_layer, **kw)
     folder = Path(out)

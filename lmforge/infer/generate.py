@@ -76,7 +76,8 @@ def iter_tokens(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device) if gen.stop_at_eos else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    fp32_cpu = device.type == "cpu" and model.tok_emb.weight.dtype == torch.float32
+    fp32_cpu = (device.type == "cpu" and model.tok_emb.weight.dtype == torch.float32
+                and not getattr(model, "quantization", None))  # quantized layers use torch's threads
     cache = model.new_cache(B, max_len=T + steps)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
     for step in range(steps):

@@ -176,6 +176,10 @@ def speculative_tokens(model: DecoderLM, prompt: list[int], gen: GenerationConfi
             generator.seed()
     eos = set(eos_ids) if gen.stop_at_eos else set()
     cache = model.new_cache(1, max_len=T + steps)
+    for m in (model, draft):
+        if m is not None and not all(hasattr(s, "k") for s in m.new_cache(1, max_len=1).layers):
+            raise ConfigError(f"speculative decoding needs models whose layers are all attention: {m.config.name} "
+                              "has recurrent layers, whose state cannot forget rejected tokens")
     drafter = (DraftModel(draft, gen, generator, T + steps, cfg.vocab_size) if draft is not None
                else PromptLookup(gen.prompt_lookup))
     fp32_cpu = device.type == "cpu" and model.tok_emb.weight.dtype == torch.float32

@@ -42,7 +42,7 @@ def convert(src: str, dst: str, to: Literal["hf", "gguf"] | None = None, dtype: 
     if to == "hf" and dst.endswith(".gguf"):
         raise ConfigError(f"{dst}: --to hf writes a folder, not a .gguf file; use --to gguf or another name")
     t0 = time.perf_counter()
-    llm = lmforge.load(src, allow_pickle=allow_pickle)
+    llm = lmforge.load(src, allow_pickle=allow_pickle, dequantize=True)  # float types: expand GGUF blocks
     t1 = time.perf_counter()
     if to == "hf":
         from lmforge.interop import hf

@@ -33,9 +33,9 @@ __all__ = ["ARCHS", "EXPORT_TYPES", "READ_TYPES", "GGUFFile", "TensorInfo", "con
            "load_gguf", "load_weights", "save_gguf", "tokenizer_from_gguf"]
 
 # Types we write.
-EXPORT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+EXPORT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 _FILE_TYPE = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
-              Q.Q8_0: LlamaFileType.MOSTLY_Q8_0}
+              Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1}
 ARCHS = ("llama", "qwen2", "gpt2")  # llama covers Llama 1-3, Mistral, SmolLM, TinyLlama
 _FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
 
@@ -182,8 +182,10 @@ def _unpermute_index(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, rows // n_head // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def load_weights(model, f: GGUFFile) -> None:
+def load_weights(model, f: GGUFFile, skip: frozenset[str] = frozenset()) -> None:
     """Fill `model` (a `DecoderLM` built from `config_from_gguf(f)`) with the file's weights, in place.
+
+    `skip`: our keys filled elsewhere (the quantized layers of a native load, see gguf_quant.py).
 
     Every tensor's presence, shape and type is checked before anything is read (`FormatError` naming the
     tensor). Each is then dequantized straight into its place in our fused layout, its rows reordered
@@ -193,6 +195,8 @@ def load_weights(model, f: GGUFFile) -> None:
     params = model.state_dict()
     plan = {}
     for ours, theirs in _names(cfg).items():
+        if ours in skip:
+            continue
         names = theirs if isinstance(theirs, tuple) else (theirs,)
         want = tuple(params[ours].shape)
         for name, rows in zip(names, _parts(cfg, ours, want[0])):
@@ -338,10 +342,17 @@ def _tokenizer_fields(tok) -> dict[str, Any] | None:
 
 # ---- load and save ------------------------------------------------------------------------------
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a .gguf file as an `LLM`: config from its metadata, tokenizer from its vocabulary and merges,
-    weights dequantized to `dtype` (default float32). The file is checked before weights are read."""
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+              dequantize: bool = False):
+    """Load a .gguf file as an `LLM`: config from its metadata, tokenizer from its vocabulary and merges.
+
+    Linears stored as Q8_0, Q4_0 or Q4_1 load into lmforge's quantized layers as they are (on the CPU,
+    unless `dequantize`); everything else is dequantized to `dtype` (default float32), which is also the
+    dtype the quantized layers compute in. The file is checked before weights are read.
+    """
+    from lmforge.interop import gguf_quant
     from lmforge.llm import LLM, empty_model
+    from lmforge.quant.model import restore
 
     f = GGUFFile(path)
     cfg = config_from_gguf(f)
@@ -350,16 +361,23 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, device:
         raise FormatError(f"{f.path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                           f"{cfg.vocab_size} embeddings")
     model = empty_model(cfg, dtype or torch.float32, device)
+    names = _names(cfg)
+    plan = {} if dequantize or torch.device(device).type != "cpu" else gguf_quant.native_plan(cfg, f, names, _permuted)
+    skip = {k for k, v in names.items() if (v if isinstance(v, tuple) else (v,)) in [p for p, _ in plan.values()]}
+    if plan:
+        restore(model, {"method": "gguf", "layers": gguf_quant.layer_infos(plan)})
     with torch.no_grad():
-        load_weights(model, f)
+        load_weights(model, f, frozenset(skip))
+        gguf_quant.fill(model, f, plan, _permuted, _unpermute_index)
     return LLM(model, tok, str(f.path))
 
 
 def save_gguf(llm, path: str | os.PathLike, qtype: str = "f16") -> Path:
     """Write `llm` as a GGUF file that llama.cpp, `gguf.GGUFReader` and `lmforge.load` read.
 
-    qtype: "f32" (exact), "f16", "bf16" or "q8_0" for the 2-D weights; norms and biases stay F32, and a
-    matrix whose rows are not a multiple of 32 falls back to F16 for q8_0 (as llama.cpp does). The file
+    qtype: "f32" (exact), "f16", "bf16", "q8_0", "q4_0" or "q4_1" for the 2-D float weights; norms and
+    biases stay F32, and a matrix whose rows are not a multiple of 32 falls back to F16 for the block types
+    (as llama.cpp does). Layers of a quantized model keep their own GGUF type (see gguf_quant.py). The file
     is written beside its target and renamed into place.
     """
     if qtype.lower() not in EXPORT_TYPES:
@@ -380,16 +398,25 @@ def save_gguf(llm, path: str | os.PathLike, qtype: str = "f16") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        from lmforge.interop import gguf_quant
+
+        quant = gguf_quant.quantized_layers(llm.model)  # our key -> (GGUF rows, type): written as they are
         w = GGUFWriter(str(tmp), arch)
-        _write_metadata(w, llm, arch, want)
+        _write_metadata(w, llm, arch, gguf_quant.file_type(quant, want))
         sd = {k: v.detach().float().cpu() for k, v in llm.model.state_dict().items()}
         for ours, theirs in _names(cfg).items():
             names = theirs if isinstance(theirs, tuple) else (theirs,)
+            raw, qt = quant.get(ours, (None, None))
+            full = sd[ours] if raw is None else torch.from_numpy(raw)
             sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim] \
-                if len(names) == 3 else [sd[ours].shape[0] // len(names)] * len(names)
-            for name, part in zip(names, sd[ours].split(sizes)):
+                if len(names) == 3 else [full.shape[0] // len(names)] * len(names)
+            for name, part in zip(names, full.split(sizes)):
                 heads = _permuted(cfg, name)
-                _add_tensor(w, name, (_permute(part, heads) if heads else part).contiguous().numpy(), want)
+                part = (_permute(part, heads) if heads else part).contiguous().numpy()
+                if raw is None:
+                    _add_tensor(w, name, part, want)
+                else:
+                    w.add_tensor(name, part, raw_dtype=qt)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -406,7 +433,7 @@ def save_gguf(llm, path: str | os.PathLike, qtype: str = "f16") -> Path:
 def _add_tensor(w: GGUFWriter, name: str, a: np.ndarray, want: Q) -> None:
     if a.ndim < 2 or want == Q.F32:
         w.add_tensor(name, a.astype(np.float32))
-    elif want == Q.F16 or (want == Q.Q8_0 and a.shape[-1] % 32):
+    elif want == Q.F16 or (want in (Q.Q8_0, Q.Q4_0, Q.Q4_1) and a.shape[-1] % 32):
         w.add_tensor(name, a.astype(np.float16))
     else:
         w.add_tensor(name, quants.quantize(a, want), raw_dtype=want)

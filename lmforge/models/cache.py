@@ -7,6 +7,8 @@ passes it back with every call, so it runs any family the same way.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from lmforge.errors import ConfigError
@@ -44,7 +46,12 @@ class Cache:
         Only the filled slots are copied."""
         L = self.length
         for s in self.layers:
-            s.reorder(rows, L)
+            if hasattr(s, "reorder"):
+                s.reorder(rows, L)
+            else:  # a recurrent state: every tensor in it is per row
+                for name, t in list(vars(s).items()):
+                    if isinstance(t, torch.Tensor):
+                        setattr(s, name, t[rows])
         self.key_mask[:, :L] = self.key_mask[rows, :L]
         self.next_pos = self.next_pos[rows]
 
@@ -53,7 +60,7 @@ class Cache:
         shared by its n beams)."""
         new = object.__new__(Cache)
         new.__dict__.update(self.__dict__)
-        new.layers = [s.repeat_rows(n) for s in self.layers]
+        new.layers = [s.repeat_rows(n) if hasattr(s, "repeat_rows") else _repeat_state(s, n) for s in self.layers]
         new.key_mask = self.key_mask.repeat_interleave(n, 0)
         new.next_pos = self.next_pos.repeat_interleave(n, 0)
         return new
@@ -73,6 +80,15 @@ class Cache:
     def bytes(self) -> int:
         """Memory held by all layers' states."""
         return sum(s.bytes() for s in self.layers)
+
+
+def _repeat_state(state, n: int):
+    """A copy of a recurrent layer state with each row repeated `n` times."""
+    new = copy.copy(state)
+    for name, t in list(vars(state).items()):
+        if isinstance(t, torch.Tensor):
+            setattr(new, name, t.repeat_interleave(n, 0))
+    return new
 
 
 KVCache = Cache  # the name from when every layer was attention

@@ -16,10 +16,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
+from lmforge.errors import ConfigError
 from lmforge.models.cache import Cache
+from lmforge.models.heads import Pooler, build_lm_head, output_layer
 from lmforge.models.layers import Rotary, make_norm
 from lmforge.models.mixers import MixerContext, channel_mixers, token_mixers
-from lmforge.models.mixers.attention import build_mask
+from lmforge.models.mixers.attention import Unpadded, build_mask
+
+
+def tied_key(cfg: Config) -> str | None:
+    """State-dict key of the LM head's output weight when it is the token embedding, else None."""
+    if not cfg.tie_embeddings or cfg.head == "none":
+        return None
+    return "lm_head.decoder.weight" if cfg.head == "mlm" else "lm_head.weight"
 
 
 class Block(nn.Module):
@@ -66,7 +75,12 @@ class Block(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """A causal language model. `model(input_ids)` maps (B, T) token ids to (B, T, vocab) logits."""
+    """A causal language model. `model(input_ids)` maps (B, T) token ids to (B, T, vocab) logits.
+
+    With `attention.causal=False` the same blocks form a bidirectional encoder (BERT, RoBERTa): padding
+    is masked, token types are embedded, and `cfg.head` picks the LM head, BERT's MLM head or none (then
+    `model(input_ids)` returns the hidden states).
+    """
 
     def __init__(self, cfg: Config, init_weights: bool = True):
         super().__init__()
@@ -74,13 +88,16 @@ class DecoderLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position.kind == "learned" else None
         self.rotary = Rotary(cfg) if cfg.position.kind == "rope" else None
+        types = cfg.embedding.type_vocab_size
+        self.type_emb = nn.Embedding(types, cfg.d_model) if types else None  # BERT segment A/B
+        self.emb_norm = make_norm(cfg) if cfg.embedding.norm else None
         self.drop = nn.Dropout(cfg.embed_dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.has_attention = cfg.uses("attention")
         self.norm_f = make_norm(cfg) if cfg.norm.placement == "pre" else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        self.lm_head = build_lm_head(cfg)
+        self.pooler = Pooler(cfg) if cfg.pooler else None
+        self.tie_weights()
         if init_weights and cfg.init == "gpt2":  # skipped when weights are about to be loaded
             self.apply(self._init_weights)
         if init_weights:  # mixers with parameters of their own meaning (Mamba's A, dt) re-set them
@@ -90,6 +107,21 @@ class DecoderLM(nn.Module):
         # Training switch, not architecture: each block's activations are recomputed in backward instead
         # of kept (non-reentrant torch.utils.checkpoint: same numbers, dropout replayed from saved RNG state).
         self.activation_checkpointing = False
+        if cfg.bitlinear:  # ternary QAT: the same parameters, a forward through ternary weights
+            from lmforge.quant.ternary import ternarize
+
+            ternarize(self)
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the LM head's output layer when the config ties them."""
+        out = output_layer(self.lm_head)
+        if self.config.tie_embeddings and out is not None:
+            out.weight = self.tok_emb.weight
+
+    @property
+    def tied_key(self) -> str | None:
+        """State-dict key of the output weight that is the token embedding (None when untied)."""
+        return tied_key(self.config)
 
     def _init_weights(self, m: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections back into the residual stream get 1/sqrt(2L)
@@ -107,38 +139,56 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, logits_to_keep: int = 0,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions when > 0.
 
-        attention_mask: (B, T), 1 for real tokens and 0 for left padding. With a `cache`, the tokens
-        continue what the cache holds, and the cache advances by T. segment_ids: (B, T) for packed rows
-        (several examples in one row, each a contiguous run of one id): a token attends only within its
-        segment and positions restart at 0 in each, so every example computes as it would alone.
+        attention_mask: (B, T), 1 for real tokens and 0 for padding (left padding for a decoder). With a
+        `cache`, the tokens continue what the cache holds, and the cache advances by T. segment_ids: (B, T)
+        for packed rows (several examples in one row, each a contiguous run of one id): a token attends only
+        within its segment and positions restart at 0 in each, so every example computes as it would alone.
+        token_type_ids: BERT's segment A/B embeddings. A model with `head="none"` (a sentence encoder)
+        returns its hidden states (B, T, C) instead of logits.
         """
         vt = getattr(self, "virtual_tokens", None)  # prompt/prefix tuning (lmforge.adapt.virtual) fill a new cache
         if cache is None and vt is not None and not vt.disabled:
             if segment_ids is not None:
                 raise ValueError("virtual tokens (prompt/prefix tuning) cannot be used with packed rows")
             cache = vt.start(self, *input_ids.shape)
-        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, segment_ids=segment_ids)
+        x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, segment_ids=segment_ids,
+                               token_type_ids=token_type_ids, attn_mask=attn_mask)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(x)
+        return x if self.lm_head is None else self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       cache: Cache | None = None, segment_ids: torch.Tensor | None = None,
-                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                      inputs_embeds: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """Final hidden states (B, T, C), after the final norm: what the LM head reads.
 
         inputs_embeds: (B, T, C) used instead of looking up `input_ids` (whose shape still gives B, T).
+        token_type_ids: (B, T) segment A/B ids for models with token-type embeddings (default: all 0).
+        attn_mask: (B, 1, T, T) bool, True = may attend: a caller's own visibility pattern (XLNet-style
+        permutation orders) in place of the causal / padding mask; no cache.
         """
         cfg = self.config
         B, T = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
-        if start + T > (cache.max_len if cache is not None else cfg.block_size):
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {cfg.block_size} "
-                             "(or the cache's capacity)")
+        if cache is not None and not cfg.attention.causal:
+            raise ConfigError("a bidirectional encoder has no KV cache: it reads its whole input at once")
+        limit = cache.max_len if cache is not None else cfg.block_size - cfg.embedding.position_offset
+        if start + T > limit:
+            why = ""
+            if cfg.attention.sliding_window and self.has_attention:
+                why = (f"; the sliding window ({cfg.attention.sliding_window}) limits what a token sees, "
+                       "not how long a sequence may be")
+            elif not self.has_attention and self.rotary is None and self.pos_emb is None:
+                why = "; this model has no position limit: raise block_size (e.g. replace(block_size=...))"
+            raise ConfigError(f"sequence of {start + T} tokens exceeds the context of {limit} "
+                              f"(or the cache's capacity){why}")
         # positions: (B, T). Left padding shifts each row so its first real token has position 0.
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.bool)
@@ -146,7 +196,7 @@ class DecoderLM(nn.Module):
         else:
             offsets = torch.arange(T, device=device).expand(B, T)
         base = cache.next_pos.unsqueeze(1) if cache is not None else 0
-        positions = (base + offsets).clamp(min=0)
+        positions = (base + offsets).clamp(min=0) + cfg.embedding.position_offset
 
         # mask: None whenever SDPA's built-in causal mask (or no mask for one query) is exact
         window = cfg.attention.sliding_window
@@ -160,9 +210,13 @@ class DecoderLM(nn.Module):
         else:
             needs_mask = padded or (window is not None and T > window)
             key_valid = attention_mask if padded else None
-        needs_mask = needs_mask and self.has_attention
+        needs_mask = needs_mask and self.has_attention and cfg.attention.causal
         n_global = cfg.attention.global_tokens
         mask = build_mask(key_valid, start, T, L, window, device, n_global) if needs_mask else None
+        unpadded = None
+        if not cfg.attention.causal and padded:
+            # bidirectional: every query sees every real key; padding is left out of the computation
+            mask = unpadded = Unpadded(attention_mask)
         if segment_ids is not None:  # packed examples: block-diagonal causal mask, positions per segment
             if cache is not None:
                 raise ValueError("segment_ids (packed training rows) cannot be used with a KV cache")
@@ -172,19 +226,31 @@ class DecoderLM(nn.Module):
             positions = idx - torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values
             same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
             mask = same & (build_mask(None, 0, T, T, window, device, n_global) if mask is None else mask)
+        if attn_mask is not None:
+            if cache is not None or unpadded is not None or segment_ids is not None:
+                raise ValueError("attn_mask replaces the model's own mask: use it without a cache, padding or segments")
+            mask = attn_mask.to(torch.bool)
 
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
+        if self.type_emb is not None:
+            x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         x = self.drop(x)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        ctx = MixerContext(positions, rope, mask, attention_mask if padded else None, start)
+        ctx = MixerContext(positions, rope, mask, attention_mask if padded and unpadded is None else None, start)
+        if unpadded is not None:
+            x = unpadded.pack(x)  # (1, N, C); attention unpacks its Q/K/V (and rotates them) per row
         if cache is None:
             for block in self.blocks:
                 if self.activation_checkpointing and torch.is_grad_enabled():
                     x = checkpoint(block, x, ctx, use_reentrant=False)
                 else:
                     x = block(x, ctx)
+            if unpadded is not None:
+                x = unpadded.unpack(x)  # (B, T, C), zeros at padding
         else:
             for block, state in zip(self.blocks, cache.layers):
                 x = block(x, ctx, state)
@@ -211,12 +277,17 @@ class DecoderLM(nn.Module):
     # ---- accounting --------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); `non_embedding` leaves out token/position tables."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters()) + sum(self._quantized_weights().values())
         if non_embedding:
-            n -= self.tok_emb.weight.numel()
+            n -= self.tok_emb.num_embeddings * self.tok_emb.embedding_dim
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
         return n
+
+    def _quantized_weights(self) -> dict[str, int]:
+        """Weights held by quantized layers (lmforge.quant swaps; they have no float `weight`): name -> count."""
+        return {name: m.in_features * m.out_features for name, m in self.named_modules()
+                if hasattr(m, "dequantize") and not isinstance(m, nn.Linear)}
 
     def estimate_flops(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention scores.
@@ -227,6 +298,7 @@ class DecoderLM(nn.Module):
         T = seq_len or cfg.block_size
         # every nn.Linear, the LM head included (tied or not, it is a real matmul)
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        n_matmul += sum(self._quantized_weights().values())
         # batched expert weights are not nn.Linear: count what one token multiplies by (top-k experts)
         n_matmul += sum(m.active_expert_params() for m in self.modules() if hasattr(m, "active_expert_params"))
         return 6.0 * n_matmul + 12.0 * self._n_attention_layers() * cfg.n_head * cfg.head_dim * T

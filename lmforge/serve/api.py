@@ -136,7 +136,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     model: StrictStr
     input: StrictStr | list[StrictStr] = Field(min_length=1)
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32, the openai client's default
 
 
 # ---- responses ------------------------------------------------------------------------------------

@@ -298,7 +298,15 @@ def create_app(llm, engine: Engine | None = None, model_name: str | None = None,
         except LMForgeError as e:  # e.g. a causal decoder: LLM.embed names what to load instead
             raise APIError(400, f"{name!r} gives no sentence embeddings: {e}", param="model",
                            code="embeddings_not_supported") from e
-        data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vectors)]
+        if body.encoding_format == "base64":
+            import base64
+
+            import numpy as np
+
+            enc = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
+        else:
+            enc = [[float(x) for x in v] for v in vectors]
+        data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(enc)]
         n = sum(len(llm.tokenizer.encode(t)) for t in texts)
         return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": n, "total_tokens": n}}
 

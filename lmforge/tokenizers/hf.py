@@ -48,6 +48,12 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict[str, Any] | None = None):
         config = dict(config or {})
+        if tokenizer.padding is not None or tokenizer.truncation is not None:
+            # As in transformers, padding and truncation happen only when a caller asks (a tokenizer.json
+            # may carry settings from its last use, e.g. all-MiniLM-L6-v2's "pad everything to 128").
+            tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
         self._tok = tokenizer
         self.config = config  # the tokenizer_config.json fields, as given
         self._vocab = tokenizer.get_vocab(with_added_tokens=True)

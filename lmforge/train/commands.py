@@ -59,8 +59,9 @@ def final_report(run: Run, result: TrainResult) -> dict[str, Any]:
 
         report["test"] = sequence_report(llm.model, run.test_seqs, run.tokenizer.pad_id, dtype=t.dtype)
     elif run.test_batches is not None:
-        report["test"] = evaluate(llm.model, CausalLM(), run.test_batches(), t.dtype)
-    if recipe.run.samples:
+        objective = run.trainer.objective if not isinstance(run.trainer.objective, CausalLM) else CausalLM()
+        report["test"] = evaluate(llm.model, objective, run.test_batches(), t.dtype)
+    if recipe.run.samples and llm.config.attention.causal:  # an encoder cannot generate
         report["samples"] = samples(llm, recipe.run.samples, recipe.run.sample_tokens, recipe.run.sample_prompt,
                                     seed=t.seed)
     write_json(run.run_dir / "test_metrics.json", report)

@@ -140,7 +140,7 @@ def finetune(config: str | None = None, method: Method | None = None, model: str
           + ", ".join(f"{k} {v:,}" for k, v in run.info.items() if isinstance(v, int) and k != "trainable"),
           file=sys.stderr, flush=True)
     result = run.trainer.fit(resume=resume)
-    if result.exit_code:
+    if result.exit_code or not run.dist.is_main:  # under torchrun, rank 0 alone reports
         return result.exit_code
     report = final_report(run, result)
     report["trainable"] = rep

@@ -148,6 +148,9 @@ OBJECTIVES: dict[str, type[Objective] | str] = {
     "dpo": "lmforge.align.dpo:DPO", "ipo": "lmforge.align.dpo:IPO", "simpo": "lmforge.align.dpo:SimPO",
     "orpo": "lmforge.align.dpo:ORPO", "reward": "lmforge.align.reward:RewardObjective",
     "ppo": "lmforge.align.ppo:PPO", "distill": "lmforge.compress.distill:Distill",
+    "masked_lm": "lmforge.train.masked:MaskedLM", "combined_lm": "lmforge.train.masked:CombinedLM",
+    "permutation_lm": "lmforge.train.permutation:PermutationLM",
+    "sequence_classification": "lmforge.train.classify:SequenceClassification",
 }
 
 
@@ -166,4 +169,7 @@ def build_objective(name: str, **kwargs) -> Objective:
 
         module, _, attr = cls.partition(":")
         cls = OBJECTIVES[name] = getattr(importlib.import_module(module), attr)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # an option the objective does not take (train.objective_args)
+        raise ValueError(f"objective {name!r}: {e}; check train.objective_args") from None

@@ -44,9 +44,9 @@ class TokenizerConfig:
     """Which tokenizer: an existing folder, or one built for the run (saved in `<run.dir>/tokenizer`)."""
 
     path: str | None = None  # folder holding tokenizer.json; wins over `kind`
-    kind: Literal["bpe", "char"] = "bpe"  # bpe: byte-level BPE trained on data.source's train split
-    vocab_size: int = 4096  # bpe only
-    min_frequency: int = 2  # bpe only
+    kind: Literal["bpe", "char", "wordpiece"] = "bpe"  # bpe / wordpiece: trained on data.source's train split
+    vocab_size: int = 4096  # bpe / wordpiece
+    min_frequency: int = 2  # bpe / wordpiece
 
 
 @dataclass

@@ -50,6 +50,7 @@ DATA_KINDS: dict[str, str] = {
     "tokens": "lmforge.train.run:token_data",
     "passages": "lmforge.train.run:passage_data",
     "instructions": "lmforge.data.instruct:instruction_data",
+    "genre": "lmforge.train.classify:genre_data_kind",
     "preferences": "lmforge.align.commands:preference_data",
     "prompts": "lmforge.align.commands:prompt_data",
 }
@@ -105,6 +106,15 @@ def build_tokenizer(recipe: Recipe, run_dir: Path):
     if tk.kind == "char":
         return CharTokenizer()
     folder = run_dir / "tokenizer"
+    if tk.kind == "wordpiece" and not (folder / "tokenizer.json").is_file():
+        from lmforge.data import iter_documents
+        from lmforge.tokenizers.wordpiece import train_wordpiece
+
+        tok = train_wordpiece(iter_documents(recipe.data.source, "train"), vocab_size=tk.vocab_size,
+                              min_frequency=tk.min_frequency)
+        tok.save(folder)
+        _log(f"trained a WordPiece tokenizer ({tok.vocab_size} tokens) on {recipe.data.source} -> {folder}")
+        return tok
     if (folder / "tokenizer.json").is_file():  # made by an earlier (possibly interrupted) start of this run
         return load_tokenizer(folder)
     from lmforge.data import iter_documents
@@ -123,7 +133,8 @@ def build_model(recipe: Recipe, run_dir: Path) -> tuple[nn.Module, Any]:
     if recipe.model.get("source"):
         from lmforge.llm import load
 
-        llm = load(recipe.model["source"], dtype=recipe.model.get("dtype"))
+        # training needs float weights: a GGUF's quantized blocks are expanded (QLoRA re-quantizes its own way)
+        llm = load(recipe.model["source"], dtype=recipe.model.get("dtype"), dequantize=True)
         tok = llm.tokenizer
         if recipe.tokenizer.path is not None:
             from lmforge.tokenizers import load_tokenizer
@@ -288,7 +299,15 @@ def build_run(recipe: Recipe, resume: str | None = None, *,
     if objective is not None and not isinstance(objective, Objective):
         objective = objective(model)
     if objective is None:
-        objective = build_objective(t.objective, reduction=t.loss_reduction, mask_padding=t.mask_padding)
+        try:
+            objective = build_objective(t.objective, reduction=t.loss_reduction, mask_padding=t.mask_padding,
+                                        **t.objective_args)
+        except ValueError as e:
+            raise ConfigError(f"train.objective: {e}") from None
+        if hasattr(objective, "bind"):  # objectives that need the tokenizer ([MASK] id, word boundaries)
+            objective.bind(tok)
+        if hasattr(objective, "attach"):  # objectives with a head sized by the model (task heads)
+            objective.attach(model)
     trainer = Trainer(model, objective, data.source, t, recipe.optim, run_dir=run_dir, tokenizer=tok)
     info.update(params=model.num_params(),
                 flops_per_token=model.estimate_flops(seq_len), seq_len=seq_len)

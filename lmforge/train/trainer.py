@@ -73,6 +73,7 @@ class TrainConfig:
     objective: str = "causal_lm"  # a name in lmforge.train.objectives.OBJECTIVES
     loss_reduction: Literal["token_mean", "sequence_sum"] = "token_mean"
     mask_padding: bool = True  # ignore padding targets (pad after pad) in the loss
+    objective_args: dict[str, Any] = field(default_factory=dict)  # the objective's own options (mask_prob, ...)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Causal self-attention (MHA / GQA / MQA, sliding window) and its decode state, the KV buffers.
+"""Causal or bidirectional self-attention (MHA / GQA / MQA, sliding window) and its decode state, the KV buffers.
 
 softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017), computed by `F.scaled_dot_product_attention`.
 """
@@ -50,6 +50,29 @@ class KVState:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
+class Unpadded:
+    """Where the real tokens of a padded batch sit, so that an encoder computes nothing for padding.
+
+    Passed as `ctx.mask`. Position-wise work (projections, MLP, norms) runs on the packed real tokens
+    (1, N, C); attention alone unpacks its Q/K/V to (B, T) rows and masks the padding keys. With sorted
+    batches of mixed-length sentences ~20% of a batch is padding (all-MiniLM-L6-v2, batch 32, bench/encode.py).
+    """
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.shape = tuple(attention_mask.shape)  # (B, T)
+        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,) flat positions of real tokens
+        self.attn_mask = attention_mask[:, None, None, :]  # (B, 1, 1, T), True = may attend
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (1, N, C): the real tokens only."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index).unsqueeze(0)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, N, C) -> (B, T, C), zeros at padding."""
+        out = x.new_zeros(self.shape[0] * self.shape[1], x.shape[-1])
+        return out.index_copy_(0, self.index, x[0]).view(*self.shape, x.shape[-1])
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention with one fused QKV projection.
 
@@ -67,6 +90,7 @@ class Attention(nn.Module):
                              bias=cfg.attention.qkv_bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.attention.out_bias)
         self.dropout = cfg.attention.dropout
+        self.causal = cfg.attention.causal  # False: bidirectional encoder, only padding is masked
 
     def new_state(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVState:
         """Empty key/value buffers for `max_len` slots."""
@@ -75,7 +99,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: MixerContext, state: KVState | None) -> torch.Tensor:
         B, T, _ = x.shape
         hs, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
-        qk, v = self.qkv(x).split([(nh + nkv) * hs, nkv * hs], dim=-1)
+        h, mask = self.qkv(x), ctx.mask
+        unpadded = mask if isinstance(mask, Unpadded) else None
+        if unpadded is not None:  # encoder fast path: x holds the real tokens only (1, N, C)
+            h, mask, (B, T) = unpadded.unpack(h), unpadded.attn_mask, unpadded.shape
+        qk, v = h.split([(nh + nkv) * hs, nkv * hs], dim=-1)
         qk = qk.view(B, T, nh + nkv, hs).transpose(1, 2)  # (B, nh + nkv, T, hs): queries, then keys
         if ctx.rope is not None:
             qk = apply_rope(qk, *ctx.rope)  # one rotation for queries and keys together
@@ -85,12 +113,12 @@ class Attention(nn.Module):
             k, v = state.update(k, v, ctx.start)  # (B, nkv, L, hs), L = slots filled incl. these T
             q = q.to(k.dtype)  # a cache may be kept in higher precision than the model (see new_cache)
         # mask None means "plain causal, queries and keys aligned" (or a single query seeing all keys)
-        mask = ctx.mask
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh,
         )  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs).to(x.dtype))
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)
+        return self.proj((unpadded.pack(y) if unpadded is not None else y).to(x.dtype))
 
 
 def build_mask(key_valid: torch.Tensor | None, q_start: int, T: int, L: int, window: int | None,

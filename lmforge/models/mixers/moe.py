@@ -102,16 +102,18 @@ class MoE(nn.Module):
         tok = order // k  # (M,) token of each kept assignment, grouped by expert
         xs = xf[tok]  # (M, C) one gather for all experts
         outs, i = [], 0
+        # unbind once: indexing w_fc[e] per expert would make backward write E full-size zero gradients
+        w_fc, w_proj = self.w_fc.unbind(0), self.w_proj.unbind(0)
         for e, c in enumerate(counts.tolist()):
             if c == 0:
                 continue
-            h = F.linear(xs[i:i + c], self.w_fc[e])  # (c, 2h) or (c, h)
+            h = F.linear(xs[i:i + c], w_fc[e])  # (c, 2h) or (c, h)
             if self.gated:
                 gate, up = h.chunk(2, dim=-1)
                 h = self.act(gate) * up
             else:
                 h = self.act(h)
-            outs.append(F.linear(h, self.w_proj[e]))  # (c, C)
+            outs.append(F.linear(h, w_proj[e]))  # (c, C)
             i += c
         y = torch.zeros_like(xf)
         if outs:
