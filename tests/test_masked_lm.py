@@ -127,6 +127,7 @@ def test_pretrain_cli_runs_masked_lm(tmp_path, tok):
         llm.generate("to be")
 
 
+@pytest.mark.slow
 def test_combined_objective_on_a_decoder(tok, tokens):
     from lmforge.train.masked import CombinedLM
 
@@ -160,6 +161,7 @@ def test_permutation_masks_follow_the_order():
         assert (rank[b][j] < rank[b][i]).all()
 
 
+@pytest.mark.slow
 def test_permutation_lm_trains_a_decoder(tok, tokens):
     from lmforge.train.permutation import PermutationLM
 
