@@ -17,7 +17,7 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.infer.beam import Hypothesis, beam_search
 from lmforge.infer.packed import blas_decode, pack_linears
-from lmforge.infer.sampling import GenerationConfig, filter_logits, prepare_prompts, sample_next
+from lmforge.infer.sampling import GenerationConfig, filter_logits, make_generator, prepare_prompts, sample_next
 from lmforge.infer.speculative import SpecStats, speculative_tokens
 from lmforge.models import DecoderLM
 
@@ -61,13 +61,7 @@ def iter_tokens(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
         return
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
-    generator = None
-    if gen.temperature > 0:
-        generator = torch.Generator(device=device)
-        if gen.seed is not None:
-            generator.manual_seed(gen.seed)
-        else:
-            generator.seed()
+    generator = make_generator(gen, device)
     seen = None
     if gen.repetition_penalty != 1.0:
         seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)

@@ -110,6 +110,18 @@ def sample_next(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Ge
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def make_generator(gen: GenerationConfig, device: torch.device | str) -> torch.Generator | None:
+    """The sampling RNG: None for greedy, seeded by `gen.seed`, or freshly seeded when there is none."""
+    if gen.temperature <= 0:
+        return None
+    generator = torch.Generator(device=device)
+    if gen.seed is not None:
+        generator.manual_seed(gen.seed)
+    else:
+        generator.seed()
+    return generator
+
+
 def prepare_prompts(prompts: list[list[int]], block_size: int, gen: GenerationConfig, pad_id: int
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Left-pad token lists into (B, T) ids and a (B, T) mask (None when no row is padded)."""

@@ -24,7 +24,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.infer.packed import blas_decode, pack_linears
-from lmforge.infer.sampling import GenerationConfig, filter_logits, prepare_prompts
+from lmforge.infer.sampling import GenerationConfig, filter_logits, make_generator, prepare_prompts
 from lmforge.models import DecoderLM
 
 
@@ -167,13 +167,7 @@ def speculative_tokens(model: DecoderLM, prompt: list[int], gen: GenerationConfi
     steps = min(gen.max_new_tokens, cfg.block_size - T)
     if steps <= 0:
         return
-    generator = None
-    if gen.temperature > 0:
-        generator = torch.Generator(device=device)
-        if gen.seed is not None:
-            generator.manual_seed(gen.seed)
-        else:
-            generator.seed()
+    generator = make_generator(gen, device)
     eos = set(eos_ids) if gen.stop_at_eos else set()
     cache = model.new_cache(1, max_len=T + steps)
     for m in (model, draft):

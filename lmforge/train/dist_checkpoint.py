@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from lmforge.io import fsync_dir, fsync_tree, write_json
+from lmforge.io import publish_dir, write_json
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistEnv
 
@@ -79,15 +79,7 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
         write_json(tmp / ckpt.STATE_FILE, {**state, "step": step, "format_version": ckpt.FORMAT_VERSION,
                                            "format": FORMAT, "world_size": env.world_size,
                                            "strategy": env.strategy, "files": files, "complete": True})
-        fsync_tree(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        fsync_dir(target.parent)
+        publish_dir(tmp, target)
         if keep_last > 0:
             for _, stale in ckpt.list_checkpoints(run_dir)[keep_last:]:
                 shutil.rmtree(stale, ignore_errors=True)
