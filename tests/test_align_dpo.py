@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from preferences import toy_pairs
 
 from lmforge.align import DPO, Pair, PreferencePairs, collate, sequence_logps, tokenize_pairs
 from lmforge.config import get_preset
@@ -123,16 +124,6 @@ def test_dpo_needs_adapters_or_a_reference():
         DPO("dpo").loss(model, collate([Pair([1, 2], [3], [4])], 0))
 
 
-def _toy_pairs(n=32, seed=0):
-    """Chosen responses repeat a token of the prompt, rejected ones do not: a learnable preference."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        p = torch.randint(10, 200, (6,), generator=g).tolist()
-        out.append(Pair(p, [p[-1], p[-1]], torch.randint(200, 250, (2,), generator=g).tolist()))
-    return out
-
-
 @pytest.mark.slow
 def test_dpo_training_raises_preference_accuracy():
     torch.manual_seed(0)
@@ -140,7 +131,7 @@ def test_dpo_training_raises_preference_accuracy():
     reference = DecoderLM(get_preset("tiny-llama"))
     reference.load_state_dict(policy.state_dict())
     objective = DPO("dpo", beta=0.5, reference=reference)
-    data = PreferencePairs(_toy_pairs(), batch_size=8, pad_id=0, val_pairs=_toy_pairs(16, seed=1))
+    data = PreferencePairs(toy_pairs(), batch_size=8, pad_id=0, val_pairs=toy_pairs(16, seed=1))
     tr = Trainer(policy, objective, data, TrainConfig(max_steps=25, eval_every=0, progress=False, peak_flops=1e11),
                  OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0))
     before = tr.evaluate()

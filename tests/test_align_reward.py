@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from preferences import toy_pairs
 
 from lmforge.align import Pair, PreferencePairs, RewardModel, RewardObjective, collate
 from lmforge.config import get_preset
@@ -11,16 +12,6 @@ from lmforge.models import DecoderLM
 from lmforge.models.scalar_heads import ScalarHead
 from lmforge.train import OptimConfig, TrainConfig, Trainer
 from lmforge.train.objectives import build_objective
-
-
-def _toy_pairs(n=32, seed=0):
-    """Chosen responses repeat the prompt's last token, rejected ones are unrelated: a learnable preference."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        p = torch.randint(10, 200, (6,), generator=g).tolist()
-        out.append(Pair(p, [p[-1], p[-1]], torch.randint(200, 250, (2,), generator=g).tolist()))
-    return out
 
 
 def test_bradley_terry_loss_by_hand():
@@ -48,7 +39,7 @@ def test_reward_training_learns_the_preference_and_saves_its_head(tmp_path):
     torch.manual_seed(0)
     model = DecoderLM(get_preset("tiny-llama"))
     obj = RewardObjective(d_model=64)
-    data = PreferencePairs(_toy_pairs(), 8, 0, val_pairs=_toy_pairs(16, seed=1))
+    data = PreferencePairs(toy_pairs(), 8, 0, val_pairs=toy_pairs(16, seed=1))
     cfg = TrainConfig(max_steps=20, eval_every=0, checkpoint_every=10, progress=False, peak_flops=1e11)
     tr = Trainer(model, obj, data, cfg, OptimConfig(lr=3e-3, warmup_steps=2), run_dir=tmp_path / "run")
     before = tr.evaluate()
@@ -66,7 +57,7 @@ def test_reward_training_learns_the_preference_and_saves_its_head(tmp_path):
     cfg2 = TrainConfig(max_steps=20, eval_every=0, checkpoint_every=10, progress=False, peak_flops=1e11)
     torch.manual_seed(1)
     tr2 = Trainer(DecoderLM(get_preset("tiny-llama")), RewardObjective(d_model=64),
-                  PreferencePairs(_toy_pairs(), 8, 0), cfg2, OptimConfig(lr=3e-3, warmup_steps=2),
+                  PreferencePairs(toy_pairs(), 8, 0), cfg2, OptimConfig(lr=3e-3, warmup_steps=2),
                   run_dir=tmp_path / "run")
     tr2.fit(resume=str(tmp_path / "run" / "checkpoints" / "step-10"))
     for a, b in zip(tr2.heads.parameters(), tr.heads.parameters()):

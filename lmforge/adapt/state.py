@@ -13,12 +13,8 @@ from lmforge.adapt.lora import adapter_layers
 def trainable_parameters(model: nn.Module) -> dict[str, Any]:
     """{"trainable", "total", "percent", "adapter_layers"}: parameters that receive gradients vs all
     (shared tensors, such as tied embeddings, counted once; a quantized layer counts the weights it holds)."""
-    seen: set[int] = set()
     total = trainable = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    for p in model.parameters():  # each Parameter once: tied weights are not counted twice
         n = p.numel()
         total += n
         if p.requires_grad:

@@ -74,12 +74,8 @@ def semi_structured_prune(model: DecoderLM, n: int = 2, m: int = 4) -> DecoderLM
 
 def sparsity_report(model: nn.Module) -> dict[str, float]:
     """{"params", "nonzero", "sparsity"} over all parameters (tied weights once)."""
-    seen: set[int] = set()
     total = nz = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    for p in model.parameters():  # each Parameter once: tied weights are not counted twice
         total += p.numel()
         nz += int((p != 0).sum())
     return {"params": total, "nonzero": nz, "sparsity": 1.0 - nz / max(total, 1)}
