@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from preferences import toy_pairs
 
 from lmforge.adapt import apply_lora, disable_adapters
 from lmforge.align import DPO, Pair, PreferencePairs, collate, sequence_logps
@@ -51,11 +52,9 @@ def test_dpo_with_toggled_reference_equals_dpo_with_a_frozen_copy():
 
 @pytest.mark.slow
 def test_lora_dpo_trains_only_adapters_and_learns():
-    from test_align_dpo import _toy_pairs
-
     policy, _ = _policy_and_base()
     frozen = {n: p.clone() for n, p in policy.named_parameters() if not p.requires_grad}
-    data = PreferencePairs(_toy_pairs(), batch_size=8, pad_id=0, val_pairs=_toy_pairs(16, seed=1))
+    data = PreferencePairs(toy_pairs(), batch_size=8, pad_id=0, val_pairs=toy_pairs(16, seed=1))
     tr = Trainer(policy, DPO("dpo", beta=0.5), data,
                  TrainConfig(max_steps=15, eval_every=0, progress=False, peak_flops=1e11),
                  OptimConfig(lr=2e-2, warmup_steps=2, weight_decay=0.0))
