@@ -89,7 +89,9 @@ def _trainer(tok, tokens, run_dir, steps=8, **kw):
 def test_loss_falls_and_resume_is_exact(tok, tokens, tmp_path):
     a = _trainer(tok, tokens, tmp_path / "a", steps=40)
     before = a.evaluate()
-    assert abs(before["selected_frac"] - 0.15) < 0.03 and abs(before["mask_frac"] - 0.8) < 0.1
+    # ~512 positions, ~77 selected: 4 sigma is 0.064 and 0.18 (the exact rates are tested above on 32k tokens).
+    # The bound must hold for any vocabulary: WordPiece training breaks ties differently from run to run.
+    assert abs(before["selected_frac"] - 0.15) < 0.065 and abs(before["mask_frac"] - 0.8) < 0.18
     assert a.evaluate()["loss"] == before["loss"]  # evaluation masks are fixed
     res = a.fit()
     assert res.val["loss"] < before["loss"] - 0.4  # 6.43 -> 5.86 in 40 steps
