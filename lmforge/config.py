@@ -16,7 +16,8 @@ from lmforge.errors import ConfigError
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
 # Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv", "lstm")
+TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv", "lstm",
+                "lsh_attention")
 CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
 POSITION_KINDS = ("learned", "rope", "none", "sinusoidal", "relative")
 
@@ -71,6 +72,16 @@ class SSMConfig:
     dt_rank: int | None = None  # None: ceil(d_model / 16), as Mamba
     conv_bias: bool = True
     proj_bias: bool = False
+
+
+@dataclass
+class LSHConfig:
+    """LSH attention (token mixer "lsh_attention", Reformer): hash buckets, rounds, chunk length, rotation seed."""
+
+    n_buckets: int = 8  # even (a rotation gives n_buckets / 2 directions and their negatives), or 1
+    n_hashes: int = 2  # hash rounds, combined by their log-normalisers
+    chunk_len: int = 32  # queries per chunk; each attends to its chunk and the previous one
+    seed: int = 0  # the fixed random rotations are drawn from this seed
 
 
 @dataclass
@@ -129,6 +140,7 @@ class Config:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     ssm: SSMConfig = field(default_factory=SSMConfig)
+    lsh: LSHConfig = field(default_factory=LSHConfig)
     # Every layer is "token_mixer+channel_mixer" (see lmforge.models.mixers): `block` for all layers,
     # `layers` (n_layer entries) per layer; an entry without "+channel" takes `block`'s channel mixer.
     block: str = "attention+mlp"
@@ -278,6 +290,21 @@ class Config:
                 need(isinstance(getattr(s, f), int) and getattr(s, f) > 0, f"ssm.{f} must be a positive integer")
             need(s.d_conv >= 2, "ssm.d_conv must be >= 2")
             need(s.dt_rank is None or s.dt_rank > 0, "ssm.dt_rank must be positive")
+        if self.uses("lsh_attention"):
+            h = self.lsh
+            need(isinstance(h.n_buckets, int) and (h.n_buckets == 1 or (h.n_buckets >= 2 and h.n_buckets % 2 == 0)),
+                 f"lsh.n_buckets must be 1 or a positive even number (random rotations give n_buckets/2 "
+                 f"directions and their negatives), got {h.n_buckets!r}")
+            need(isinstance(h.n_hashes, int) and h.n_hashes > 0, f"lsh.n_hashes must be positive, got {h.n_hashes!r}")
+            need(isinstance(h.chunk_len, int) and h.chunk_len > 0,
+                 f"lsh.chunk_len must be positive, got {h.chunk_len!r}")
+            need(self.block_size % h.chunk_len == 0,
+                 f"block_size ({self.block_size}) must be a multiple of lsh.chunk_len ({h.chunk_len}): "
+                 "full-length sequences are cut into whole chunks")
+            need(self.n_kv_head == self.n_head,
+                 "lsh_attention shares queries and keys (one qk per head): set attention.n_kv_head = attention.n_head")
+            need(self.attention.sliding_window is None,
+                 "lsh_attention has no sliding window: unset attention.sliding_window")
         for f in ("embed_dropout", "resid_dropout"):
             need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
         return self
@@ -323,7 +350,7 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
 
 
 _SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig,
-               "embedding": EmbeddingConfig, "moe": MoEConfig, "ssm": SSMConfig}
+               "embedding": EmbeddingConfig, "moe": MoEConfig, "ssm": SSMConfig, "lsh": LSHConfig}
 
 
 # ================================================================================================
@@ -491,6 +518,15 @@ def _tiny_s4d() -> Config:
     return c
 
 
+def _tiny_lsh() -> Config:
+    # Kitaev et al. 2020, "Reformer": shared-QK LSH attention (the paper's enwik8 model uses 4 hash rounds,
+    # chunks of 64 and buckets sized to ~chunk); test size: 8 buckets, 2 rounds, chunks of 32. RoPE positions.
+    c = _llama_like("tiny-lsh", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block, c.lsh = "lsh_attention+mlp", LSHConfig(n_buckets=8, n_hashes=2, chunk_len=32)
+    return c
+
+
 def _tiny_mamba() -> Config:
     c = _mamba("tiny-mamba", 64, 2, 256, 128)
     c.ssm.d_state = 8  # test size: half of Mamba's 16 keeps the scan cheap on 2 cores
@@ -553,6 +589,7 @@ PRESETS: dict[str, Any] = {
     "tiny-rwkv": _tiny_rwkv,
     "tiny-lstm": _tiny_lstm,
     "tiny-s4d": _tiny_s4d,
+    "tiny-lsh": _tiny_lsh,
     "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }

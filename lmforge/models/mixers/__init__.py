@@ -79,13 +79,15 @@ def token_mixers() -> dict[str, type]:
     """Token mixer classes by config name."""
     from lmforge.models.mixers.attention import Attention
     from lmforge.models.mixers.linear_attention import LinearAttention
+    from lmforge.models.mixers.lsh import LSHAttention
     from lmforge.models.mixers.lstm import LSTM
     from lmforge.models.mixers.mamba import Mamba
     from lmforge.models.mixers.retention import Retention
     from lmforge.models.mixers.rwkv import RWKVTimeMix
     from lmforge.models.mixers.s4d import S4D
     return {"attention": Attention, "mamba": Mamba, "s4d": S4D, "linear_attention": LinearAttention,
-            "retention": Retention, "rwkv": RWKVTimeMix, "lstm": LSTM}
+            "retention": Retention, "rwkv": RWKVTimeMix, "lstm": LSTM,
+            "lsh_attention": LSHAttention}
 
 
 def channel_mixers() -> dict[str, type]:
