@@ -16,7 +16,7 @@ from lmforge.errors import ConfigError
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
 # Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv")
+TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv", "lstm")
 CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
 POSITION_KINDS = ("learned", "rope", "none", "sinusoidal", "relative")
 
@@ -473,6 +473,16 @@ def _tiny_rwkv() -> Config:
     return c
 
 
+def _tiny_lstm() -> Config:
+    # The classical recurrent LM (Zaremba et al. 2014: embedding, stacked LSTM layers, softmax), as
+    # pre-LN residual blocks of an LSTM token mixer and no channel mixer; no positions (the recurrence
+    # carries order). Test size.
+    c = _gpt2("tiny-lstm", 2, 64, 4)
+    c.vocab_size, c.block_size, c.bos_id, c.eos_id = 256, 128, None, None
+    c.block, c.position, c.tie_embeddings = "lstm+none", PositionConfig(kind="none"), False
+    return c
+
+
 def _tiny_s4d() -> Config:
     # Gu et al. 2022 (S4D): pre-norm blocks of S4D (64 states per channel in the paper; 16 here) + MLP.
     c = _llama_like("tiny-s4d", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
@@ -541,6 +551,7 @@ PRESETS: dict[str, Any] = {
     "tiny-linear": _tiny_linear,
     "tiny-retnet": _tiny_retnet,
     "tiny-rwkv": _tiny_rwkv,
+    "tiny-lstm": _tiny_lstm,
     "tiny-s4d": _tiny_s4d,
     "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},

@@ -21,6 +21,8 @@ from lmforge.interop import hf
 from lmforge.io import atomic_dir, write_json
 from lmforge.models import DecoderLM, make_model
 from lmforge.models.decoder import tied_key
+from lmforge.models.ngram import MODEL_TYPE as NGRAM_TYPE
+from lmforge.models.ngram import NGramLM
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -69,6 +71,9 @@ class LLM:
         return self.model.config
 
     def __repr__(self) -> str:
+        if isinstance(self.model, NGramLM):
+            return (f"LLM({self.config.name!r}, family=ngram, order={self.config.order}, method={self.config.method}, "
+                    f"ngrams={self.model.num_params():,})")
         p = next(self.model.parameters())
         return (f"LLM({self.config.name!r}, family={self.config.family}, params={self.model.num_params():,}, "
                 f"dtype={p.dtype}, device={p.device})")
@@ -81,6 +86,10 @@ class LLM:
         return self.tokenizer
 
     def _need_decoder(self, what: str) -> None:
+        if isinstance(self.model, NGramLM):
+            raise ConfigError(f"{self.config.name!r} is an n-gram model: it scores text (llm.model(ids) gives "
+                              f"log-probabilities; lmforge eval perplexity) but cannot {what} through the generator; "
+                              "load a neural model (e.g. the LSTM or a transformer) for that")
         if not self.config.attention.causal:
             raise ConfigError(f"{self.config.name!r} is a bidirectional encoder: it cannot {what} text. Use "
                               "llm.embed(texts) (lmforge embed) for sentence embeddings, or load a decoder model")
@@ -95,7 +104,7 @@ class LLM:
         """
         from lmforge.infer.embed import embed_texts
 
-        if self.config.attention.causal:
+        if isinstance(self.model, NGramLM) or self.config.attention.causal:
             raise ConfigError(f"{self.config.name!r} is a causal decoder; embed() needs a bidirectional encoder "
                               "such as lmforge.load('minilm')")
         return embed_texts(self.model, self._need_tokenizer(), texts, batch_size=batch_size, pooling=pooling,
@@ -294,6 +303,12 @@ class LLM:
         from lmforge.adapt import base_state_dict, has_adapters, save_adapter
 
         cfg = self.config
+        if isinstance(self.model, NGramLM):  # counts, not weights: config.json + ngram.safetensors
+            with atomic_dir(folder) as tmp:
+                self.model.save(tmp)
+                if self.tokenizer is not None:
+                    self.tokenizer.save(tmp)
+            return Path(folder)
         dt = resolve_dtype(dtype)
         quant = getattr(self.model, "quantization", None)
         if quant:
@@ -441,6 +456,9 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         config_json = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
     except ValueError as e:
         raise FormatError(f"{folder}: config file is not valid JSON ({e})") from e
+    if config_json is not None and config_json.get("model_type") == NGRAM_TYPE:
+        tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
+        return LLM(NGramLM.load(folder), tok, str(folder))
     if meta is not None:
         cfg = Config.from_dict(meta["config"])
         layout = meta.get("weights_layout", "native")

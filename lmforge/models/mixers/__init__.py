@@ -1,7 +1,8 @@
 """Token mixers and channel mixers: the two halves of every block, each chosen by config.
 
 A block (`lmforge.models.decoder.Block`) is a **token mixer** (mixes information across positions:
-attention, and the families of issue 11: SSMs, linear attention, RWKV time-mix, retention) followed by
+attention, and the families of issue 11: SSMs, linear attention, RWKV time-mix, retention; the
+classical LSTM) followed by
 a **channel mixer** (per position: MLP, mixture of experts, RWKV channel-mix), with one norm/residual
 rule around them. `Config.block` ("token+channel") picks the default for every layer and
 `Config.layers` (one such string per layer) overrides it, e.g. Jamba's interleaving.
@@ -78,12 +79,13 @@ def token_mixers() -> dict[str, type]:
     """Token mixer classes by config name."""
     from lmforge.models.mixers.attention import Attention
     from lmforge.models.mixers.linear_attention import LinearAttention
+    from lmforge.models.mixers.lstm import LSTM
     from lmforge.models.mixers.mamba import Mamba
     from lmforge.models.mixers.retention import Retention
     from lmforge.models.mixers.rwkv import RWKVTimeMix
     from lmforge.models.mixers.s4d import S4D
     return {"attention": Attention, "mamba": Mamba, "s4d": S4D, "linear_attention": LinearAttention,
-            "retention": Retention, "rwkv": RWKVTimeMix}
+            "retention": Retention, "rwkv": RWKVTimeMix, "lstm": LSTM}
 
 
 def channel_mixers() -> dict[str, type]:
