@@ -139,6 +139,11 @@ def test_recipe_validates(tmp_path):
     r = load_recipe(ROOT / "recipes" / "tiny-t5" / "span_corruption.yaml", ["train.objective_args.noise_density=0.3"])
     assert r.train.objective == "span_corruption" and r.tokenizer.kind == "unigram"
     assert r.model_config().is_encoder_decoder and r.train.objective_args["noise_density"] == 0.3
+    from lmforge.cli import main
+
+    assert main(["train-tokenizer", "shakespeare", "--kind", "sentencepiece", "--out", str(tmp_path / "t")]) == 2
+    with pytest.raises(ConfigError, match="noise_density"):
+        SpanCorruption(noise_density=1.5)
 
 
 @pytest.mark.slow
