@@ -152,6 +152,9 @@ class Engine:
         if max_seqs < 1 or max_queue < 0 or block_tokens < 1 or prefill_tokens < 1:
             raise ConfigError("max_seqs, block_tokens and prefill_tokens must be >= 1, max_queue >= 0")
         self.llm, self.model = llm, llm.model
+        if self.model.config.is_encoder_decoder:
+            raise ConfigError(f"{self.model.config.name!r} is an encoder-decoder; the serving engine batches "
+                              "decoder-only models, so use LLM.generate for it")
         mixers = {token for token, _ in self.model.config.layer_mixers()}
         if mixers != {"attention"}:
             raise ConfigError(f"the serving engine pages attention keys and values; this model's layers use "

@@ -97,6 +97,9 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: Config, init_weights: bool = True):
         super().__init__()
         self.config = cfg.validate()
+        if cfg.is_encoder_decoder:
+            raise ConfigError(f"config {cfg.name!r} is an encoder-decoder (encoder_layers={cfg.encoder_layers}): build "
+                              "it with lmforge.models.make_model (an EncoderDecoderLM), not DecoderLM")
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position.kind == "learned" else None
         self.rotary = Rotary(cfg) if cfg.position.kind == "rope" else None
