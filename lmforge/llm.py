@@ -16,10 +16,10 @@ from torch import nn
 from lmforge import __version__
 from lmforge.config import Config, get_preset
 from lmforge.errors import ConfigError, FormatError
-from lmforge.infer.generate import GenerationConfig, TextStream, beam_search, generate_ids, iter_tokens
+from lmforge.infer.generate import GenerationConfig, TextStream, beam_search, generate_ids, iter_tokens, prepare_prompts
 from lmforge.interop import hf
 from lmforge.io import atomic_dir, write_json
-from lmforge.models import DecoderLM
+from lmforge.models import DecoderLM, make_model
 from lmforge.models.decoder import tied_key
 from lmforge.models.ngram import MODEL_TYPE as NGRAM_TYPE
 from lmforge.models.ngram import NGramLM
@@ -197,14 +197,33 @@ class LLM:
     def _complete(self, ids: list[list[int]], gen: GenerationConfig, single: bool, chat: bool = False,
                   draft: DecoderLM | None = None):
         if gen.num_beams > 1:
-            hyps = beam_search(self.model, ids, gen, self.eos_ids(chat), self._pad_id())
+            model, ids = self._runner(ids, gen)
+            hyps = beam_search(model, ids, gen, self.eos_ids(chat), self._pad_id())
             texts = [[self._text(h.tokens, gen) for h in row] for row in hyps]
             if gen.num_return_sequences == 1:
                 texts = [row[0] for row in texts]
         else:
-            outs = generate_ids(self.model, ids, gen, self.eos_ids(chat), self._pad_id(), draft=draft)
+            model, ids = self._runner(ids, gen, draft)
+            outs = generate_ids(model, ids, gen, self.eos_ids(chat), self._pad_id(), draft=draft)
             texts = [self._text(out, gen) for out in outs]
         return texts[0] if single else texts
+
+    def _runner(self, ids: list[list[int]], gen: GenerationConfig, draft: DecoderLM | None = None):
+        """(the model the generator runs, its prompts). A decoder continues the prompts; an encoder-decoder
+        encodes them once and decodes from its start token, with the encoder output bound to the decoder."""
+        if not self.config.is_encoder_decoder:
+            return self.model, ids
+        if draft is not None or gen.prompt_lookup:
+            raise ConfigError("speculative decoding is for decoder-only models; an encoder-decoder decodes "
+                              "without draft / prompt_lookup")
+        start = self.config.decoder_start_id
+        start = self._pad_id() if start is None else start
+        src, mask = prepare_prompts(ids, self.config.block_size, gen, self._pad_id())
+        device = self.model.tok_emb.weight.device
+        src, mask = src.to(device), None if mask is None else mask.to(device)
+        with torch.inference_mode():
+            memory = self.model.encode(src, mask)
+        return self.model.bind(memory, mask), [[start]] * len(ids)
 
     def _text(self, ids: list[int], gen: GenerationConfig) -> str:
         s = TextStream(self._decode, gen.stop)
@@ -221,7 +240,8 @@ class LLM:
                 draft: DecoderLM | None = None) -> Iterator[str]:
         s = TextStream(self._decode, gen.stop)
         eos = set(self.eos_ids(chat))
-        for nxt in iter_tokens(self.model, ids, gen, sorted(eos), self._pad_id(), draft=draft):
+        model, ids = self._runner(ids, gen, draft)
+        for nxt in iter_tokens(model, ids, gen, sorted(eos), self._pad_id(), draft=draft):
             t = int(nxt[0])
             if t in eos:
                 break
@@ -363,7 +383,7 @@ def empty_model(cfg: Config, dtype: torch.dtype | None = None, device: str | tor
     Computed buffers (RoPE tables) are real. Tied weights stay tied.
     """
     with _no_init(), torch.device(device):
-        model = DecoderLM(cfg, init_weights=False)
+        model = make_model(cfg, init_weights=False)
     if dtype is not None:
         for p in model.parameters():  # swap storage instead of converting uninitialised memory
             p.data = torch.empty(p.shape, dtype=dtype, device=p.device)
@@ -378,10 +398,10 @@ def build(cfg: Config, state_dict: dict[str, torch.Tensor] | None, source: str,
     loaders that own freshly read tensors: no second copy of the weights, no time spent initialising).
     """
     if state_dict is None:
-        model = DecoderLM(cfg, init_weights=True)
+        model = make_model(cfg, init_weights=True)
         return model.to(device=device, dtype=dtype) if dtype else model.to(device)
     with _no_init():
-        model = DecoderLM(cfg, init_weights=False)
+        model = make_model(cfg, init_weights=False)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
