@@ -161,3 +161,49 @@ def test_bad_input_is_named():
         get_preset("tiny-t5").replace(parallel_residual=True)
     with pytest.raises(ConfigError, match="cannot export"):
         hf_t5.to_hf_config(get_preset("tiny-transformer-base"))
+
+
+def test_post_ln_encoder_decoder_matches_marian():
+    # The 2017 Transformer's block (post-LN, sinusoidal positions, sqrt(d)-scaled shared embeddings, ReLU) is
+    # what transformers' MarianMT computes; its sinusoid table puts all sines before all cosines where the
+    # paper interleaves them, so the test hands Marian's table to our model.
+    hc = transformers.MarianConfig(vocab_size=256, d_model=64, encoder_layers=2, decoder_layers=2,
+                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                   decoder_ffn_dim=128, activation_function="relu", max_position_embeddings=128,
+                                   dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True,
+                                   pad_token_id=0, decoder_start_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    ref = transformers.MarianMTModel(hc).eval()
+    hf = {k.removeprefix("model."): v for k, v in ref.state_dict().items()}
+    sd = {"tok_emb.weight": hf["shared.weight"]}
+    for stack in ("encoder", "decoder"):
+        for i in range(2):
+            p, h = f"{stack}.blocks.{i}.", f"{stack}.layers.{i}."
+            names = [("attn.proj", "self_attn.out_proj"), ("norm_1", "self_attn_layer_norm"), ("mlp.fc", "fc1"),
+                     ("mlp.proj", "fc2"), ("norm_2", "final_layer_norm")]
+            if stack == "decoder":
+                names += [("cross_attn.q", "encoder_attn.q_proj"), ("cross_attn.proj", "encoder_attn.out_proj"),
+                          ("norm_cross", "encoder_attn_layer_norm")]
+            for ours, theirs in names:
+                for w in ("weight", "bias"):
+                    sd[f"{p}{ours}.{w}"] = hf[f"{h}{theirs}.{w}"]
+            for w in ("weight", "bias"):
+                sd[f"{p}attn.qkv.{w}"] = torch.cat([hf[f"{h}self_attn.{x}_proj.{w}"] for x in "qkv"])
+                if stack == "decoder":
+                    sd[f"{p}cross_attn.kv.{w}"] = torch.cat([hf[f"{h}encoder_attn.{x}_proj.{w}"] for x in "kv"])
+    sd["decoder.lm_head.weight"] = sd["tok_emb.weight"]
+    model = make_model(get_preset("tiny-transformer-base").replace(**{"norm.eps": 1e-5}), init_weights=False)
+    model.load_state_dict(sd)
+    model.tie_weights()
+    model.encoder.sin_pos.copy_(hf["encoder.embed_positions.weight"])
+    model.decoder.sin_pos.copy_(hf["decoder.embed_positions.weight"])
+    x = torch.randint(2, 256, (2, 30), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(x)
+    mask[1, 21:] = 0  # right padding: Marian counts positions from the row's start
+    y = torch.randint(2, 256, (2, 11))
+    with torch.no_grad():
+        r = ref(input_ids=x, attention_mask=mask, decoder_input_ids=y)
+        enc = model.eval().encode(x, mask)
+        logits = model(x, attention_mask=mask, decoder_input_ids=y)
+    assert (enc - r.encoder_last_hidden_state)[mask.bool()].abs().max() <= 1e-4
+    assert (logits - r.logits).abs().max() <= 1e-4
