@@ -16,9 +16,10 @@ from lmforge.errors import ConfigError
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
 # Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv", "lsh_attention",
+TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv", "lstm", "lsh_attention",
                 "xl_attention")
 CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
+POSITION_KINDS = ("learned", "rope", "none", "sinusoidal", "relative")
 
 
 @dataclass
@@ -34,6 +35,8 @@ class AttentionConfig:
     global_tokens: int = 0  # with a window: the first slots stay visible to every query (Longformer/BigBird)
     dropout: float = 0.0
     causal: bool = True  # False: bidirectional (BERT-style encoders), padding masked
+    scale: float | None = None  # scores q.k * scale; None: 1/sqrt(head_dim). T5: 1.0 (folded into its init)
+    cross: bool = False  # blocks also attend to an encoder's output (the decoder of an encoder-decoder)
 
 
 @dataclass
@@ -100,13 +103,16 @@ class NormConfig:
 
 @dataclass
 class PositionConfig:
-    """Positions: learned absolute embeddings, rotary (RoPE) with optional scaling, or none (NoPE)."""
+    """Positions: learned or sinusoidal absolute embeddings, rotary (RoPE) with optional scaling, T5's bucketed
+    relative attention bias, or none (NoPE)."""
 
-    kind: Literal["learned", "rope", "none"] = "learned"
+    kind: Literal["learned", "rope", "none", "sinusoidal", "relative"] = "learned"
     rope_theta: float = 10000.0
     # Hook for context extension: {"type": "linear", "factor": f} or the Llama-3 scheme
     # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
     rope_scaling: dict[str, Any] | None = None
+    buckets: int = 32  # relative: number of distance buckets (T5: 32)
+    max_distance: int = 128  # relative: distances beyond this share the last bucket (T5: 128)
 
 
 @dataclass
@@ -116,6 +122,8 @@ class EmbeddingConfig:
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0: none
     norm: bool = False  # a norm on the summed embeddings (BERT, RoBERTa)
     position_offset: int = 0  # first position id; RoBERTa counts from padding_idx + 1 = 2
+    scale: bool = False  # token embeddings times sqrt(d_model) (Vaswani et al. 2017, section 3.4)
+    tied_head_scale: bool = False  # T5: hidden states times d_model**-0.5 before a tied LM head
 
 
 @dataclass
@@ -145,6 +153,10 @@ class Config:
     # `layers` (n_layer entries) per layer; an entry without "+channel" takes `block`'s channel mixer.
     block: str = "attention+mlp"
     layers: list[str] | None = None
+    # > 0: an encoder-decoder (lmforge.models.seq2seq): this many bidirectional encoder blocks, and `n_layer`
+    # decoder blocks with cross-attention; the decoder starts from `decoder_start_id` (T5: the pad id).
+    encoder_layers: int = 0
+    decoder_start_id: int | None = None
     parallel_residual: bool = False  # Falcon/GPT-J: x + attn(ln(x)) + mlp(ln(x)), one shared norm
     # What sits on the final hidden states (lmforge/models/heads.py): "linear" (the LM head), "mlm"
     # (BERT's dense + act + norm before the output layer) or "none" (the model returns hidden states).
@@ -155,7 +167,9 @@ class Config:
     bitlinear: bool = False  # BitNet b1.58: train linears (not the LM head) ternary, see lmforge.quant.ternary
     embed_dropout: float = 0.0  # on token (+ position) embeddings
     resid_dropout: float = 0.0  # on each block's attention and MLP outputs
-    init: Literal["gpt2", "torch"] = "gpt2"  # gpt2: N(0, init_std), scaled residual projections
+    # gpt2: N(0, init_std), scaled residual projections; t5: Mesh TensorFlow's fan-in scaled normal (no
+    # attention scaling needs it)
+    init: Literal["gpt2", "torch", "t5"] = "gpt2"
     init_std: float = 0.02
     bos_id: int | None = None
     eos_id: int | None = None
@@ -182,6 +196,19 @@ class Config:
             token, plus, channel = str(spec).partition("+")
             out.append((token, channel if plus else default_channel or "mlp"))
         return out
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.encoder_layers > 0
+
+    def encoder_config(self) -> Config:
+        """The encoder stack of an encoder-decoder: `encoder_layers` bidirectional blocks, hidden states out."""
+        return self.replace(n_layer=self.encoder_layers, encoder_layers=0, head="none", pooler=False,
+                            **{"attention.causal": False, "attention.cross": False})
+
+    def decoder_config(self) -> Config:
+        """The decoder stack of an encoder-decoder: causal blocks with cross-attention, and the LM head."""
+        return self.replace(encoder_layers=0, **{"attention.causal": True, "attention.cross": True})
 
     def uses(self, mixer: str) -> bool:
         """Whether any layer uses this token or channel mixer."""
@@ -216,8 +243,19 @@ class Config:
              f"norm.kind must be 'layernorm' or 'rmsnorm', got {self.norm.kind!r}")
         need(self.norm.placement in ("pre", "post"),
              f"norm.placement must be 'pre' or 'post', got {self.norm.placement!r}")
-        need(self.position.kind in ("learned", "rope", "none"),
-             f"position.kind must be 'learned', 'rope' or 'none', got {self.position.kind!r}")
+        need(self.position.kind in POSITION_KINDS,
+             f"position.kind must be one of {', '.join(POSITION_KINDS)}, got {self.position.kind!r}")
+        if self.position.kind == "relative":
+            need(self.position.buckets >= 2 and self.position.max_distance > self.position.buckets // 2,
+                 "position.buckets must be >= 2 and position.max_distance > buckets / 2 (T5: 32 and 128)")
+        need(self.attention.scale is None or self.attention.scale > 0, "attention.scale must be positive (or null)")
+        need(isinstance(self.encoder_layers, int) and self.encoder_layers >= 0, "encoder_layers must be >= 0")
+        if self.attention.cross or self.encoder_layers:
+            need(not self.parallel_residual, "cross-attention (an encoder-decoder) needs sequential blocks, "
+                 "not parallel_residual")
+            need(all(t == "attention" for t, _ in self.layer_mixers()),
+                 "an encoder-decoder's blocks must use the attention token mixer")
+        need(not (self.attention.cross and not self.attention.causal), "attention.cross needs a causal decoder")
         need(not (self.parallel_residual and self.norm.placement == "post"),
              "parallel_residual needs norm.placement='pre'")
         need(self.head in ("linear", "mlm", "none"), f"head must be 'linear', 'mlm' or 'none', got {self.head!r}")
@@ -477,6 +515,16 @@ def _tiny_rwkv() -> Config:
     return c
 
 
+def _tiny_lstm() -> Config:
+    # The classical recurrent LM (Zaremba et al. 2014: embedding, stacked LSTM layers, softmax), as
+    # pre-LN residual blocks of an LSTM token mixer and no channel mixer; no positions (the recurrence
+    # carries order). Test size.
+    c = _gpt2("tiny-lstm", 2, 64, 4)
+    c.vocab_size, c.block_size, c.bos_id, c.eos_id = 256, 128, None, None
+    c.block, c.position, c.tie_embeddings = "lstm+none", PositionConfig(kind="none"), False
+    return c
+
+
 def _tiny_s4d() -> Config:
     # Gu et al. 2022 (S4D): pre-norm blocks of S4D (64 states per channel in the paper; 16 here) + MLP.
     c = _llama_like("tiny-s4d", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
@@ -564,6 +612,7 @@ PRESETS: dict[str, Any] = {
     "tiny-linear": _tiny_linear,
     "tiny-retnet": _tiny_retnet,
     "tiny-rwkv": _tiny_rwkv,
+    "tiny-lstm": _tiny_lstm,
     "tiny-s4d": _tiny_s4d,
     "tiny-lsh": _tiny_lsh,
     "tiny-xl": _tiny_xl,
