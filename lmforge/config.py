@@ -16,8 +16,8 @@ from lmforge.errors import ConfigError
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
 # Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv", "lstm",
-                "lsh_attention")
+TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv", "lstm", "lsh_attention",
+                "xl_attention")
 CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
 POSITION_KINDS = ("learned", "rope", "none", "sinusoidal", "relative")
 
@@ -85,6 +85,13 @@ class LSHConfig:
 
 
 @dataclass
+class XLConfig:
+    """Transformer-XL attention (token mixer "xl_attention"): how many earlier hidden states a layer remembers."""
+
+    mem_len: int = 64
+
+
+@dataclass
 class NormConfig:
     """Normalisation: kind, epsilon, and where it sits (pre-norm with a final norm, or post-norm)."""
 
@@ -141,6 +148,7 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     ssm: SSMConfig = field(default_factory=SSMConfig)
     lsh: LSHConfig = field(default_factory=LSHConfig)
+    xl: XLConfig = field(default_factory=XLConfig)
     # Every layer is "token_mixer+channel_mixer" (see lmforge.models.mixers): `block` for all layers,
     # `layers` (n_layer entries) per layer; an entry without "+channel" takes `block`'s channel mixer.
     block: str = "attention+mlp"
@@ -305,6 +313,12 @@ class Config:
                  "lsh_attention shares queries and keys (one qk per head): set attention.n_kv_head = attention.n_head")
             need(self.attention.sliding_window is None,
                  "lsh_attention has no sliding window: unset attention.sliding_window")
+        if self.uses("xl_attention"):
+            need(isinstance(self.xl.mem_len, int) and self.xl.mem_len >= 0,
+                 f"xl.mem_len must be a non-negative integer, got {self.xl.mem_len!r}")
+            need(self.n_kv_head == self.n_head,
+                 "xl_attention has no grouped KV heads: set attention.n_kv_head = attention.n_head")
+            need(self.attention.causal, "xl_attention is causal: set attention.causal = true")
         for f in ("embed_dropout", "resid_dropout"):
             need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
         return self
@@ -350,7 +364,8 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
 
 
 _SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig,
-               "embedding": EmbeddingConfig, "moe": MoEConfig, "ssm": SSMConfig, "lsh": LSHConfig}
+               "embedding": EmbeddingConfig, "moe": MoEConfig, "ssm": SSMConfig, "lsh": LSHConfig,
+               "xl": XLConfig}
 
 
 # ================================================================================================
@@ -527,6 +542,16 @@ def _tiny_lsh() -> Config:
     return c
 
 
+def _tiny_xl() -> Config:
+    # Dai et al. 2019, "Transformer-XL": relative positions (sinusoidal R, u/v biases) and a memory of the
+    # previous segment's hidden states per layer (their enwik8 base: mem_len = segment length). Test size;
+    # memory 64 > the 48-token texts of the generic cached-decoding tests, which compare with the plain pass.
+    c = _llama_like("tiny-xl", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block, c.position, c.xl = "xl_attention+mlp", PositionConfig(kind="none"), XLConfig(mem_len=64)
+    return c
+
+
 def _tiny_mamba() -> Config:
     c = _mamba("tiny-mamba", 64, 2, 256, 128)
     c.ssm.d_state = 8  # test size: half of Mamba's 16 keeps the scan cheap on 2 cores
@@ -590,6 +615,7 @@ PRESETS: dict[str, Any] = {
     "tiny-lstm": _tiny_lstm,
     "tiny-s4d": _tiny_s4d,
     "tiny-lsh": _tiny_lsh,
+    "tiny-xl": _tiny_xl,
     "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }

@@ -8,6 +8,7 @@ dataclasses'):
     tokenizer:  path (a folder with tokenizer.json) or kind: bpe | wordpiece | unigram (trained on the data) |
                 char (teenyGPT)
     data:       kind: tokens (random windows of prepared shards) | passages (teenyGPT's padded lines) |
+                stream (consecutive segments of contiguous streams, for segment_lm: Transformer-XL) |
                 instructions (chat / prompt-response JSONL for fine-tuning), see `lmforge.train.run.DATA_KINDS`;
                 path (a prepared folder) or source (an embedded corpus / file, prepared into the run)
     train:      `TrainConfig` (loop, evaluation, checkpoints, dtype, threads)
@@ -357,7 +358,10 @@ def validate(r: Recipe) -> Recipe:
     from lmforge.train.run import DATA_KINDS
 
     _need(dt.kind in DATA_KINDS, f"data.kind must be one of {list(DATA_KINDS)}, got {dt.kind!r}")
-    if dt.kind == "tokens" and dt.path is not None:
+    _need((t.objective == "segment_lm") == (dt.kind == "stream"),
+          "train.objective: segment_lm and data.kind: stream go together (segment recurrence reads consecutive "
+          f"segments of the same streams), got objective {t.objective!r} with data.kind {dt.kind!r}")
+    if dt.kind in ("tokens", "stream") and dt.path is not None:
         from lmforge.data import read_manifest
 
         _need(Path(dt.path).is_dir(), f"data.path {dt.path}: no such folder; prepare one with `lmforge prepare "
@@ -369,9 +373,9 @@ def validate(r: Recipe) -> Recipe:
               f"train.batch_size ({t.batch_size}) or null, got {dt.max_sequences}")
         _need(dt.path is None, "data.path is for kind: tokens; passages are built from data.source")
     elif t.max_epochs is not None:
-        _need(dt.kind != "tokens", "train.max_epochs needs data.kind: passages or instructions (token windows "
-              "have no epochs); bound the run with train.max_steps")
-    if dt.kind in ("tokens", "passages") and dt.path is None:
+        _need(dt.kind not in ("tokens", "stream"), "train.max_epochs needs data.kind: passages or instructions (token "
+              "windows and streams have no epochs); bound the run with train.max_steps")
+    if dt.kind in ("tokens", "passages", "stream") and dt.path is None:
         from lmforge.data.corpus import is_embedded
 
         _need(is_embedded(dt.source) or Path(dt.source).exists(),

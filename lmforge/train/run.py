@@ -49,6 +49,7 @@ from lmforge.train.trainer import Trainer
 DATA_KINDS: dict[str, str] = {
     "tokens": "lmforge.train.run:token_data",
     "passages": "lmforge.train.run:passage_data",
+    "stream": "lmforge.train.segments:stream_data",
     "instructions": "lmforge.data.instruct:instruction_data",
     "genre": "lmforge.train.classify:genre_data_kind",
     "preferences": "lmforge.align.commands:preference_data",

@@ -85,9 +85,10 @@ def token_mixers() -> dict[str, type]:
     from lmforge.models.mixers.retention import Retention
     from lmforge.models.mixers.rwkv import RWKVTimeMix
     from lmforge.models.mixers.s4d import S4D
+    from lmforge.models.mixers.xl import XLAttention
     return {"attention": Attention, "mamba": Mamba, "s4d": S4D, "linear_attention": LinearAttention,
-            "retention": Retention, "rwkv": RWKVTimeMix, "lstm": LSTM,
-            "lsh_attention": LSHAttention}
+            "retention": Retention, "rwkv": RWKVTimeMix, "lstm": LSTM, "lsh_attention": LSHAttention,
+            "xl_attention": XLAttention}
 
 
 def channel_mixers() -> dict[str, type]:
