@@ -174,6 +174,8 @@ class DecoderLM(nn.Module):
         permutation orders) in place of the causal / padding mask; no cache.
         """
         cfg = self.config
+        if cache is not None and getattr(cache, "packed", False):
+            return self._packed_hidden_states(input_ids, cache)
         B, T = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
@@ -231,14 +233,7 @@ class DecoderLM(nn.Module):
                 raise ValueError("attn_mask replaces the model's own mask: use it without a cache, padding or segments")
             mask = attn_mask.to(torch.bool)
 
-        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        if self.type_emb is not None:
-            x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
-        if self.emb_norm is not None:
-            x = self.emb_norm(x)
-        x = self.drop(x)
+        x = self._embed(input_ids, positions, inputs_embeds, token_type_ids)  # (B, T, C)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
         ctx = MixerContext(positions, rope, mask, attention_mask if padded and unpadded is None else None, start)
         if unpadded is not None:
@@ -257,6 +252,30 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.length = L
             cache.next_pos += attention_mask.sum(1) if attention_mask is not None else T
+        return self.norm_f(x) if self.norm_f is not None else x
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        if self.type_emb is not None:
+            x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        return self.drop(x)
+
+    def _packed_hidden_states(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Hidden states for a packed cache (`lmforge.infer.paged.PagedBatch`): input_ids (1, N) holds the new
+        tokens of several sequences back to back, `cache.positions` (N,) gives each its position, and each
+        attention layer's state computes attention per sequence (`state.attend`), so no padding or mask is
+        built here. The engine uses it to run decode rows and prompt chunks of many requests in one pass."""
+        positions = cache.positions.unsqueeze(0) + self.config.embedding.position_offset  # (1, N)
+        x = self._embed(input_ids, positions)
+        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        ctx = MixerContext(positions, rope, None, None, 0)
+        for block, state in zip(self.blocks, cache.layers):
+            x = block(x, ctx, state)
         return self.norm_f(x) if self.norm_f is not None else x
 
     def aux_loss(self) -> torch.Tensor | None:
