@@ -183,5 +183,9 @@ def test_text_stop_strings_and_bad_input():
             eng.submit("hi", GenerationConfig(seed=2**70))
         with pytest.raises(ConfigError, match="token ids"):
             eng.submit([10_000], gen)
+        with pytest.raises(ConfigError, match="num_beams=3"):
+            eng.submit("hi", GenerationConfig(num_beams=3))
+        with pytest.raises(ConfigError, match="prompt_lookup=2"):
+            eng.submit("hi", GenerationConfig(prompt_lookup=2))
     with pytest.raises(ConfigError, match="max_kv_bytes"):
         Engine(llm, max_kv_bytes=10)

@@ -153,7 +153,7 @@ class Engine:
     """
 
     def __init__(self, llm, max_seqs: int = 16, max_queue: int = 64, max_kv_bytes: int = 1 << 30,
-                 block_tokens: int = 16, prefill_tokens: int = 2048):
+                 block_tokens: int = 16, prefill_tokens: int = 512):
         if max_seqs < 1 or max_queue < 0 or block_tokens < 1 or prefill_tokens < 1:
             raise ConfigError("max_seqs, block_tokens and prefill_tokens must be >= 1, max_queue >= 0")
         self.llm, self.model = llm, llm.model
@@ -227,6 +227,10 @@ class Engine:
             raise ConfigError("this model is an encoder: it has no next-token head to generate with; use its "
                               "embeddings (LLM.embed, or the server's /v1/embeddings)")
         gen = (gen or GenerationConfig()).validate()
+        if gen.num_beams > 1 or gen.prompt_lookup > 0:
+            raise ConfigError(f"the engine samples every request token by token in a shared batch: num_beams="
+                              f"{gen.num_beams} and prompt_lookup={gen.prompt_lookup} are not served; use "
+                              "LLM.generate (or generate_ids) for beam search and speculative decoding")
         if gen.seed is not None and not -(2**63) <= gen.seed < 2**64:
             raise ConfigError(f"seed must fit in 64 bits, got {gen.seed}")
         ids = self.llm.encode_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
