@@ -157,6 +157,9 @@ class Engine:
         if max_seqs < 1 or max_queue < 0 or block_tokens < 1 or prefill_tokens < 1:
             raise ConfigError("max_seqs, block_tokens and prefill_tokens must be >= 1, max_queue >= 0")
         self.llm, self.model = llm, llm.model
+        if self.model.config.is_encoder_decoder:
+            raise ConfigError(f"{self.model.config.name!r} is an encoder-decoder; the serving engine batches "
+                              "decoder-only models, so use LLM.generate for it")
         mixers = {token for token, _ in self.model.config.layer_mixers()}
         if mixers != {"attention"}:
             raise ConfigError(f"the serving engine pages attention keys and values; this model's layers use "
@@ -430,7 +433,7 @@ class Engine:
             logits = None
             if done:
                 idx = torch.tensor([last[i] for i in done], device=self.device)
-                logits = self.model.lm_head(h.index_select(0, idx))  # (rows done, V)
+                logits = self.model.head_logits(h.index_select(0, idx))  # (rows done, V)
         batch.commit()
         self.steps += 1
         if done:

@@ -213,9 +213,10 @@ class PagedBatch:
             return out
         return torch.index_select(src, 0, index, out=out) if out is not None else src.index_select(0, index)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store k, v (1, nkv, N, hs) in their slots; attention of q (1, nh, N, hs) within each sequence,
-        returned as (1, nh, N, hs) in the pool's dtype."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
+        """Store k, v (1, nkv, N, hs) in their slots; attention of q (1, nh, N, hs) within each sequence
+        (softmax scale `scale`, default 1/sqrt(hs)), returned as (1, nh, N, hs) in the pool's dtype."""
         _, nkv, N, hs = k.shape
         nh = q.shape[1]
         pk, pv = self.pool.k[layer], self.pool.v[layer]
@@ -231,7 +232,7 @@ class PagedBatch:
             ks = self._gather(pk, gather, gather_np, kbuf).view(B, L, nkv, hs).transpose(1, 2)
             vs = self._gather(pv, gather, gather_np, vbuf).view(B, L, nkv, hs).transpose(1, 2)
             qs = q[0, :, :B].transpose(0, 1).unsqueeze(2)  # (B, nh, 1, hs)
-            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)  # (B, nh, 1, hs)
+            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa, scale=scale)
             out.append(y.squeeze(2).transpose(0, 1).unsqueeze(0))  # (1, nh, B, hs)
         for off, c, gather, mask in self._chunks:
             qc = q[:, :, off:off + c]
@@ -243,7 +244,7 @@ class PagedBatch:
                 kc = self._gather(pk, gather, g_np).transpose(0, 1).unsqueeze(0)  # (1, nkv, n + c, hs)
                 vc = self._gather(pv, gather, g_np).transpose(0, 1).unsqueeze(0)
             out.append(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, is_causal=mask is None and c > 1,
-                                                      enable_gqa=gqa))
+                                                      enable_gqa=gqa, scale=scale))
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
     def commit(self) -> None:
@@ -260,8 +261,8 @@ class _LayerView:
     def __init__(self, batch: PagedBatch, layer: int):
         self.batch, self.layer = batch, layer
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.batch.attend(self.layer, q, k, v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        return self.batch.attend(self.layer, q, k, v, scale)
 
     def bytes(self) -> int:
         return 0  # the pool holds the memory
