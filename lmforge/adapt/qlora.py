@@ -42,6 +42,13 @@ def quantize_base(model: nn.Module, blocksize: int = 64, double_quant: bool = Tr
     from lmforge.quant import NF4Linear
     from lmforge.quant.linear import QuantEmbedding, QuantLinear
 
+    emb, head = getattr(model, "tok_emb", None), getattr(model, "lm_head", None)
+    if isinstance(emb, QuantEmbedding):  # a tied head's quantized table: float again, head and embedding one
+        float_head = _float_linear(emb.table)
+        if emb.table is head:
+            model.lm_head = float_head
+        model.tok_emb = nn.Embedding(emb.num_embeddings, emb.embedding_dim, device="meta")
+        model.tok_emb.weight = float_head.weight
     inside = [a + "." for a, mm in model.named_modules() if isinstance(mm, AdapterLayer)]
     paths = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))
              and not any(n.startswith(a) for a in inside)]
@@ -58,13 +65,6 @@ def quantize_base(model: nn.Module, blocksize: int = 64, double_quant: bool = Tr
             layer = _float_linear(layer)  # the fp32 weight of this one layer only
         setattr(owner, leaf, NF4Linear.from_linear(layer, blocksize=blocksize, double_quant=double_quant))
         n_quant += 1
-    emb = getattr(model, "tok_emb", None)
-    if isinstance(emb, QuantEmbedding):  # the tied head's quantized table: float again, tied to the float head
-        head = getattr(model, "lm_head", None)
-        new = nn.Embedding(emb.num_embeddings, emb.embedding_dim, device="meta")
-        new.weight = head.weight if isinstance(head, nn.Linear) and head.weight.shape == (
-            emb.num_embeddings, emb.embedding_dim) else nn.Parameter(emb.table.dequantize(torch.float32))
-        model.tok_emb = new
     if getattr(model, "quantization", None) is not None:  # a native GGUF load's layer map no longer applies
         model.quantization = None
     return n_quant
