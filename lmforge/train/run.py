@@ -144,8 +144,10 @@ def build_model(recipe: Recipe, run_dir: Path) -> tuple[nn.Module, Any]:
     if recipe.model.get("source"):
         from lmforge.llm import load
 
-        # training needs float weights: a GGUF's quantized blocks are expanded (QLoRA re-quantizes its own way)
-        llm = load(recipe.model["source"], dtype=recipe.model.get("dtype"), dequantize=True)
+        # training needs float weights: a GGUF's quantized blocks are expanded; QLoRA takes them as they are
+        # and re-quantizes to NF4 one layer at a time (the fp32 model is never whole in memory)
+        llm = load(recipe.model["source"], dtype=recipe.model.get("dtype"),
+                   dequantize=recipe.adapter.method != "qlora" or recipe.adapter.path is not None)
         tok = llm.tokenizer
         if recipe.tokenizer.path is not None:
             from lmforge.tokenizers import load_tokenizer
