@@ -10,7 +10,12 @@ request: the first wave arrives all at once and queues behind N prefills.
 
     .venv/bin/python bench/serve.py                       # SmolLM2 bf16, lmforge then llama.cpp if present
     .venv/bin/python bench/serve.py --clients 1,4 --requests 2 --new 32 --no-llamacpp
+    .venv/bin/python bench/serve.py --quantized            # lmforge runs the GGUF's Q4_1 layers as they are
     LLAMA_CPP_PYTHON=/path/to/python bench/serve.py       # the interpreter that has llama_cpp installed
+
+lmforge serves the GGUF's weights expanded to --dtype (`lmforge serve --dequantize`) unless --quantized:
+on a CPU with AMX, bf16 reads prompts several times faster than Q4_1 (README, Serving). llama.cpp
+serves the same GGUF file, Q4_1, as it is.
 
 One JSON line per (server, clients); then a summary line with the ratios the issue targets (16 clients'
 aggregate tokens/s over one client's, p50 TTFT at 16 clients).
@@ -173,6 +178,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--quantized", action="store_true", help="lmforge runs the Q4_1 layers instead of --dtype")
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="lmforge's prompt tokens per engine step")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
 
@@ -192,7 +199,9 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "lmforge.cli", "serve", "--model", "smollm2", "--dtype", args.dtype,
            "--port", str(port), "--model-name", "smollm2", "--log-level", "warning",
-           "--max-seqs", str(max(levels)), "--max-queue", "256"]
+           "--max-seqs", str(max(levels)), "--max-queue", "256", "--prefill-tokens", str(args.prefill_tokens)]
+    if not args.quantized:
+        cmd.append("--dequantize")
     # lmforge counts generated tokens exactly through usage; streamed chunks can merge held-back pieces
     results["lmforge"] = bench_server("lmforge", cmd, url, "smollm2", prompts, levels, args.requests, args.new,
                                       {"ignore_eos": True}, lambda r: args.new, args.threads)
@@ -215,7 +224,8 @@ def main() -> None:
                                             args.new, {"logit_bias": {str(eos): -100.0}},
                                             lambda r: r["chunks"], args.threads)
 
-    summary = {"summary": True, "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "new": args.new}
+    summary = {"summary": True, "dtype": args.dtype, "lmforge_weights": "Q4_1" if args.quantized else args.dtype,
+               "prefill_tokens": args.prefill_tokens, "prompt_tokens": args.prompt_tokens, "new": args.new}
     for name, recs in results.items():
         by = {r["clients"]: r for r in recs}
         if 1 in by and max(levels) in by:
