@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None
 async def one_request(client, url: str, model: str, prompt: str, new: int, extra: dict) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True, **extra}
     t0 = time.perf_counter()
-    stamps = []
+    stamps, text = [], []
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
@@ -86,7 +87,9 @@ async def one_request(client, url: str, model: str, prompt: str, new: int, extra
             ev = json.loads(line[6:])
             if ev.get("choices") and ev["choices"][0].get("text"):
                 stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - t0 if stamps else None, "chunks": len(stamps), "stamps": stamps, "t0": t0}
+                text.append(ev["choices"][0]["text"])
+    return {"ttft": stamps[0] - t0 if stamps else None, "chunks": len(stamps), "stamps": stamps, "t0": t0,
+            "text": "".join(text)}
 
 
 async def run_level(url: str, model: str, prompts: list[str], clients: int, per_client: int, new: int,
@@ -148,10 +151,17 @@ def bench_server(name: str, cmd: list[str], url: str, model: str, prompts, level
                  tokens_of, threads: int) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     note(f"[serve] starting {name}: {' '.join(cmd)}")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the server's log goes to a file: a pipe nobody reads fills up and blocks a chatty server (llama.cpp)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     out = []
     try:
-        wait_healthy(url, proc)
+        try:
+            wait_healthy(url, proc)
+        except SystemExit:
+            log.seek(0)
+            note(f"[serve] {name} log tail:\n" + log.read().decode(errors="replace")[-2000:])
+            raise
         asyncio.run(run_level(url, model, prompts[:2], 1, 1, 4, extra, tokens_of))  # warm-up
         for n in levels:
             note(f"[serve] {name}: {n} clients x {per_client} requests")
@@ -222,7 +232,9 @@ def main() -> None:
                "--model_alias", "smollm2"]
         results["llama.cpp"] = bench_server("llama.cpp", cmd, url, "smollm2", prompts, levels, args.requests,
                                             args.new, {"logit_bias": {str(eos): -100.0}},
-                                            lambda r: r["chunks"], args.threads)
+                                            # its stream may merge tokens into one chunk: count the text's tokens
+                                            lambda r: len(tok.encode(r["text"], add_special_tokens=False)),
+                                            args.threads)
 
     summary = {"summary": True, "dtype": args.dtype, "lmforge_weights": "Q4_1" if args.quantized else args.dtype,
                "prefill_tokens": args.prefill_tokens, "prompt_tokens": args.prompt_tokens, "new": args.new}
