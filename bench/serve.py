@@ -188,6 +188,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--no-lmforge", action="store_true", help="run llama.cpp's side only")
     ap.add_argument("--quantized", action="store_true", help="lmforge runs the Q4_1 layers instead of --dtype")
     ap.add_argument("--prefill-tokens", type=int, default=512, help="lmforge's prompt tokens per engine step")
     args = ap.parse_args()
@@ -213,8 +214,9 @@ def main() -> None:
     if not args.quantized:
         cmd.append("--dequantize")
     # lmforge counts generated tokens exactly through usage; streamed chunks can merge held-back pieces
-    results["lmforge"] = bench_server("lmforge", cmd, url, "smollm2", prompts, levels, args.requests, args.new,
-                                      {"ignore_eos": True}, lambda r: args.new, args.threads)
+    if not args.no_lmforge:
+        results["lmforge"] = bench_server("lmforge", cmd, url, "smollm2", prompts, levels, args.requests,
+                                          args.new, {"ignore_eos": True}, lambda r: args.new, args.threads)
 
     py = os.environ.get("LLAMA_CPP_PYTHON") or sys.executable
     has_llamacpp = subprocess.run([py, "-c", "import llama_cpp.server"], capture_output=True).returncode == 0
@@ -229,7 +231,9 @@ def main() -> None:
         eos = tok.eos_id
         cmd = [py, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "2048",
-               "--model_alias", "smollm2"]
+               "--model_alias", "smollm2",
+               # its default cuts a streaming request short whenever another arrives: serve each to the end
+               "--interrupt_requests", "False"]
         results["llama.cpp"] = bench_server("llama.cpp", cmd, url, "smollm2", prompts, levels, args.requests,
                                             args.new, {"logit_bias": {str(eos): -100.0}},
                                             # its stream may merge tokens into one chunk: count the text's tokens
@@ -244,7 +248,7 @@ def main() -> None:
             summary[f"{name}_scaling_{max(levels)}v1"] = by[max(levels)]["agg_tok_s"] / by[1]["agg_tok_s"]
             summary[f"{name}_ttft_p50_{max(levels)}_s"] = by[max(levels)]["ttft_p50_s"]
             summary[f"{name}_ttft_steady_p50_{max(levels)}_s"] = by[max(levels)]["ttft_steady_p50_s"]
-    if "llama.cpp" in results:
+    if "llama.cpp" in results and not args.no_lmforge:
         for a, b in zip(results["lmforge"], results["llama.cpp"]):
             summary[f"agg_ratio_{a['clients']}_clients"] = a["agg_tok_s"] / b["agg_tok_s"]
     emit(summary)
