@@ -231,6 +231,7 @@ class LLM:
             s.push(t)
             if s.stopped:
                 break
+        s.flush()  # takes in a trailing incomplete character
         return s.text
 
     def _decode(self, ids: list[int]) -> str:

@@ -3,6 +3,7 @@ padding leaves the state alone, and it is torch's LSTM underneath (checked again
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmforge.config import get_preset
@@ -60,3 +61,22 @@ def test_trains_one_step_with_bf16_autocast():
         loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
     loss.backward()
     assert model.blocks[0].lstm.cell.weight_hh_l0.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_lstm_recipe_trains_through_pretrain(tmp_path):
+    """recipes/lstm.yaml through `lmforge pretrain` (shrunk: a character tokenizer, a small file, 4 steps)."""
+    import lmforge
+    from lmforge.cli import main
+    from lmforge.data import corpus_works, read_work
+
+    text = tmp_path / "text.txt"
+    text.write_text(read_work(corpus_works("train")[0])[:20000])
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", "recipes/lstm.yaml", "--set", "tokenizer.kind=char", f"data.source={text}",
+                 "model.d_model=32", "train.seq_len=32", "train.max_steps=4", "train.time_budget=null",
+                 "train.schedule_clock=steps", "train.eval_every=0", "train.checkpoint_every=0",
+                 "train.progress=false", "train.peak_flops=1e11", "run.samples=0", f"run.dir={run}"]) == 0
+    llm = lmforge.load(run / "model")
+    assert llm.config.layer_mixers() == [("lstm", "none")] * 2 and llm.config.d_model == 32
+    assert len(llm.generate("to be", max_new_tokens=5, temperature=0)) > 0

@@ -89,7 +89,8 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, total_steps: int | None 
         return apply_bottleneck_adapters(model, r=cfg.r, dropout=cfg.dropout)
     if cfg.method == "qlora":
         return apply_qlora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
-                           blocksize=cfg.quant_blocksize, double_quant=cfg.double_quant)
+                           blocksize=cfg.quant_blocksize, double_quant=cfg.double_quant,
+                           activation_checkpointing=cfg.activation_checkpointing)
     raise ConfigError(f"adapter.method {cfg.method!r} is not available; choose one of {', '.join(METHODS)}")
 
 

@@ -29,4 +29,5 @@ class AdapterConfig:
     num_virtual_tokens: int = 20  # prefix / prompt tuning
     quant_blocksize: int = 64  # qlora: weights per NF4 absmax block
     double_quant: bool = True  # qlora: int8-quantise the block scales too (QLoRA section 3)
+    activation_checkpointing: bool = True  # qlora: recompute block activations in backward (QLoRA's default)
     path: str | None = None  # start from a saved adapter folder (adapter_config.json + adapter_model.safetensors)

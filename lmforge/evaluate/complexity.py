@@ -156,9 +156,11 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
 def run_study(train_lengths=(256, 512, 1024, 2048, 4096, 8192), positions=(512, 1024, 2048, 4096, 8192),
               d_model: int = 256, n_layer: int = 4, budget_s: float = 20.0, max_train_bytes: float = 2e9,
               log=print, families: tuple[str, ...] | None = None) -> dict:
-    """Measure every family (or those named in `families`). Longer lengths are skipped for a family once one
-    measurement took over `budget_s`, or when the activations of the next training length would pass
-    `max_train_bytes` (extrapolated linearly from the last one; the machine is shared)."""
+    """Measure every family (or those named in `families`).
+
+    Longer lengths are skipped for a family once one measurement took over `budget_s`, or when the
+    activations of the next training length would pass `max_train_bytes`
+    (extrapolated linearly from the last one; the machine is shared)."""
     torch.manual_seed(0)
     out: dict = {"families": {}}
     for name, cfg in family_configs(d_model, n_layer).items():

@@ -97,6 +97,9 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: Config, init_weights: bool = True):
         super().__init__()
         self.config = cfg.validate()
+        if cfg.is_encoder_decoder:
+            raise ConfigError(f"config {cfg.name!r} is an encoder-decoder (encoder_layers={cfg.encoder_layers}): build "
+                              "it with lmforge.models.make_model (an EncoderDecoderLM), not DecoderLM")
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position.kind == "learned" else None
         self.rotary = Rotary(cfg) if cfg.position.kind == "rope" else None
@@ -180,8 +183,10 @@ class DecoderLM(nn.Module):
                                memory_mask=memory_mask)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        if self.lm_head is None:
-            return x
+        return x if self.lm_head is None else self.head_logits(x)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states (`hidden_states`' output, or rows picked from it)."""
         if self.config.embedding.tied_head_scale and self.config.tie_embeddings:
             x = x * self.config.d_model ** -0.5  # T5: the tied embedding's scale undone before the output layer
         return self.lm_head(x)
@@ -199,6 +204,8 @@ class DecoderLM(nn.Module):
         permutation orders) in place of the causal / padding mask; no cache.
         """
         cfg = self.config
+        if cache is not None and getattr(cache, "packed", False):
+            return self._packed_hidden_states(input_ids, cache)
         B, T = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
@@ -263,18 +270,7 @@ class DecoderLM(nn.Module):
             bias = self.rel_bias.table(start, T, L)  # (1, nh, T, L)
             mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
 
-        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        if cfg.embedding.scale:
-            x = x * math.sqrt(cfg.d_model)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        if self.sin_pos is not None:
-            x = x + self.sin_pos[positions].to(x.dtype)
-        if self.type_emb is not None:
-            x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
-        if self.emb_norm is not None:
-            x = self.emb_norm(x)
-        x = self.drop(x)
+        x = self._embed(input_ids, positions, inputs_embeds, token_type_ids)  # (B, T, C)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
         ctx = MixerContext(positions, rope, mask, attention_mask if padded and unpadded is None else None, start,
                            memory, memory_mask)
@@ -294,6 +290,37 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.length = L
             cache.next_pos += attention_mask.sum(1) if attention_mask is not None else T
+        return self.norm_f(x) if self.norm_f is not None else x
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.config.embedding.scale:
+            x = x * math.sqrt(self.config.d_model)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        if self.sin_pos is not None:
+            x = x + self.sin_pos[positions].to(x.dtype)
+        if self.type_emb is not None:
+            x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        return self.drop(x)
+
+    def _packed_hidden_states(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Hidden states for a packed cache (`lmforge.infer.paged.PagedBatch`): input_ids (1, N) holds the new
+        tokens of several sequences back to back, `cache.positions` (N,) gives each its position, and each
+        attention layer's state computes attention per sequence (`state.attend`), so no padding or mask is
+        built here. The engine uses it to run decode rows and prompt chunks of many requests in one pass."""
+        if self.rel_bias is not None:
+            raise ConfigError("a model with relative position biases (T5) has no packed path: its bias would need "
+                              "a per-sequence table; generate with LLM.generate instead of the serving engine")
+        positions = cache.positions.unsqueeze(0) + self.config.embedding.position_offset  # (1, N)
+        x = self._embed(input_ids, positions)
+        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        ctx = MixerContext(positions, rope, None, None, 0)
+        for block, state in zip(self.blocks, cache.layers):
+            x = block(x, ctx, state)
         return self.norm_f(x) if self.norm_f is not None else x
 
     def aux_loss(self) -> torch.Tensor | None:

@@ -36,6 +36,16 @@ NF4_CODE = torch.tensor([
 _DQ_GROUP = 256  # block scales per second-level group (QLoRA / bitsandbytes)
 
 
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64: for each byte b, the fp32 pair (code[b & 15], code[b >> 4]) viewed as one int64.
+
+    Dequantizing is then one `index_select` of a byte's two weights at once (int32 indices): on 2 cores
+    for a 1536 x 576 weight 0.5 ms, against 11 ms for unpacking the nibbles to int64 and gathering each.
+    """
+    b = torch.arange(256)
+    return torch.stack([code[b & 0x0F], code[b >> 4]], dim=1).float().contiguous().view(torch.int64).view(-1)
+
+
 def _pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
     """(n,) uint8 values 0..15 -> (ceil(n/2),) uint8, element 2i in the low nibble of byte i."""
     if idx.numel() % 2:
@@ -73,6 +83,7 @@ class NF4Linear(nn.Module):
         else:
             self.register_buffer("absmax", torch.zeros(n_blocks))
         self.register_buffer("code", NF4_CODE.clone(), persistent=False)
+        self.register_buffer("pairs", _pair_table(NF4_CODE), persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @classmethod
@@ -123,12 +134,15 @@ class NF4Linear(nn.Module):
         return self.absmax_q.float() * s + self.absmax_mean
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight (out_features, in_features) that this layer multiplies by."""
-        n = self.in_features * self.out_features
-        vals = self.code[_unpack_nibbles(self.codes, n)]  # (n,)
-        bs = self.blocksize
-        vals = F.pad(vals, (0, (-n) % bs)).view(-1, bs) * self.block_absmax().unsqueeze(1)
-        return vals.view(-1)[:n].view(self.out_features, self.in_features).to(dtype)
+        """The float weight (out_features, in_features) that this layer multiplies by (computed in fp32)."""
+        n, bs = self.in_features * self.out_features, self.blocksize
+        absmax = self.block_absmax()
+        vals = torch.index_select(self.pairs, 0, self.codes.int()).view(torch.float32)  # (2 * n_bytes,)
+        if vals.numel() != absmax.numel() * bs:  # a last block cut short: pad it (rare)
+            vals = F.pad(vals[:n], (0, (-n) % bs))
+        vals = vals.view(-1, bs).mul_(absmax.float().unsqueeze(1))
+        w = vals.view(-1)[:n].view(self.out_features, self.in_features)
+        return w if dtype == torch.float32 else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the weight is rebuilt per call (a buffer, no grad); autograd flows through F.linear to x

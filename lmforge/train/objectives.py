@@ -154,6 +154,7 @@ OBJECTIVES: dict[str, type[Objective] | str] = {
     "ppo": "lmforge.align.ppo:PPO", "distill": "lmforge.compress.distill:Distill",
     "masked_lm": "lmforge.train.masked:MaskedLM", "combined_lm": "lmforge.train.masked:CombinedLM",
     "permutation_lm": "lmforge.train.permutation:PermutationLM",
+    "span_corruption": "lmforge.train.span:SpanCorruption",
     "segment_lm": "lmforge.train.segments:SegmentLM",
     "sequence_classification": "lmforge.train.classify:SequenceClassification",
 }

@@ -5,7 +5,8 @@ dataclasses'):
 
     model:      preset: <name>, then any `Config` field (nested or dotted) overriding the preset; or
                 source: a pretrained model (folder, .gguf, short name such as smollm2) and optional dtype
-    tokenizer:  path (a folder with tokenizer.json) or kind: bpe (trained on the data) | char (teenyGPT)
+    tokenizer:  path (a folder with tokenizer.json) or kind: bpe | wordpiece | unigram (trained on the data) |
+                char (teenyGPT)
     data:       kind: tokens (random windows of prepared shards) | passages (teenyGPT's padded lines) |
                 stream (consecutive segments of contiguous streams, for segment_lm: Transformer-XL) |
                 instructions (chat / prompt-response JSONL for fine-tuning), see `lmforge.train.run.DATA_KINDS`;
@@ -45,9 +46,12 @@ class TokenizerConfig:
     """Which tokenizer: an existing folder, or one built for the run (saved in `<run.dir>/tokenizer`)."""
 
     path: str | None = None  # folder holding tokenizer.json; wins over `kind`
-    kind: Literal["bpe", "char", "wordpiece"] = "bpe"  # bpe / wordpiece: trained on data.source's train split
-    vocab_size: int = 4096  # bpe / wordpiece
+    # bpe / wordpiece / unigram (T5's SentencePiece kind, with <extra_id_N> sentinels): trained on data.source's
+    # train split
+    kind: Literal["bpe", "char", "wordpiece", "unigram"] = "bpe"
+    vocab_size: int = 4096  # bpe / wordpiece / unigram
     min_frequency: int = 2  # bpe / wordpiece
+    sentinels: int = 100  # unigram: <extra_id_0..N-1> tokens for span corruption (T5: 100)
 
 
 @dataclass

@@ -107,6 +107,16 @@ def build_tokenizer(recipe: Recipe, run_dir: Path):
     if tk.kind == "char":
         return CharTokenizer()
     folder = run_dir / "tokenizer"
+    if tk.kind == "unigram" and not (folder / "tokenizer.json").is_file():
+        from lmforge.data import iter_documents
+        from lmforge.tokenizers.unigram import train_unigram
+
+        tok = train_unigram(iter_documents(recipe.data.source, "train"), vocab_size=tk.vocab_size,
+                            sentinels=tk.sentinels)
+        tok.save(folder)
+        _log(f"trained a Unigram tokenizer ({tok.vocab_size} tokens, {tk.sentinels} sentinels) on "
+             f"{recipe.data.source} -> {folder}")
+        return tok
     if tk.kind == "wordpiece" and not (folder / "tokenizer.json").is_file():
         from lmforge.data import iter_documents
         from lmforge.tokenizers.wordpiece import train_wordpiece
@@ -134,8 +144,10 @@ def build_model(recipe: Recipe, run_dir: Path) -> tuple[nn.Module, Any]:
     if recipe.model.get("source"):
         from lmforge.llm import load
 
-        # training needs float weights: a GGUF's quantized blocks are expanded (QLoRA re-quantizes its own way)
-        llm = load(recipe.model["source"], dtype=recipe.model.get("dtype"), dequantize=True)
+        # training needs float weights: a GGUF's quantized blocks are expanded; QLoRA takes them as they are
+        # and re-quantizes to NF4 one layer at a time (the fp32 model is never whole in memory)
+        llm = load(recipe.model["source"], dtype=recipe.model.get("dtype"),
+                   dequantize=recipe.adapter.method != "qlora" or recipe.adapter.path is not None)
         tok = llm.tokenizer
         if recipe.tokenizer.path is not None:
             from lmforge.tokenizers import load_tokenizer
@@ -148,7 +160,7 @@ def build_model(recipe: Recipe, run_dir: Path) -> tuple[nn.Module, Any]:
             raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's "
                               f"({llm.model.config.vocab_size}); use the model's own tokenizer")
         return llm.model.train(), tok
-    from lmforge.models import DecoderLM
+    from lmforge.models import make_model
 
     tok = build_tokenizer(recipe, run_dir)
     cfg = recipe.model_config(vocab_size=tok.vocab_size)
@@ -158,7 +170,7 @@ def build_model(recipe: Recipe, run_dir: Path) -> tuple[nn.Module, Any]:
     set_ids = {k: v for k, v in (("bos_id", tok.bos_id), ("eos_id", tok.eos_id), ("pad_id", tok.pad_id))
                if k not in recipe.model}
     torch.manual_seed(recipe.train.seed)  # the model's initial weights depend on the seed only
-    return DecoderLM(cfg.replace(**set_ids)), tok
+    return make_model(cfg.replace(**set_ids)), tok
 
 
 # ---- data -------------------------------------------------------------------------------------

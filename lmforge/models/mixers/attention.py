@@ -119,16 +119,21 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *ctx.rope)  # one rotation for queries and keys together
         q, k = qk.split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if state is not None:
-            k, v = state.update(k, v, ctx.start)  # (B, nkv, L, hs), L = slots filled incl. these T
-            q = q.to(k.dtype)  # a cache may be kept in higher precision than the model (see new_cache)
-        if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
-            mask = mask.to(q.dtype)  # an additive bias (T5) under autocast or a higher-precision cache
-        # mask None means "plain causal, queries and keys aligned" (or a single query seeing all keys)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh, scale=self.scale,
-        )  # (B, nh, T, hs)
+        if state is not None and hasattr(state, "attend"):
+            # a packed batch of several sequences (the serving engine's paged cache): the state stores the
+            # keys and values and attends within each sequence
+            y = state.attend(q, k, v, self.scale)
+        else:
+            if state is not None:
+                k, v = state.update(k, v, ctx.start)  # (B, nkv, L, hs), L = slots filled incl. these T
+                q = q.to(k.dtype)  # a cache may be kept in higher precision than the model (see new_cache)
+            if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+                mask = mask.to(q.dtype)  # an additive bias (T5) under autocast or a higher-precision cache
+            # mask None means "plain causal, queries and keys aligned" (or a single query seeing all keys)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh, scale=self.scale,
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)
         return self.proj((unpadded.pack(y) if unpadded is not None else y).to(x.dtype))
 
