@@ -97,7 +97,6 @@ def test_tiny_llama_export_runs_in_llama_cpp_with_lmforge_greedy_tokens(tiny, qt
         assert m.tokenize(text.encode(), add_bos=False, special=False) == prompt  # the same tokenizer
         ours = _lmforge_greedy(ref, prompt, NEW)
         theirs, logits = _llama_cpp_greedy(m, prompt, NEW)
-        assert theirs == ours, (qtype, text)
         with torch.no_grad():
             want = ref.model(torch.tensor([prompt]))[0].numpy()
         diff = np.abs(logits - want).max()
@@ -106,6 +105,20 @@ def test_tiny_llama_export_runs_in_llama_cpp_with_lmforge_greedy_tokens(tiny, qt
         # block types: 8-bit activations
         bound = {"f32": 1e-4, "f16": 2e-2}.get(qtype, 6e-2) * max(1.0, scale)
         assert diff <= bound, (qtype, text, diff, scale)
+        if qtype in ("f32", "f16"):
+            assert theirs == ours, (qtype, text)
+            continue
+        # Block types: llama.cpp's 8-bit activations may flip a near-tie (it did for Q4_0 in one full-suite run:
+        # the tiny model's weights depend on the thread count it was trained with). The two must agree up to the
+        # first step where llama.cpp's choice is within the activation rounding (`bound`) of lmforge's top logit.
+        agree = 0
+        while agree < NEW and theirs[agree] == ours[agree]:
+            agree += 1
+        if agree < NEW:
+            with torch.no_grad():
+                step = ref.model(torch.tensor([prompt + ours[:agree]]))[0, -1].numpy()
+            margin = step[ours[agree]] - step[theirs[agree]]
+            assert margin <= bound, (qtype, text, agree, margin, bound)
     m.close()
 
 
