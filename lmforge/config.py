@@ -16,8 +16,10 @@ from lmforge.errors import ConfigError
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
 # Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv")
+TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv", "lstm", "lsh_attention",
+                "xl_attention")
 CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
+POSITION_KINDS = ("learned", "rope", "none", "sinusoidal", "relative")
 
 
 @dataclass
@@ -33,6 +35,8 @@ class AttentionConfig:
     global_tokens: int = 0  # with a window: the first slots stay visible to every query (Longformer/BigBird)
     dropout: float = 0.0
     causal: bool = True  # False: bidirectional (BERT-style encoders), padding masked
+    scale: float | None = None  # scores q.k * scale; None: 1/sqrt(head_dim). T5: 1.0 (folded into its init)
+    cross: bool = False  # blocks also attend to an encoder's output (the decoder of an encoder-decoder)
 
 
 @dataclass
@@ -71,6 +75,23 @@ class SSMConfig:
 
 
 @dataclass
+class LSHConfig:
+    """LSH attention (token mixer "lsh_attention", Reformer): hash buckets, rounds, chunk length, rotation seed."""
+
+    n_buckets: int = 8  # even (a rotation gives n_buckets / 2 directions and their negatives), or 1
+    n_hashes: int = 2  # hash rounds, combined by their log-normalisers
+    chunk_len: int = 32  # queries per chunk; each attends to its chunk and the previous one
+    seed: int = 0  # the fixed random rotations are drawn from this seed
+
+
+@dataclass
+class XLConfig:
+    """Transformer-XL attention (token mixer "xl_attention"): how many earlier hidden states a layer remembers."""
+
+    mem_len: int = 64
+
+
+@dataclass
 class NormConfig:
     """Normalisation: kind, epsilon, and where it sits (pre-norm with a final norm, or post-norm)."""
 
@@ -82,13 +103,16 @@ class NormConfig:
 
 @dataclass
 class PositionConfig:
-    """Positions: learned absolute embeddings, rotary (RoPE) with optional scaling, or none (NoPE)."""
+    """Positions: learned or sinusoidal absolute embeddings, rotary (RoPE) with optional scaling, T5's bucketed
+    relative attention bias, or none (NoPE)."""
 
-    kind: Literal["learned", "rope", "none"] = "learned"
+    kind: Literal["learned", "rope", "none", "sinusoidal", "relative"] = "learned"
     rope_theta: float = 10000.0
     # Hook for context extension: {"type": "linear", "factor": f} or the Llama-3 scheme
     # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
     rope_scaling: dict[str, Any] | None = None
+    buckets: int = 32  # relative: number of distance buckets (T5: 32)
+    max_distance: int = 128  # relative: distances beyond this share the last bucket (T5: 128)
 
 
 @dataclass
@@ -98,6 +122,8 @@ class EmbeddingConfig:
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0: none
     norm: bool = False  # a norm on the summed embeddings (BERT, RoBERTa)
     position_offset: int = 0  # first position id; RoBERTa counts from padding_idx + 1 = 2
+    scale: bool = False  # token embeddings times sqrt(d_model) (Vaswani et al. 2017, section 3.4)
+    tied_head_scale: bool = False  # T5: hidden states times d_model**-0.5 before a tied LM head
 
 
 @dataclass
@@ -121,10 +147,16 @@ class Config:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     ssm: SSMConfig = field(default_factory=SSMConfig)
+    lsh: LSHConfig = field(default_factory=LSHConfig)
+    xl: XLConfig = field(default_factory=XLConfig)
     # Every layer is "token_mixer+channel_mixer" (see lmforge.models.mixers): `block` for all layers,
     # `layers` (n_layer entries) per layer; an entry without "+channel" takes `block`'s channel mixer.
     block: str = "attention+mlp"
     layers: list[str] | None = None
+    # > 0: an encoder-decoder (lmforge.models.seq2seq): this many bidirectional encoder blocks, and `n_layer`
+    # decoder blocks with cross-attention; the decoder starts from `decoder_start_id` (T5: the pad id).
+    encoder_layers: int = 0
+    decoder_start_id: int | None = None
     parallel_residual: bool = False  # Falcon/GPT-J: x + attn(ln(x)) + mlp(ln(x)), one shared norm
     # What sits on the final hidden states (lmforge/models/heads.py): "linear" (the LM head), "mlm"
     # (BERT's dense + act + norm before the output layer) or "none" (the model returns hidden states).
@@ -135,7 +167,9 @@ class Config:
     bitlinear: bool = False  # BitNet b1.58: train linears (not the LM head) ternary, see lmforge.quant.ternary
     embed_dropout: float = 0.0  # on token (+ position) embeddings
     resid_dropout: float = 0.0  # on each block's attention and MLP outputs
-    init: Literal["gpt2", "torch"] = "gpt2"  # gpt2: N(0, init_std), scaled residual projections
+    # gpt2: N(0, init_std), scaled residual projections; t5: Mesh TensorFlow's fan-in scaled normal (no
+    # attention scaling needs it)
+    init: Literal["gpt2", "torch", "t5"] = "gpt2"
     init_std: float = 0.02
     bos_id: int | None = None
     eos_id: int | None = None
@@ -162,6 +196,19 @@ class Config:
             token, plus, channel = str(spec).partition("+")
             out.append((token, channel if plus else default_channel or "mlp"))
         return out
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.encoder_layers > 0
+
+    def encoder_config(self) -> Config:
+        """The encoder stack of an encoder-decoder: `encoder_layers` bidirectional blocks, hidden states out."""
+        return self.replace(n_layer=self.encoder_layers, encoder_layers=0, head="none", pooler=False,
+                            **{"attention.causal": False, "attention.cross": False})
+
+    def decoder_config(self) -> Config:
+        """The decoder stack of an encoder-decoder: causal blocks with cross-attention, and the LM head."""
+        return self.replace(encoder_layers=0, **{"attention.causal": True, "attention.cross": True})
 
     def uses(self, mixer: str) -> bool:
         """Whether any layer uses this token or channel mixer."""
@@ -196,8 +243,19 @@ class Config:
              f"norm.kind must be 'layernorm' or 'rmsnorm', got {self.norm.kind!r}")
         need(self.norm.placement in ("pre", "post"),
              f"norm.placement must be 'pre' or 'post', got {self.norm.placement!r}")
-        need(self.position.kind in ("learned", "rope", "none"),
-             f"position.kind must be 'learned', 'rope' or 'none', got {self.position.kind!r}")
+        need(self.position.kind in POSITION_KINDS,
+             f"position.kind must be one of {', '.join(POSITION_KINDS)}, got {self.position.kind!r}")
+        if self.position.kind == "relative":
+            need(self.position.buckets >= 2 and self.position.max_distance > self.position.buckets // 2,
+                 "position.buckets must be >= 2 and position.max_distance > buckets / 2 (T5: 32 and 128)")
+        need(self.attention.scale is None or self.attention.scale > 0, "attention.scale must be positive (or null)")
+        need(isinstance(self.encoder_layers, int) and self.encoder_layers >= 0, "encoder_layers must be >= 0")
+        if self.attention.cross or self.encoder_layers:
+            need(not self.parallel_residual, "cross-attention (an encoder-decoder) needs sequential blocks, "
+                 "not parallel_residual")
+            need(all(t == "attention" for t, _ in self.layer_mixers()),
+                 "an encoder-decoder's blocks must use the attention token mixer")
+        need(not (self.attention.cross and not self.attention.causal), "attention.cross needs a causal decoder")
         need(not (self.parallel_residual and self.norm.placement == "post"),
              "parallel_residual needs norm.placement='pre'")
         need(self.head in ("linear", "mlm", "none"), f"head must be 'linear', 'mlm' or 'none', got {self.head!r}")
@@ -240,6 +298,27 @@ class Config:
                 need(isinstance(getattr(s, f), int) and getattr(s, f) > 0, f"ssm.{f} must be a positive integer")
             need(s.d_conv >= 2, "ssm.d_conv must be >= 2")
             need(s.dt_rank is None or s.dt_rank > 0, "ssm.dt_rank must be positive")
+        if self.uses("lsh_attention"):
+            h = self.lsh
+            need(isinstance(h.n_buckets, int) and (h.n_buckets == 1 or (h.n_buckets >= 2 and h.n_buckets % 2 == 0)),
+                 f"lsh.n_buckets must be 1 or a positive even number (random rotations give n_buckets/2 "
+                 f"directions and their negatives), got {h.n_buckets!r}")
+            need(isinstance(h.n_hashes, int) and h.n_hashes > 0, f"lsh.n_hashes must be positive, got {h.n_hashes!r}")
+            need(isinstance(h.chunk_len, int) and h.chunk_len > 0,
+                 f"lsh.chunk_len must be positive, got {h.chunk_len!r}")
+            need(self.block_size % h.chunk_len == 0,
+                 f"block_size ({self.block_size}) must be a multiple of lsh.chunk_len ({h.chunk_len}): "
+                 "full-length sequences are cut into whole chunks")
+            need(self.n_kv_head == self.n_head,
+                 "lsh_attention shares queries and keys (one qk per head): set attention.n_kv_head = attention.n_head")
+            need(self.attention.sliding_window is None,
+                 "lsh_attention has no sliding window: unset attention.sliding_window")
+        if self.uses("xl_attention"):
+            need(isinstance(self.xl.mem_len, int) and self.xl.mem_len >= 0,
+                 f"xl.mem_len must be a non-negative integer, got {self.xl.mem_len!r}")
+            need(self.n_kv_head == self.n_head,
+                 "xl_attention has no grouped KV heads: set attention.n_kv_head = attention.n_head")
+            need(self.attention.causal, "xl_attention is causal: set attention.causal = true")
         for f in ("embed_dropout", "resid_dropout"):
             need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
         return self
@@ -285,7 +364,8 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
 
 
 _SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig,
-               "embedding": EmbeddingConfig, "moe": MoEConfig, "ssm": SSMConfig}
+               "embedding": EmbeddingConfig, "moe": MoEConfig, "ssm": SSMConfig, "lsh": LSHConfig,
+               "xl": XLConfig}
 
 
 # ================================================================================================
@@ -435,11 +515,40 @@ def _tiny_rwkv() -> Config:
     return c
 
 
+def _tiny_lstm() -> Config:
+    # The classical recurrent LM (Zaremba et al. 2014: embedding, stacked LSTM layers, softmax), as
+    # pre-LN residual blocks of an LSTM token mixer and no channel mixer; no positions (the recurrence
+    # carries order). Test size.
+    c = _gpt2("tiny-lstm", 2, 64, 4)
+    c.vocab_size, c.block_size, c.bos_id, c.eos_id = 256, 128, None, None
+    c.block, c.position, c.tie_embeddings = "lstm+none", PositionConfig(kind="none"), False
+    return c
+
+
 def _tiny_s4d() -> Config:
     # Gu et al. 2022 (S4D): pre-norm blocks of S4D (64 states per channel in the paper; 16 here) + MLP.
     c = _llama_like("tiny-s4d", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
                     theta=1e4, eps=1e-5, tied=False)
     c.block, c.position, c.ssm = "s4d+mlp", PositionConfig(kind="none"), SSMConfig(d_state=16)
+    return c
+
+
+def _tiny_lsh() -> Config:
+    # Kitaev et al. 2020, "Reformer": shared-QK LSH attention (the paper's enwik8 model uses 4 hash rounds,
+    # chunks of 64 and buckets sized to ~chunk); test size: 8 buckets, 2 rounds, chunks of 32. RoPE positions.
+    c = _llama_like("tiny-lsh", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block, c.lsh = "lsh_attention+mlp", LSHConfig(n_buckets=8, n_hashes=2, chunk_len=32)
+    return c
+
+
+def _tiny_xl() -> Config:
+    # Dai et al. 2019, "Transformer-XL": relative positions (sinusoidal R, u/v biases) and a memory of the
+    # previous segment's hidden states per layer (their enwik8 base: mem_len = segment length). Test size;
+    # memory 64 > the 48-token texts of the generic cached-decoding tests, which compare with the plain pass.
+    c = _llama_like("tiny-xl", "lmforge", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=4, ffn=160,
+                    theta=1e4, eps=1e-5, tied=False)
+    c.block, c.position, c.xl = "xl_attention+mlp", PositionConfig(kind="none"), XLConfig(mem_len=64)
     return c
 
 
@@ -503,7 +612,10 @@ PRESETS: dict[str, Any] = {
     "tiny-linear": _tiny_linear,
     "tiny-retnet": _tiny_retnet,
     "tiny-rwkv": _tiny_rwkv,
+    "tiny-lstm": _tiny_lstm,
     "tiny-s4d": _tiny_s4d,
+    "tiny-lsh": _tiny_lsh,
+    "tiny-xl": _tiny_xl,
     "tiny-mamba": _tiny_mamba,
     **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
 }

@@ -16,11 +16,13 @@ from torch import nn
 from lmforge import __version__
 from lmforge.config import Config, get_preset
 from lmforge.errors import ConfigError, FormatError
-from lmforge.infer.generate import GenerationConfig, TextStream, beam_search, generate_ids, iter_tokens
+from lmforge.infer.generate import GenerationConfig, TextStream, beam_search, generate_ids, iter_tokens, prepare_prompts
 from lmforge.interop import hf
 from lmforge.io import atomic_dir, write_json
-from lmforge.models import DecoderLM
+from lmforge.models import DecoderLM, make_model
 from lmforge.models.decoder import tied_key
+from lmforge.models.ngram import MODEL_TYPE as NGRAM_TYPE
+from lmforge.models.ngram import NGramLM
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -69,6 +71,9 @@ class LLM:
         return self.model.config
 
     def __repr__(self) -> str:
+        if isinstance(self.model, NGramLM):
+            return (f"LLM({self.config.name!r}, family=ngram, order={self.config.order}, method={self.config.method}, "
+                    f"ngrams={self.model.num_params():,})")
         p = next(self.model.parameters())
         return (f"LLM({self.config.name!r}, family={self.config.family}, params={self.model.num_params():,}, "
                 f"dtype={p.dtype}, device={p.device})")
@@ -81,6 +86,10 @@ class LLM:
         return self.tokenizer
 
     def _need_decoder(self, what: str) -> None:
+        if isinstance(self.model, NGramLM):
+            raise ConfigError(f"{self.config.name!r} is an n-gram model: it scores text (llm.model(ids) gives "
+                              f"log-probabilities; lmforge eval perplexity) but cannot {what} through the generator; "
+                              "load a neural model (e.g. the LSTM or a transformer) for that")
         if not self.config.attention.causal:
             raise ConfigError(f"{self.config.name!r} is a bidirectional encoder: it cannot {what} text. Use "
                               "llm.embed(texts) (lmforge embed) for sentence embeddings, or load a decoder model")
@@ -95,7 +104,7 @@ class LLM:
         """
         from lmforge.infer.embed import embed_texts
 
-        if self.config.attention.causal:
+        if isinstance(self.model, NGramLM) or self.config.attention.causal:
             raise ConfigError(f"{self.config.name!r} is a causal decoder; embed() needs a bidirectional encoder "
                               "such as lmforge.load('minilm')")
         return embed_texts(self.model, self._need_tokenizer(), texts, batch_size=batch_size, pooling=pooling,
@@ -188,14 +197,33 @@ class LLM:
     def _complete(self, ids: list[list[int]], gen: GenerationConfig, single: bool, chat: bool = False,
                   draft: DecoderLM | None = None):
         if gen.num_beams > 1:
-            hyps = beam_search(self.model, ids, gen, self.eos_ids(chat), self._pad_id())
+            model, ids = self._runner(ids, gen)
+            hyps = beam_search(model, ids, gen, self.eos_ids(chat), self._pad_id())
             texts = [[self._text(h.tokens, gen) for h in row] for row in hyps]
             if gen.num_return_sequences == 1:
                 texts = [row[0] for row in texts]
         else:
-            outs = generate_ids(self.model, ids, gen, self.eos_ids(chat), self._pad_id(), draft=draft)
+            model, ids = self._runner(ids, gen, draft)
+            outs = generate_ids(model, ids, gen, self.eos_ids(chat), self._pad_id(), draft=draft)
             texts = [self._text(out, gen) for out in outs]
         return texts[0] if single else texts
+
+    def _runner(self, ids: list[list[int]], gen: GenerationConfig, draft: DecoderLM | None = None):
+        """(the model the generator runs, its prompts). A decoder continues the prompts; an encoder-decoder
+        encodes them once and decodes from its start token, with the encoder output bound to the decoder."""
+        if not self.config.is_encoder_decoder:
+            return self.model, ids
+        if draft is not None or gen.prompt_lookup:
+            raise ConfigError("speculative decoding is for decoder-only models; an encoder-decoder decodes "
+                              "without draft / prompt_lookup")
+        start = self.config.decoder_start_id
+        start = self._pad_id() if start is None else start
+        src, mask = prepare_prompts(ids, self.config.block_size, gen, self._pad_id())
+        device = self.model.tok_emb.weight.device
+        src, mask = src.to(device), None if mask is None else mask.to(device)
+        with torch.inference_mode():
+            memory = self.model.encode(src, mask)
+        return self.model.bind(memory, mask), [[start]] * len(ids)
 
     def _text(self, ids: list[int], gen: GenerationConfig) -> str:
         s = TextStream(self._decode, gen.stop)
@@ -203,6 +231,7 @@ class LLM:
             s.push(t)
             if s.stopped:
                 break
+        s.flush()  # takes in a trailing incomplete character
         return s.text
 
     def _decode(self, ids: list[int]) -> str:
@@ -212,7 +241,8 @@ class LLM:
                 draft: DecoderLM | None = None) -> Iterator[str]:
         s = TextStream(self._decode, gen.stop)
         eos = set(self.eos_ids(chat))
-        for nxt in iter_tokens(self.model, ids, gen, sorted(eos), self._pad_id(), draft=draft):
+        model, ids = self._runner(ids, gen, draft)
+        for nxt in iter_tokens(model, ids, gen, sorted(eos), self._pad_id(), draft=draft):
             t = int(nxt[0])
             if t in eos:
                 break
@@ -274,6 +304,12 @@ class LLM:
         from lmforge.adapt import base_state_dict, has_adapters, save_adapter
 
         cfg = self.config
+        if isinstance(self.model, NGramLM):  # counts, not weights: config.json + ngram.safetensors
+            with atomic_dir(folder) as tmp:
+                self.model.save(tmp)
+                if self.tokenizer is not None:
+                    self.tokenizer.save(tmp)
+            return Path(folder)
         dt = resolve_dtype(dtype)
         quant = getattr(self.model, "quantization", None)
         if quant:
@@ -348,7 +384,7 @@ def empty_model(cfg: Config, dtype: torch.dtype | None = None, device: str | tor
     Computed buffers (RoPE tables) are real. Tied weights stay tied.
     """
     with _no_init(), torch.device(device):
-        model = DecoderLM(cfg, init_weights=False)
+        model = make_model(cfg, init_weights=False)
     if dtype is not None:
         for p in model.parameters():  # swap storage instead of converting uninitialised memory
             p.data = torch.empty(p.shape, dtype=dtype, device=p.device)
@@ -363,10 +399,10 @@ def build(cfg: Config, state_dict: dict[str, torch.Tensor] | None, source: str,
     loaders that own freshly read tensors: no second copy of the weights, no time spent initialising).
     """
     if state_dict is None:
-        model = DecoderLM(cfg, init_weights=True)
+        model = make_model(cfg, init_weights=True)
         return model.to(device=device, dtype=dtype) if dtype else model.to(device)
     with _no_init():
-        model = DecoderLM(cfg, init_weights=False)
+        model = make_model(cfg, init_weights=False)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -421,6 +457,9 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         config_json = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
     except ValueError as e:
         raise FormatError(f"{folder}: config file is not valid JSON ({e})") from e
+    if config_json is not None and config_json.get("model_type") == NGRAM_TYPE:
+        tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
+        return LLM(NGramLM.load(folder), tok, str(folder))
     if meta is not None:
         cfg = Config.from_dict(meta["config"])
         layout = meta.get("weights_layout", "native")

@@ -26,6 +26,7 @@ def test_families_are_matched_and_their_state_grows_as_claimed(tmp_path):
     study = cx.run_study(train_lengths=(32, 64), positions=(32, 96), d_model=64, n_layer=2, log=lambda s: None)
     fams = study["families"]
     assert fams["transformer"]["fit"]["decode_mem"] > 0.8  # the KV cache grows with position
+    assert fams["lsh"]["fit"]["decode_mem"] > 0.8  # so does LSH attention's key/value/bucket cache
     for name in ("mamba", "linear", "s4d", "retnet", "rwkv"):
         assert fams[name]["fit"]["decode_mem"] == 0, name
     assert all(r["train_mem_bytes"] > 0 for f in fams.values() for r in f["train"])

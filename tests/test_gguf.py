@@ -160,7 +160,7 @@ def test_tokenizer_round_trip(tmp_path, tokenizer):
     assert tok.apply_chat_template(msgs) == tokenizer.apply_chat_template(msgs)
     # a reader that only knows GGUF's own keys sees a byte-level BPE vocabulary
     meta = GGUFFile(tmp_path / "m.gguf").metadata
-    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt2"
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     assert "lmforge.tokenizer_json" not in meta
 
 

@@ -7,7 +7,8 @@ from lmforge.config import get_preset, list_presets
 from lmforge.errors import ConfigError
 from lmforge.models import DecoderLM
 
-TINY = [n for n in list_presets() if n.startswith("tiny-")]
+# decoder-only and encoder presets (encoder-decoders: tests/test_seq2seq.py)
+TINY = [n for n in list_presets() if n.startswith("tiny-") and not get_preset(n).is_encoder_decoder]
 TINY_DECODERS = [n for n in TINY if get_preset(n).attention.causal]  # encoders have no KV cache
 
 

@@ -209,6 +209,10 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "seed": 10**30}, "seed"),
     ({"model": MODEL, "prompt": [10**9]}, "token ids"),
     ({"model": MODEL, "prompt": "word " * 400}, "tokens"),  # longer than the 256-token context
+    ({"model": MODEL, "prompt": "x", "num_beams": 4}, "beam search"),  # not served: refused, never ignored
+    ({"model": MODEL, "prompt": "x", "best_of": 3}, "beam search"),
+    ({"model": MODEL, "prompt": "x", "use_beam_search": True}, "beam search"),
+    ({"model": MODEL, "prompt": "x", "prompt_lookup": 3}, "prompt-lookup"),
 ]
 BAD_CHAT = [
     ({"model": MODEL}, "messages"),
@@ -218,6 +222,7 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "content"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}, "max_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "num_beams": 2}, "num_beams"),
 ]
 
 
@@ -235,6 +240,8 @@ def test_bad_input_gets_4xx_json_errors(server):
                 err = r.json()["error"]
                 assert words.lower() in err["message"].lower(), (body, err)
                 assert set(err) == {"message", "type", "param", "code"}
+        neutral = {"model": MODEL, "prompt": "hi", "max_tokens": 1, "num_beams": 1, "prompt_lookup": 0}
+        assert _post(h, server.url + "/v1/completions", neutral).status_code == 200  # the off values pass
         r = _post(h, server.url + "/v1/completions", b"x" * (2 << 20))
         assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
         r = h.post(server.url + "/v1/embeddings", json={"model": MODEL, "input": "hello"})

@@ -60,8 +60,8 @@ def sliding_nll(model: torch.nn.Module, ids: list[int], max_length: int, stride:
     if max_length < 1 or not 1 <= stride <= max_length:
         raise ConfigError(f"need max_length >= 1 and 1 <= stride <= max_length, got max_length={max_length}, "
                           f"stride={stride}")
-    p = next(model.parameters())
-    seq = torch.tensor(ids, dtype=torch.long, device=p.device)
+    p = next(model.parameters(), None)  # an n-gram model has counts, no parameters: it runs on the CPU
+    seq = torch.tensor(ids, dtype=torch.long, device=p.device if p is not None else "cpu")
     total, n, s = 0.0, len(ids), 1
     while s < n:
         t = min(s + stride, n)  # targets s..t-1

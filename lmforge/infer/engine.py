@@ -1,10 +1,14 @@
-"""A continuous-batching engine: many requests share each decode step, joining and leaving between steps.
+"""A continuous-batching engine: many requests share each forward pass, joining and leaving between steps.
 
-One engine thread owns the model. Each loop it (1) drops cancelled requests, (2) admits waiting requests
-while there is a free sequence slot and KV memory, running each new prompt through the model on its own
-(prefill) and sampling its first token, then (3) runs one decode step for every running sequence together
-and samples each row with that request's own settings and random generator. A request that arrives while
-others are decoding therefore starts at the next step, not when the batch is done (Yu et al. 2022, Orca).
+One engine thread owns the model. Each loop it (1) drops cancelled requests, (2) builds one step: every
+decoding sequence feeds its last token, and up to `prefill_tokens` prompt tokens follow, taken from
+sequences still reading their prompts and then from newly admitted requests (while there is a free
+sequence slot and KV memory), a long prompt split into chunks over several steps, and (3) runs them all
+in one packed forward pass (`paged.PagedBatch`: no padding, attention within each sequence), sampling
+each sequence that has read all its input with that request's own settings and random generator. A
+request that arrives while others decode therefore starts at the next step, prompts of several requests
+are read together, and decoding streams keep moving while a long prompt is read (chunked prefill, as in
+Sarathi-Serve, Agrawal et al. 2024; iteration-level scheduling from Orca, Yu et al. 2022).
 
 Keys and values live in a paged cache (`lmforge.infer.paged`), so a sequence holds memory for the tokens
 it has, not for the context. When the cache is full a sequence is preempted: its blocks are freed and it
@@ -141,17 +145,21 @@ class Engine:
         max_queue: most requests waiting to start; `submit` raises `QueueFullError` beyond it.
         max_kv_bytes: cap on the paged KV cache's memory (all layers, keys and values).
         block_tokens: tokens per KV cache block.
-        prefill_tokens: prompt tokens to prefill between two decode steps (at least one prompt is), which
-            bounds how long running streams pause for newcomers.
+        prefill_tokens: most prompt tokens read in one step, beside one token per decoding sequence;
+            longer prompts are read in chunks over several steps. It bounds how long running streams
+            pause for newcomers (a larger budget reads prompts in fewer, larger matrix products).
 
     Use as a context manager, or call `start()` and `stop()`.
     """
 
     def __init__(self, llm, max_seqs: int = 16, max_queue: int = 64, max_kv_bytes: int = 1 << 30,
-                 block_tokens: int = 16, prefill_tokens: int = 2048):
+                 block_tokens: int = 16, prefill_tokens: int = 512):
         if max_seqs < 1 or max_queue < 0 or block_tokens < 1 or prefill_tokens < 1:
             raise ConfigError("max_seqs, block_tokens and prefill_tokens must be >= 1, max_queue >= 0")
         self.llm, self.model = llm, llm.model
+        if self.model.config.is_encoder_decoder:
+            raise ConfigError(f"{self.model.config.name!r} is an encoder-decoder; the serving engine batches "
+                              "decoder-only models, so use LLM.generate for it")
         mixers = {token for token, _ in self.model.config.layer_mixers()}
         if mixers != {"attention"}:
             raise ConfigError(f"the serving engine pages attention keys and values; this model's layers use "
@@ -218,7 +226,14 @@ class Engine:
         render messages). `sink`, if given, receives every `Event` in the engine thread instead of the
         request's own queue; it must not block. Raises `QueueFullError` when the queue is full.
         """
+        if self.model.lm_head is None or not self.model.config.attention.causal:
+            raise ConfigError("this model is an encoder: it has no next-token head to generate with; use its "
+                              "embeddings (LLM.embed, or the server's /v1/embeddings)")
         gen = (gen or GenerationConfig()).validate()
+        if gen.num_beams > 1 or gen.prompt_lookup > 0:
+            raise ConfigError(f"the engine samples every request token by token in a shared batch: num_beams="
+                              f"{gen.num_beams} and prompt_lookup={gen.prompt_lookup} are not served; use "
+                              "LLM.generate (or generate_ids) for beam search and speculative decoding")
         if gen.seed is not None and not -(2**63) <= gen.seed < 2**64:
             raise ConfigError(f"seed must fit in 64 bits, got {gen.seed}")
         ids = self.llm.encode_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -312,46 +327,37 @@ class Engine:
                 self._finish(r, "cancelled")
             try:
                 with torch.inference_mode():
-                    self._admit()
-                    if self._running:
-                        self._decode_step()
+                    self._step()
             except Exception as e:  # a failed step fails its requests, not the engine
                 for r in list(self._running):
                     self._finish(r, "error", error=f"{type(e).__name__}: {e}")
 
-    def _admit(self) -> None:
-        budget = self.prefill_tokens
-        while len(self._running) < self.max_seqs:
+    def _admit(self) -> Request | None:
+        """Move the first waiting request into the running set with KV blocks for all its input, or None
+        (nothing waiting, or not enough memory while other sequences run)."""
+        while True:
             with self._cond:
                 if not self._waiting:
-                    return
+                    return None
                 r = self._waiting[0]
-                ids = r.prompt_ids + r.out_ids  # a preempted request resumes from all it has
-                if budget < len(ids) and budget < self.prefill_tokens:
-                    return  # this loop's prefill budget is spent; decode first
+                n = len(r.prompt_ids) + len(r.out_ids)  # a preempted request resumes from all it has
                 seq = SeqBlocks(self.pool)
-                # room for the prompt, plus a block of headroom per running sequence for its next steps
-                if seq.blocks_needed(len(ids) + 1) + len(self._running) > self.pool.blocks_available:
-                    if self._running:
-                        return  # wait for memory to free up
+                # room for the input, plus a block of headroom per running sequence for its next steps
+                if seq.blocks_needed(n + 1) + len(self._running) > self.pool.blocks_available and self._running:
+                    return None  # wait for memory to free up
                 self._waiting.popleft()
-            if not seq.reserve(len(ids) + 1):
+            if not seq.reserve(n + 1):
                 # only a preempted request can get here (submit checks prompts): it outgrew the whole cache
                 self._finish(r, "length")
                 continue
-            budget -= len(ids)
             r._seq = seq
             try:
                 self._prepare(r)
-                batch = PagedBatch(self.pool, [seq], len(ids))
-                x = torch.tensor([ids], dtype=torch.long, device=self.device)
-                logits = self.model(x, cache=batch, logits_to_keep=1)[:, -1]
-                batch.commit([seq])
             except Exception as e:
                 self._finish(r, "error", error=f"{type(e).__name__}: {e}")
                 continue
             self._running.append(r)
-            self._emit([r], logits)
+            return r
 
     def _prepare(self, r: Request) -> None:
         """Per-request sampling state, created once (a preempted request keeps its generator)."""
@@ -369,12 +375,13 @@ class Engine:
             r._seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
             r._seen[0, torch.tensor(r.prompt_ids, device=self.device)] = True
 
-    def _decode_step(self) -> None:
-        # every running sequence needs a slot for the token it feeds; preempt the newest when memory is out
+    def _make_room(self) -> None:
+        """Every running sequence needs slots for the tokens it feeds next; preempt the newest when memory
+        is out (it is recomputed later, with the same output)."""
         i = 0
         while i < len(self._running):
             r = self._running[i]
-            if r._seq.reserve(r._seq.length + 1):
+            if r._seq.reserve(r._seq.length + _pending(r)):
                 i += 1
                 continue
             if len(self._running) == 1:  # alone and still out of memory: the cache cap ends it
@@ -382,22 +389,56 @@ class Engine:
                 break
             victim = self._running.pop()  # the most recently admitted
             victim._seq.release()
+            victim._seq = None
             self.metrics.preemptions += 1
             with self._cond:
                 self._waiting.appendleft(victim)
-        rows = self._running
+
+    def _step(self) -> None:
+        """One packed forward pass: each decoding sequence's last token, then prompt chunks up to the budget."""
+        self._make_room()
+        rows = [r for r in self._running if _pending(r) == 1]  # decoding (or one input token left)
+        counts = [1] * len(rows)
+        budget = self.prefill_tokens
+        for r in self._running:
+            if budget > 0 and _pending(r) > 1:
+                rows.append(r)
+                counts.append(min(_pending(r), budget))
+                budget -= counts[-1]
+        while budget > 0 and len(self._running) < self.max_seqs:
+            r = self._admit()
+            if r is None:
+                break
+            rows.append(r)
+            counts.append(min(_pending(r), budget))
+            budget -= counts[-1]
         if not rows:
             return
         seqs = [r._seq for r in rows]
-        batch = PagedBatch(self.pool, seqs, 1)
-        x = torch.tensor([[r.out_ids[-1]] for r in rows], dtype=torch.long, device=self.device)
+        tokens, last, off = [], [], 0
+        for r, c in zip(rows, counts):
+            n = r._seq.length
+            p = len(r.prompt_ids)
+            tokens += (r.prompt_ids[n:n + c] + r.out_ids[max(0, n - p):max(0, n + c - p)]) if n < p \
+                else r.out_ids[n - p:n - p + c]
+            off += c
+            last.append(off - 1)
+        done = [i for i, (r, c) in enumerate(zip(rows, counts)) if _pending(r) == c]  # read all their input
+        batch = PagedBatch(self.pool, seqs, counts)
+        x = torch.tensor([tokens], dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
-        with blas_decode(self._fp32_cpu and len(rows) <= _BLAS_MAX_ROWS):
-            logits = self.model(x, cache=batch, logits_to_keep=1)[:, -1]
-        batch.commit(seqs)
+        # fp32 on the CPU: a step of a few rows is matrix-vector work, faster through numpy's BLAS
+        with blas_decode(self._fp32_cpu and batch.N <= _BLAS_MAX_ROWS):
+            h = self.model.hidden_states(x, cache=batch)[0]  # (N, C)
+            logits = None
+            if done:
+                idx = torch.tensor([last[i] for i in done], device=self.device)
+                logits = self.model.head_logits(h.index_select(0, idx))  # (rows done, V)
+        batch.commit()
         self.steps += 1
-        self._emit(list(rows), logits)
-        self.metrics.step(len(rows), time.perf_counter() - t0)
+        if done:
+            self._emit([rows[i] for i in done], logits)
+        self.metrics.step(len(done), time.perf_counter() - t0)
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample one token per row from logits (B, V), send it on, finish the rows that are done."""
@@ -453,6 +494,11 @@ class Engine:
         self.metrics.finished[reason] += 1
         self._send(r, Event(piece + rest, token, reason))
         r._done.set()
+
+
+def _pending(r: Request) -> int:
+    """Input tokens a running request has not fed yet: 1 while decoding, more while reading its prompt."""
+    return len(r.prompt_ids) + len(r.out_ids) - r._seq.length
 
 
 class EngineMetrics:

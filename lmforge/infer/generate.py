@@ -116,40 +116,68 @@ def generate_ids(model: DecoderLM, prompts: list[list[int]], gen: GenerationConf
 
 
 class TextStream:
-    """Turns a growing list of token ids into text pieces: holds back incomplete UTF-8 sequences
-    (which decode to U+FFFD) and text that might be the start of a stop string."""
+    """Turns a growing list of token ids into text pieces, decoding only a short window per token.
+
+    Decoding all ids again for every new token costs O(n) per token (O(n^2) per reply). Instead, as in
+    vLLM's incremental detokenizer, each token decodes a window that starts at the previous piece's first
+    token: the new text is what `decode(ids[prefix:])` adds to `decode(ids[prefix:read])`. The window's
+    first token gives the context that tokenizers which strip or merge at a word start need. While the window
+    ends in an incomplete UTF-8 sequence (byte-level or byte-fallback tokens that split a character decode
+    to U+FFFD) the window is not moved on, so it grows until the character is whole; the text before that
+    character is shown at once. Text that might be the start of a stop string is held back; stop strings
+    are searched in the newly added tail only.
+    """
 
     def __init__(self, decode, stop: Sequence[str]):
         self.decode, self.stop = decode, list(stop)
         self.ids: list[int] = []
-        self.emitted = 0
-        self.text = ""
+        self.emitted = 0  # characters of `text` already handed out
+        self.text = ""  # the text of ids[:read] (cut at a stop string once one appeared)
         self.stopped = False
+        self._prefix = 0  # ids[prefix:read] decode to the end of `text`: context for the next window
+        self._read = 0  # ids taken into `text` so far
+        self._longest_stop = max((len(x) for x in self.stop), default=0)
+
+    def _new_text(self) -> str:
+        """What the tokens after `read` add to the text (ending in U+FFFD while a character is incomplete)."""
+        prev = self.decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        cur = self.decode(self.ids[self._prefix:])
+        return cur[len(prev):] if len(cur) > len(prev) else ""
+
+    def _commit(self, new: str) -> None:
+        self.text += new
+        self._prefix, self._read = self._read, len(self.ids)
 
     def push(self, token: int) -> str:
         """Add a token; return the text that is now safe to show."""
         self.ids.append(token)
-        self.text = self.decode(self.ids)
-        cut = min((i for s in self.stop if (i := self.text.find(s)) >= 0), default=-1)
+        if self.stopped:
+            return ""
+        new = self._new_text()
+        whole = not new.endswith("\ufffd")  # else an incomplete character: wait for its next bytes
+        ready = self.text + (new if whole else new.rstrip("\ufffd"))
+        # a stop string can only newly appear where it overlaps the added text
+        lo = max(0, len(self.text) - self._longest_stop + 1)
+        cut = min((i for x in self.stop if (i := ready.find(x, lo)) >= 0), default=-1)
         if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
+            self.text, self.stopped = ready[:cut], True
             return self.flush()
-        safe = len(self.text)
-        if self.text.endswith("\ufffd"):
-            safe = self.text.rfind("\ufffd")
-            while safe > 0 and self.text[safe - 1] == "\ufffd":
-                safe -= 1
-        for s in self.stop:  # hold back a suffix that could grow into a stop string
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if s.startswith(self.text[-k:]):
-                    safe = min(safe, len(self.text) - k)
+        if new and whole:
+            self._commit(new)  # else the window grows until the character is whole
+        safe = len(ready)  # the whole characters may be shown already
+        for x in self.stop:  # hold back a suffix that could grow into a stop string
+            for k in range(min(len(x) - 1, len(ready)), 0, -1):
+                if x.startswith(ready[-k:]):
+                    safe = min(safe, len(ready) - k)
                     break
-        piece = self.text[self.emitted:safe] if safe > self.emitted else ""
+        piece = ready[self.emitted:safe] if safe > self.emitted else ""
         self.emitted = max(self.emitted, safe)
         return piece
 
     def flush(self) -> str:
-        """Everything not yet shown."""
+        """Everything not yet shown (an incomplete character at the end decodes to U+FFFD)."""
+        if not self.stopped and self._read < len(self.ids):
+            self._commit(self._new_text())
         piece = self.text[self.emitted:]
         self.emitted = len(self.text)
         return piece

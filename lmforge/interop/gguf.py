@@ -320,7 +320,7 @@ def _tokenizer_fields(tok) -> dict[str, Any] | None:
     if seq[-1].get("add_prefix_space"):
         return None
     if kinds == ["ByteLevel"] and seq[0].get("use_regex", True):
-        name = "gpt2"
+        name = "gpt-2"  # llama.cpp knows GPT-2's pre-tokenizer by this name, not "gpt2"
     elif kinds == ["Digits", "ByteLevel"] and seq[0].get("individual_digits") and seq[1].get("use_regex", True):
         name = "smollm"
     elif kinds == ["Split", "ByteLevel"]:

@@ -13,7 +13,7 @@ import torch
 
 from lmforge.config import AttentionConfig, Config, MLPConfig, NormConfig, PositionConfig
 from lmforge.errors import ConfigError, FormatError
-from lmforge.interop import hf_encoders
+from lmforge.interop import hf_encoders, hf_t5
 from lmforge.interop.hf_encoders import ENCODER_FAMILIES
 
 HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "mamba")
@@ -30,6 +30,10 @@ def exportable(cfg: Config) -> str | None:
         return "ternary (BitLinear) layers have no transformers layout"
     if cfg.family in ENCODER_FAMILIES:
         return hf_encoders.exportable(cfg)
+    if cfg.family == "t5":
+        return hf_t5.exportable(cfg)
+    if cfg.is_encoder_decoder:
+        return "this encoder-decoder has no transformers layout (T5's is supported)"
     if cfg.family not in HF_FAMILIES:
         return f"family {cfg.family!r} has no transformers layout (supported: {', '.join(HF_FAMILIES)})"
     if cfg.parallel_residual or cfg.norm.placement != "pre" or cfg.lm_head_bias:
@@ -68,6 +72,8 @@ def to_hf_config(cfg: Config) -> dict[str, Any]:
     """config.json contents that `transformers` reads as the same architecture."""
     if cfg.family in ENCODER_FAMILIES:
         return hf_encoders.to_hf_config(cfg)
+    if cfg.family == "t5":
+        return hf_t5.to_hf_config(cfg)
     why = exportable(cfg)
     if why:
         raise ConfigError(f"cannot export {cfg.name!r} to a transformers folder: {why}")
@@ -111,9 +117,11 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> Config:
     mt = d.get("model_type")
     if mt in ENCODER_FAMILIES:
         return hf_encoders.from_hf_config(d, source)
+    if mt == "t5":
+        return hf_t5.from_hf_config(d, source)
     if mt not in HF_FAMILIES:
         raise FormatError(f"{source}: model_type {mt!r} is not supported; supported: "
-                          f"{', '.join(HF_FAMILIES + ENCODER_FAMILIES)}")
+                          f"{', '.join(HF_FAMILIES + ENCODER_FAMILIES + ('t5',))}")
 
     def get(*keys, default=KeyError):
         for k in keys:
@@ -201,6 +209,8 @@ def to_hf_state_dict(cfg: Config, sd: dict[str, torch.Tensor]) -> dict[str, torc
     """Our state dict -> HF keys and layouts (tied heads left out, as transformers saves them)."""
     if cfg.family in ENCODER_FAMILIES:
         return hf_encoders.to_hf_state_dict(cfg, sd)
+    if cfg.family == "t5":
+        return hf_t5.to_hf_state_dict(cfg, sd)
     out: dict[str, torch.Tensor] = {}
     nh, nkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     if cfg.family == "mamba":  # same tensors, other names
@@ -253,6 +263,8 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], source: str = "
     """HF keys and layouts -> our state dict. Missing keys raise `FormatError` naming them."""
     if cfg.family in ENCODER_FAMILIES:
         return hf_encoders.from_hf_state_dict(cfg, hf, source)
+    if cfg.family == "t5":
+        return hf_t5.from_hf_state_dict(cfg, hf, source)
 
     def take(key: str) -> torch.Tensor:
         for k in (key, key.removeprefix("transformer."), "model." + key if not key.startswith("model.") else key):

@@ -77,6 +77,25 @@ class Cache:
         self.length -= n
         self.next_pos -= n
 
+    def new_segment(self) -> None:
+        """Let the next call start a new segment of the same streams (segment-recurrent training).
+
+        Slot bookkeeping restarts at 0, so a stream of any length runs through a cache sized for one segment;
+        states that carry memory across segments (Transformer-XL's, recurrent ones) keep it, detached so that
+        gradients stop at the boundary (the paper's stop-gradient, truncated backpropagation). A KV cache
+        cannot restart: its keys would be lost, so a model with plain attention layers is refused."""
+        if any(hasattr(s, "k") for s in self.layers):
+            raise ConfigError("segment recurrence needs layers that carry a memory (xl_attention) or a recurrent "
+                              "state; this model has key/value-cache attention layers (train it with causal_lm)")
+        for s in self.layers:
+            for name, t in list(vars(s).items()):
+                if isinstance(t, torch.Tensor):
+                    setattr(s, name, t.detach())
+        self.length = 0
+        self.key_mask.zero_()
+        self.next_pos.zero_()
+        self.has_padding = False
+
     def bytes(self) -> int:
         """Memory held by all layers' states."""
         return sum(s.bytes() for s in self.layers)

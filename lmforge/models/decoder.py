@@ -19,15 +19,17 @@ from lmforge.config import Config
 from lmforge.errors import ConfigError
 from lmforge.models.cache import Cache
 from lmforge.models.heads import Pooler, build_lm_head, output_layer
-from lmforge.models.layers import Rotary, make_norm
+from lmforge.models.layers import RelativePositionBias, Rotary, make_norm, sinusoid_table
 from lmforge.models.mixers import MixerContext, channel_mixers, token_mixers
-from lmforge.models.mixers.attention import Unpadded, build_mask
+from lmforge.models.mixers.attention import CrossAttention, Unpadded, build_mask
 
 
 def tied_key(cfg: Config) -> str | None:
     """State-dict key of the LM head's output weight when it is the token embedding, else None."""
     if not cfg.tie_embeddings or cfg.head == "none":
         return None
+    if cfg.is_encoder_decoder:
+        return "decoder.lm_head.weight"
     return "lm_head.decoder.weight" if cfg.head == "mlm" else "lm_head.weight"
 
 
@@ -48,6 +50,11 @@ class Block(nn.Module):
         self.tname, self.cname = tcls.attr, ccls.attr if ccls else None
         self.norm_1 = make_norm(cfg)
         self.add_module(self.tname, tcls(cfg))
+        if cfg.attention.cross:  # a decoder of an encoder-decoder: attend to the encoder's output in between
+            self.norm_cross = make_norm(cfg)
+            self.cross_attn = CrossAttention(cfg)
+        else:
+            self.cross_attn = None
         self.norm_2 = None if cfg.parallel_residual or ccls is None else make_norm(cfg)
         if ccls is not None:
             self.add_module(self.cname, ccls(cfg))
@@ -64,11 +71,16 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: MixerContext, state=None) -> torch.Tensor:
         # x: (B, T, C); state: this layer's decode state (from the cache) or None
         mix, ffn = self._modules[self.tname], self._modules[self.cname] if self.cname else None
+        cross = self.cross_attn
         if self.placement == "pre":  # x + f(norm(x))
             x = x + self.drop(mix(self.norm_1(x), ctx, state))
+            if cross is not None:
+                x = x + self.drop(cross(self.norm_cross(x), ctx, state))
             return x if ffn is None else x + self.drop(ffn(self.norm_2(x), ctx, state))
         if self.placement == "post":  # norm(x + f(x))
             x = self.norm_1(x + self.drop(mix(x, ctx, state)))
+            if cross is not None:
+                x = self.norm_cross(x + self.drop(cross(x, ctx, state)))
             return x if ffn is None else self.norm_2(x + self.drop(ffn(x, ctx, state)))
         h = self.norm_1(x)  # parallel: x + mix(norm(x)) + ffn(norm(x))
         return x + self.drop(mix(h, ctx, state)) + self.drop(ffn(h, ctx, state))
@@ -85,9 +97,17 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: Config, init_weights: bool = True):
         super().__init__()
         self.config = cfg.validate()
+        if cfg.is_encoder_decoder:
+            raise ConfigError(f"config {cfg.name!r} is an encoder-decoder (encoder_layers={cfg.encoder_layers}): build "
+                              "it with lmforge.models.make_model (an EncoderDecoderLM), not DecoderLM")
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position.kind == "learned" else None
         self.rotary = Rotary(cfg) if cfg.position.kind == "rope" else None
+        self.rel_bias = RelativePositionBias(cfg) if cfg.position.kind == "relative" else None
+        if cfg.position.kind == "sinusoidal":  # fixed, so not saved with the weights
+            self.register_buffer("sin_pos", sinusoid_table(cfg.block_size, cfg.d_model), persistent=False)
+        else:
+            self.sin_pos = None
         types = cfg.embedding.type_vocab_size
         self.type_emb = nn.Embedding(types, cfg.d_model) if types else None  # BERT segment A/B
         self.emb_norm = make_norm(cfg) if cfg.embedding.norm else None
@@ -129,7 +149,8 @@ class DecoderLM(nn.Module):
         std = self.config.init_std
         if isinstance(m, nn.Linear):
             resid = m is not self.lm_head and any(
-                m is getattr(mixer, name, None) for b in self.blocks for mixer in (b.token_mixer, b.channel_mixer)
+                m is getattr(mixer, name, None) for b in self.blocks
+                for mixer in (b.token_mixer, b.channel_mixer, b.cross_attn)
                 if mixer is not None for name in getattr(mixer, "resid_projs", ()))
             nn.init.normal_(m.weight, std=std / math.sqrt(2 * self.config.n_layer) if resid else std)
             if m.bias is not None:
@@ -140,7 +161,8 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, logits_to_keep: int = 0,
                 segment_ids: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions when > 0.
 
         attention_mask: (B, T), 1 for real tokens and 0 for padding (left padding for a decoder). With a
@@ -148,7 +170,8 @@ class DecoderLM(nn.Module):
         for packed rows (several examples in one row, each a contiguous run of one id): a token attends only
         within its segment and positions restart at 0 in each, so every example computes as it would alone.
         token_type_ids: BERT's segment A/B embeddings. A model with `head="none"` (a sentence encoder)
-        returns its hidden states (B, T, C) instead of logits.
+        returns its hidden states (B, T, C) instead of logits. memory / memory_mask: the encoder output
+        (B, S, C) and its padding mask (B, S) that a decoder with cross-attention reads (see `EncoderDecoderLM`).
         """
         vt = getattr(self, "virtual_tokens", None)  # prompt/prefix tuning (lmforge.adapt.virtual) fill a new cache
         if cache is None and vt is not None and not vt.disabled:
@@ -156,16 +179,23 @@ class DecoderLM(nn.Module):
                 raise ValueError("virtual tokens (prompt/prefix tuning) cannot be used with packed rows")
             cache = vt.start(self, *input_ids.shape)
         x = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, segment_ids=segment_ids,
-                               token_type_ids=token_type_ids, attn_mask=attn_mask)
+                               token_type_ids=token_type_ids, attn_mask=attn_mask, memory=memory,
+                               memory_mask=memory_mask)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return x if self.lm_head is None else self.lm_head(x)
+        return x if self.lm_head is None else self.head_logits(x)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states (`hidden_states`' output, or rows picked from it)."""
+        if self.config.embedding.tied_head_scale and self.config.tie_embeddings:
+            x = x * self.config.d_model ** -0.5  # T5: the tied embedding's scale undone before the output layer
+        return self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       cache: Cache | None = None, segment_ids: torch.Tensor | None = None,
                       inputs_embeds: torch.Tensor | None = None,
-                      token_type_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                      token_type_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                      memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), after the final norm: what the LM head reads.
 
         inputs_embeds: (B, T, C) used instead of looking up `input_ids` (whose shape still gives B, T).
@@ -174,6 +204,8 @@ class DecoderLM(nn.Module):
         permutation orders) in place of the causal / padding mask; no cache.
         """
         cfg = self.config
+        if cache is not None and getattr(cache, "packed", False):
+            return self._packed_hidden_states(input_ids, cache)
         B, T = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
@@ -230,17 +262,18 @@ class DecoderLM(nn.Module):
             if cache is not None or unpadded is not None or segment_ids is not None:
                 raise ValueError("attn_mask replaces the model's own mask: use it without a cache, padding or segments")
             mask = attn_mask.to(torch.bool)
+        if self.rel_bias is not None:  # T5: one additive bias for all layers, with the mask folded in
+            if unpadded is not None:
+                mask, unpadded = unpadded.attn_mask, None
+            if mask is None and cfg.attention.causal and T > 1:
+                mask = build_mask(None, start, T, L, window, device, n_global)
+            bias = self.rel_bias.table(start, T, L)  # (1, nh, T, L)
+            mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
 
-        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        if self.type_emb is not None:
-            x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
-        if self.emb_norm is not None:
-            x = self.emb_norm(x)
-        x = self.drop(x)
+        x = self._embed(input_ids, positions, inputs_embeds, token_type_ids)  # (B, T, C)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        ctx = MixerContext(positions, rope, mask, attention_mask if padded and unpadded is None else None, start)
+        ctx = MixerContext(positions, rope, mask, attention_mask if padded and unpadded is None else None, start,
+                           memory, memory_mask)
         if unpadded is not None:
             x = unpadded.pack(x)  # (1, N, C); attention unpacks its Q/K/V (and rotates them) per row
         if cache is None:
@@ -257,6 +290,37 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.length = L
             cache.next_pos += attention_mask.sum(1) if attention_mask is not None else T
+        return self.norm_f(x) if self.norm_f is not None else x
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.config.embedding.scale:
+            x = x * math.sqrt(self.config.d_model)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        if self.sin_pos is not None:
+            x = x + self.sin_pos[positions].to(x.dtype)
+        if self.type_emb is not None:
+            x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        return self.drop(x)
+
+    def _packed_hidden_states(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Hidden states for a packed cache (`lmforge.infer.paged.PagedBatch`): input_ids (1, N) holds the new
+        tokens of several sequences back to back, `cache.positions` (N,) gives each its position, and each
+        attention layer's state computes attention per sequence (`state.attend`), so no padding or mask is
+        built here. The engine uses it to run decode rows and prompt chunks of many requests in one pass."""
+        if self.rel_bias is not None:
+            raise ConfigError("a model with relative position biases (T5) has no packed path: its bias would need "
+                              "a per-sequence table; generate with LLM.generate instead of the serving engine")
+        positions = cache.positions.unsqueeze(0) + self.config.embedding.position_offset  # (1, N)
+        x = self._embed(input_ids, positions)
+        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        ctx = MixerContext(positions, rope, None, None, 0)
+        for block, state in zip(self.blocks, cache.layers):
+            x = block(x, ctx, state)
         return self.norm_f(x) if self.norm_f is not None else x
 
     def aux_loss(self) -> torch.Tensor | None:

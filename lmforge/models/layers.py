@@ -97,3 +97,51 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs (x_i, x_{i+d/2}) by the position's angle. x: (B, nh, T, hs)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def sinusoid_table(n_positions: int, d: int) -> torch.Tensor:
+    """(n_positions, d) fixed positions of Vaswani et al. 2017, section 3.5:
+    PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+    pos = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)
+    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    table = torch.zeros(n_positions, d, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)[:, : d // 2]
+    return table.float()
+
+
+class RelativePositionBias(nn.Embedding):
+    """T5's learned relative attention bias (Raffel et al. 2020, section 2.1): one scalar per head and
+    distance bucket, added to the attention scores. The first layer of a stack computes it and every layer
+    reuses it (here the stack computes it once per forward).
+
+    Distances below buckets/2 (per direction when bidirectional) get a bucket each; longer ones share
+    logarithmically wider buckets up to `max_distance`, beyond which all fall in the last. A causal
+    decoder only looks back, so it spends all buckets on one direction.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg.position.buckets, cfg.n_head)
+        self.bidirectional = not cfg.attention.causal
+        self.max_distance = cfg.position.max_distance
+
+    def buckets(self, rel: torch.Tensor) -> torch.Tensor:
+        """Bucket ids for relative positions rel = key - query (any shape)."""
+        n, out = self.num_embeddings, torch.zeros_like(rel)
+        if self.bidirectional:
+            n //= 2
+            out = out + (rel > 0).long() * n
+            rel = rel.abs()
+        else:
+            rel = (-rel).clamp(min=0)  # only keys at or before the query
+        exact = n // 2
+        log_ratio = torch.log(rel.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+        far = (exact + (log_ratio * (n - exact)).long()).clamp(max=n - 1)
+        return out + torch.where(rel < exact, rel, far)
+
+    def table(self, q_start: int, T: int, L: int) -> torch.Tensor:
+        """(1, n_head, T, L) bias for queries at slots q_start..q_start+T-1 and keys at slots 0..L-1."""
+        q = torch.arange(q_start, q_start + T, device=self.weight.device)
+        k = torch.arange(L, device=self.weight.device)
+        b = self(self.buckets(k[None, :] - q[:, None]))  # (T, L, nh)
+        return b.permute(2, 0, 1).unsqueeze(0)

@@ -26,6 +26,7 @@ and multiplies twice with the 4-bit kernel: (h+8 - 8) * 16d and (l - 8) * d + 8d
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,15 +40,30 @@ def _rows64(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
+def pack_int4(q: torch.Tensor | np.ndarray) -> torch.Tensor:
     """(N, K) integers 0..15 -> (N64, K/2) uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
-    (N64 = N rounded up to a multiple of 64, padding rows zero)."""
+    (N64 = N rounded up to a multiple of 64, padding rows zero).
+
+    Done in numpy (torch's uint8 shifts, pad and transpose made loading SmolLM2's Q4_1 file take 4 s) into a
+    buffer torch allocated, so that the result keeps torch's alignment (the packed kernels need it)."""
+    if isinstance(q, torch.Tensor):
+        q = q.detach().cpu().numpy()
     N, K = q.shape
     if K % 2:
         raise ConfigError(f"4-bit packing needs an even input width, got {K}")
-    q = F.pad(q.to(torch.uint8), (0, 0, 0, _rows64(N) - N)).view(-1, 2, 32, K)  # (blk, lo/hi, i, k)
-    packed = q[:, 0] | (q[:, 1] << 4)  # (blk, 32, K)
-    return packed.transpose(1, 2).contiguous().view(-1, K // 2)  # (blk, K, 32) -> rows of K/2 bytes
+    q = q.astype(np.uint8, copy=False)
+    n64 = _rows64(N)
+    out = torch.empty(n64, K // 2, dtype=torch.uint8)
+    dst = out.numpy().reshape(-1, K, 32)  # (blk, k, i): byte i of input k is row i | row 32 + i << 4
+    full, rest = divmod(N, 64)
+    if full:
+        v = q[:full * 64].reshape(full, 2, 32, K)  # (blk, lo/hi, i, k)
+        dst[:full] = (v[:, 0] | (v[:, 1] << 4)).transpose(0, 2, 1)
+    if rest:  # the last block, padded with zero rows
+        tail = np.zeros((64, K), np.uint8)
+        tail[:rest] = q[full * 64:]
+        dst[full] = (tail[:32] | (tail[32:] << 4)).T
+    return out
 
 
 def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
@@ -173,9 +189,10 @@ class Int4Linear(_Int4Kernel):
         check_group(in_features, group_size)
         self.group_size = group_size
         groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(_rows64(out_features), in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
-        self.register_buffer("mins", torch.zeros(out_features, groups, dtype=torch.float16))
+        # empty, not zeros: set_quantized or a state dict fills them (zeroing SmolLM2's took a second per load)
+        self.register_buffer("qweight", torch.empty(_rows64(out_features), in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16))
+        self.register_buffer("mins", torch.empty(out_features, groups, dtype=torch.float16))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
@@ -198,7 +215,7 @@ class Int4Linear(_Int4Kernel):
     @torch.no_grad()
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> None:
         """Fill the layer from 4-bit values q (N, K) in 0..15 and fp16 scales/mins (N, K/group_size)."""
-        self.qweight.copy_(pack_int4(q))
+        self.qweight = pack_int4(q).to(self.qweight.device)  # a fresh buffer: no copy
         self.scales.copy_(scales)
         self.mins.copy_(mins)
 
@@ -244,9 +261,9 @@ class Q8Linear(_Int4Kernel):
         super().__init__(in_features, out_features, bias, bias_dtype)
         check_group(in_features, 32, "q8_0 block")
         n64 = _rows64(out_features)
-        self.register_buffer("qhi", torch.zeros(n64, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("qlo", torch.zeros(n64, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales", torch.zeros(out_features, in_features // 32, dtype=torch.float16))
+        self.register_buffer("qhi", torch.empty(n64, in_features // 2, dtype=torch.uint8))  # filled as Int4Linear's
+        self.register_buffer("qlo", torch.empty(n64, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, in_features // 32, dtype=torch.float16))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Q8Linear:
@@ -266,9 +283,9 @@ class Q8Linear(_Int4Kernel):
     @torch.no_grad()
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         """Fill the layer from int8 values q (N, K) and fp16 block scales (N, K/32)."""
-        q = q.to(torch.int16)
-        self.qhi.copy_(pack_int4((q >> 4) + 8))
-        self.qlo.copy_(pack_int4(q & 0x0F))
+        q = (q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else q).astype(np.int8, copy=False)
+        self.qhi = pack_int4((q >> 4) + 8).to(self.qhi.device)  # arithmetic shift: -8..7, stored as 0..15
+        self.qlo = pack_int4(q & 0x0F).to(self.qlo.device)
         self.scales.copy_(scales)
 
     def int8_values(self) -> torch.Tensor:

@@ -51,6 +51,12 @@ class _Sampling(BaseModel):
     frequency_penalty: Number = 0.0
     logprobs: Any = None
     user: StrictStr | None = None
+    # decoding strategies lmforge's generator has but the serving engine does not (refused in `check`, so that
+    # a client asking for them learns it instead of getting plain sampling): vLLM's names and lmforge's own
+    num_beams: Any = None
+    best_of: Any = None
+    use_beam_search: Any = None
+    prompt_lookup: Any = None
 
     def check(self, max_tokens_limit: int) -> None:
         """Range checks OpenAI makes, as 400s naming the parameter."""
@@ -78,6 +84,13 @@ class _Sampling(BaseModel):
                            param="presence_penalty" if self.presence_penalty else "frequency_penalty")
         if self.logprobs not in (None, False, 0):
             raise APIError(400, "logprobs are not supported", param="logprobs")
+        for param, off in (("num_beams", 1), ("best_of", 1), ("use_beam_search", False), ("prompt_lookup", 0)):
+            value = getattr(self, param)
+            if value is not None and not (type(value) is type(off) and value == off):
+                what = "prompt-lookup speculative decoding" if param == "prompt_lookup" else "beam search"
+                raise APIError(400, f"{param}={value!r}: {what} is not served (the engine decodes every request "
+                                    "token by token in a shared batch); leave it out, or use LLM.generate / "
+                                    "`lmforge generate` for it", param=param)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))

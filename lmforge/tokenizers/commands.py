@@ -16,19 +16,33 @@ def iter_training_texts(data: list[str]) -> Iterator[str]:
 
 
 def train_tokenizer(data: list[str], out: str = "runs/tokenizer", vocab_size: int = 4096,
-                    min_frequency: int = 2) -> int:
-    """Train a byte-level BPE tokenizer on text files and save it as tokenizer.json + tokenizer_config.json.
+                    min_frequency: int = 2, kind: str = "bpe", sentinels: int = 100) -> int:
+    """Train a tokenizer on text files and save it as tokenizer.json + tokenizer_config.json.
 
-    The tokenizer has the special tokens <|endoftext|> (BOS, EOS and pad), <|im_start|> and <|im_end|>,
-    and a ChatML chat template; any text encodes and decodes back exactly.
+    kind bpe: byte-level BPE with the special tokens <|endoftext|> (BOS, EOS and pad), <|im_start|> and
+    <|im_end|>, and a ChatML chat template; any text encodes and decodes back exactly.
+    kind unigram: T5's SentencePiece-style Unigram model with <pad> </s> <unk> and <extra_id_N> sentinels.
+    kind wordpiece: BERT's, with [PAD] [UNK] [CLS] [SEP] [MASK].
 
     Args:
         data: "shakespeare" (embedded corpus), text files, .jsonl files with a "text" field, or folders.
         out: folder to write the tokenizer to (created if needed).
-        vocab_size: largest vocabulary size, special tokens and the 256 bytes included.
-        min_frequency: fewest times a pair must occur to be merged.
+        vocab_size: largest vocabulary size, special tokens (and for bpe the 256 bytes) included.
+        min_frequency: fewest times a pair must occur to be merged (bpe, wordpiece).
+        kind: bpe, unigram or wordpiece.
+        sentinels: unigram: number of <extra_id_N> tokens for span corruption.
     """
+    from lmforge.errors import ConfigError
     from lmforge.tokenizers.bpe import train_bpe
+    from lmforge.tokenizers.unigram import train_unigram
+    from lmforge.tokenizers.wordpiece import train_wordpiece
+
+    trainers = {"bpe": (train_bpe, "byte-level BPE", {"min_frequency": min_frequency}),
+                "unigram": (train_unigram, "Unigram", {"sentinels": sentinels}),
+                "wordpiece": (train_wordpiece, "WordPiece", {"min_frequency": min_frequency})}
+    if kind not in trainers:
+        raise ConfigError(f"--kind must be one of {', '.join(trainers)}, got {kind!r}")
+    train, label, options = trainers[kind]
 
     start = time.perf_counter()
     stats = {"docs": 0, "chars": 0}
@@ -39,9 +53,9 @@ def train_tokenizer(data: list[str], out: str = "runs/tokenizer", vocab_size: in
             stats["chars"] += len(t)
             yield t
 
-    tok = train_bpe(texts(), vocab_size=vocab_size, min_frequency=min_frequency)
+    tok = train(texts(), vocab_size=vocab_size, **options)
     tok.save(out)
     secs = time.perf_counter() - start
-    print(f"trained byte-level BPE: vocab {tok.vocab_size} from {stats['docs']} documents "
+    print(f"trained {label}: vocab {tok.vocab_size} from {stats['docs']} documents "
           f"({stats['chars'] / 1e6:.2f}M chars) in {secs:.1f}s -> {out} (hash {tok.hash()[:12]})")
     return 0

@@ -105,10 +105,14 @@ class CausalLM(Objective):
             labels = labels.masked_fill(~mask.bool(), IGNORE_INDEX)
         return labels
 
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's logits (B, T, V) for the batch; packed rows keep attention within each example."""
+        seg = batch.get("segment_ids")
+        return model(batch["input_ids"]) if seg is None else model(batch["input_ids"], segment_ids=seg)
+
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cross-entropy of `model(input_ids)` against the (masked) labels."""
-        seg = batch.get("segment_ids")  # packed rows: attention stays within each example
-        logits = model(batch["input_ids"]) if seg is None else model(batch["input_ids"], segment_ids=seg)  # (B, T, V)
+        logits = self.logits(model, batch)  # (B, T, V)
         labels = self.targets(batch)  # (B, T)
         B = labels.shape[0]
         # fp32 log-softmax: under bf16 autocast the logits are bf16, whose 8-bit mantissa would round the loss
@@ -150,6 +154,8 @@ OBJECTIVES: dict[str, type[Objective] | str] = {
     "ppo": "lmforge.align.ppo:PPO", "distill": "lmforge.compress.distill:Distill",
     "masked_lm": "lmforge.train.masked:MaskedLM", "combined_lm": "lmforge.train.masked:CombinedLM",
     "permutation_lm": "lmforge.train.permutation:PermutationLM",
+    "span_corruption": "lmforge.train.span:SpanCorruption",
+    "segment_lm": "lmforge.train.segments:SegmentLM",
     "sequence_classification": "lmforge.train.classify:SequenceClassification",
 }
 

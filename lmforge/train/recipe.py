@@ -5,8 +5,10 @@ dataclasses'):
 
     model:      preset: <name>, then any `Config` field (nested or dotted) overriding the preset; or
                 source: a pretrained model (folder, .gguf, short name such as smollm2) and optional dtype
-    tokenizer:  path (a folder with tokenizer.json) or kind: bpe (trained on the data) | char (teenyGPT)
+    tokenizer:  path (a folder with tokenizer.json) or kind: bpe | wordpiece | unigram (trained on the data) |
+                char (teenyGPT)
     data:       kind: tokens (random windows of prepared shards) | passages (teenyGPT's padded lines) |
+                stream (consecutive segments of contiguous streams, for segment_lm: Transformer-XL) |
                 instructions (chat / prompt-response JSONL for fine-tuning), see `lmforge.train.run.DATA_KINDS`;
                 path (a prepared folder) or source (an embedded corpus / file, prepared into the run)
     train:      `TrainConfig` (loop, evaluation, checkpoints, dtype, threads)
@@ -44,9 +46,12 @@ class TokenizerConfig:
     """Which tokenizer: an existing folder, or one built for the run (saved in `<run.dir>/tokenizer`)."""
 
     path: str | None = None  # folder holding tokenizer.json; wins over `kind`
-    kind: Literal["bpe", "char", "wordpiece"] = "bpe"  # bpe / wordpiece: trained on data.source's train split
-    vocab_size: int = 4096  # bpe / wordpiece
+    # bpe / wordpiece / unigram (T5's SentencePiece kind, with <extra_id_N> sentinels): trained on data.source's
+    # train split
+    kind: Literal["bpe", "char", "wordpiece", "unigram"] = "bpe"
+    vocab_size: int = 4096  # bpe / wordpiece / unigram
     min_frequency: int = 2  # bpe / wordpiece
+    sentinels: int = 100  # unigram: <extra_id_0..N-1> tokens for span corruption (T5: 100)
 
 
 @dataclass
@@ -353,7 +358,10 @@ def validate(r: Recipe) -> Recipe:
     from lmforge.train.run import DATA_KINDS
 
     _need(dt.kind in DATA_KINDS, f"data.kind must be one of {list(DATA_KINDS)}, got {dt.kind!r}")
-    if dt.kind == "tokens" and dt.path is not None:
+    _need((t.objective == "segment_lm") == (dt.kind == "stream"),
+          "train.objective: segment_lm and data.kind: stream go together (segment recurrence reads consecutive "
+          f"segments of the same streams), got objective {t.objective!r} with data.kind {dt.kind!r}")
+    if dt.kind in ("tokens", "stream") and dt.path is not None:
         from lmforge.data import read_manifest
 
         _need(Path(dt.path).is_dir(), f"data.path {dt.path}: no such folder; prepare one with `lmforge prepare "
@@ -365,9 +373,9 @@ def validate(r: Recipe) -> Recipe:
               f"train.batch_size ({t.batch_size}) or null, got {dt.max_sequences}")
         _need(dt.path is None, "data.path is for kind: tokens; passages are built from data.source")
     elif t.max_epochs is not None:
-        _need(dt.kind != "tokens", "train.max_epochs needs data.kind: passages or instructions (token windows "
-              "have no epochs); bound the run with train.max_steps")
-    if dt.kind in ("tokens", "passages") and dt.path is None:
+        _need(dt.kind not in ("tokens", "stream"), "train.max_epochs needs data.kind: passages or instructions (token "
+              "windows and streams have no epochs); bound the run with train.max_steps")
+    if dt.kind in ("tokens", "passages", "stream") and dt.path is None:
         from lmforge.data.corpus import is_embedded
 
         _need(is_embedded(dt.source) or Path(dt.source).exists(),

@@ -49,6 +49,7 @@ from lmforge.train.trainer import Trainer
 DATA_KINDS: dict[str, str] = {
     "tokens": "lmforge.train.run:token_data",
     "passages": "lmforge.train.run:passage_data",
+    "stream": "lmforge.train.segments:stream_data",
     "instructions": "lmforge.data.instruct:instruction_data",
     "genre": "lmforge.train.classify:genre_data_kind",
     "preferences": "lmforge.align.commands:preference_data",
@@ -106,6 +107,16 @@ def build_tokenizer(recipe: Recipe, run_dir: Path):
     if tk.kind == "char":
         return CharTokenizer()
     folder = run_dir / "tokenizer"
+    if tk.kind == "unigram" and not (folder / "tokenizer.json").is_file():
+        from lmforge.data import iter_documents
+        from lmforge.tokenizers.unigram import train_unigram
+
+        tok = train_unigram(iter_documents(recipe.data.source, "train"), vocab_size=tk.vocab_size,
+                            sentinels=tk.sentinels)
+        tok.save(folder)
+        _log(f"trained a Unigram tokenizer ({tok.vocab_size} tokens, {tk.sentinels} sentinels) on "
+             f"{recipe.data.source} -> {folder}")
+        return tok
     if tk.kind == "wordpiece" and not (folder / "tokenizer.json").is_file():
         from lmforge.data import iter_documents
         from lmforge.tokenizers.wordpiece import train_wordpiece
@@ -149,7 +160,7 @@ def build_model(recipe: Recipe, run_dir: Path) -> tuple[nn.Module, Any]:
             raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's "
                               f"({llm.model.config.vocab_size}); use the model's own tokenizer")
         return llm.model.train(), tok
-    from lmforge.models import DecoderLM
+    from lmforge.models import make_model
 
     tok = build_tokenizer(recipe, run_dir)
     cfg = recipe.model_config(vocab_size=tok.vocab_size)
@@ -159,7 +170,7 @@ def build_model(recipe: Recipe, run_dir: Path) -> tuple[nn.Module, Any]:
     set_ids = {k: v for k, v in (("bos_id", tok.bos_id), ("eos_id", tok.eos_id), ("pad_id", tok.pad_id))
                if k not in recipe.model}
     torch.manual_seed(recipe.train.seed)  # the model's initial weights depend on the seed only
-    return DecoderLM(cfg.replace(**set_ids)), tok
+    return make_model(cfg.replace(**set_ids)), tok
 
 
 # ---- data -------------------------------------------------------------------------------------

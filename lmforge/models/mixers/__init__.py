@@ -1,7 +1,8 @@
 """Token mixers and channel mixers: the two halves of every block, each chosen by config.
 
 A block (`lmforge.models.decoder.Block`) is a **token mixer** (mixes information across positions:
-attention, and the families of issue 11: SSMs, linear attention, RWKV time-mix, retention) followed by
+attention, and the families of issue 11: SSMs, linear attention, RWKV time-mix, retention; the
+classical LSTM) followed by
 a **channel mixer** (per position: MLP, mixture of experts, RWKV channel-mix), with one norm/residual
 rule around them. `Config.block` ("token+channel") picks the default for every layer and
 `Config.layers` (one such string per layer) overrides it, e.g. Jamba's interleaving.
@@ -60,27 +61,34 @@ class MixerContext:
     """What all layers of one forward pass share.
 
     positions: (B, T) position ids; rope: (cos, sin) tables or None; mask: attention mask
-    (B or 1, 1, T, L) bool or None for plain causal; pad: (B, T) bool or None; start: slot of the
-    first of these T tokens in the cache (0 without one).
+    (B or 1, 1, T, L) bool, or float scores to add (T5's relative bias), or None for plain causal; pad:
+    (B, T) bool or None; start: slot of the first of these T tokens in the cache (0 without one).
+    memory: (B, S, C) an encoder's output that cross-attention reads, memory_mask: (B, S) bool, True at its
+    real tokens (None: all real); both None when the cache already holds the cross keys/values.
     """
 
-    __slots__ = ("positions", "rope", "mask", "pad", "start")
+    __slots__ = ("positions", "rope", "mask", "pad", "start", "memory", "memory_mask")
 
     def __init__(self, positions: torch.Tensor, rope, mask: torch.Tensor | None, pad: torch.Tensor | None,
-                 start: int):
+                 start: int, memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None):
         self.positions, self.rope, self.mask, self.pad, self.start = positions, rope, mask, pad, start
+        self.memory, self.memory_mask = memory, memory_mask
 
 
 def token_mixers() -> dict[str, type]:
     """Token mixer classes by config name."""
     from lmforge.models.mixers.attention import Attention
     from lmforge.models.mixers.linear_attention import LinearAttention
+    from lmforge.models.mixers.lsh import LSHAttention
+    from lmforge.models.mixers.lstm import LSTM
     from lmforge.models.mixers.mamba import Mamba
     from lmforge.models.mixers.retention import Retention
     from lmforge.models.mixers.rwkv import RWKVTimeMix
     from lmforge.models.mixers.s4d import S4D
+    from lmforge.models.mixers.xl import XLAttention
     return {"attention": Attention, "mamba": Mamba, "s4d": S4D, "linear_attention": LinearAttention,
-            "retention": Retention, "rwkv": RWKVTimeMix}
+            "retention": Retention, "rwkv": RWKVTimeMix, "lstm": LSTM, "lsh_attention": LSHAttention,
+            "xl_attention": XLAttention}
 
 
 def channel_mixers() -> dict[str, type]:

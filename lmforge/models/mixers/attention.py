@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config
+from lmforge.errors import ConfigError
 from lmforge.models.layers import apply_rope
 from lmforge.models.mixers import MixerContext
 
@@ -26,6 +27,9 @@ class KVState:
         shape = (batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # an encoder-decoder's cross-attention keys/values (B, nkv, S, hs) and encoder mask (B, 1, 1, S) or
+        # None: computed once per input at the first decoder call (`CrossAttention`), then only read
+        self.cross: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, T, hs) at slots start..start+T-1; return views of slots 0..start+T-1."""
@@ -38,16 +42,21 @@ class KVState:
         """Row i takes over row `rows[i]`'s first `length` slots (beam search)."""
         self.k[:, :, :length] = self.k[rows, :, :length]
         self.v[:, :, :length] = self.v[rows, :, :length]
+        if self.cross is not None:
+            self.cross = tuple(None if t is None else t[rows] for t in self.cross)
 
     def repeat_rows(self, n: int) -> KVState:
         """A copy in which each row appears `n` times in a row."""
         new = object.__new__(KVState)
         new.k, new.v = self.k.repeat_interleave(n, 0), self.v.repeat_interleave(n, 0)
+        new.cross = None if self.cross is None else tuple(
+            None if t is None else t.repeat_interleave(n, 0) for t in self.cross)
         return new
 
     def bytes(self) -> int:
-        """Memory held by the key/value buffers."""
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        """Memory held by the key/value buffers (cross-attention's included)."""
+        held = [self.k, self.v, *(t for t in self.cross or () if t is not None)]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 class Unpadded:
@@ -91,6 +100,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.attention.out_bias)
         self.dropout = cfg.attention.dropout
         self.causal = cfg.attention.causal  # False: bidirectional encoder, only padding is masked
+        self.scale = cfg.attention.scale
 
     def new_state(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVState:
         """Empty key/value buffers for `max_len` slots."""
@@ -109,16 +119,67 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *ctx.rope)  # one rotation for queries and keys together
         q, k = qk.split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if state is not None:
-            k, v = state.update(k, v, ctx.start)  # (B, nkv, L, hs), L = slots filled incl. these T
-            q = q.to(k.dtype)  # a cache may be kept in higher precision than the model (see new_cache)
-        # mask None means "plain causal, queries and keys aligned" (or a single query seeing all keys)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh,
-        )  # (B, nh, T, hs)
+        if state is not None and hasattr(state, "attend"):
+            # a packed batch of several sequences (the serving engine's paged cache): the state stores the
+            # keys and values and attends within each sequence
+            y = state.attend(q, k, v, self.scale)
+        else:
+            if state is not None:
+                k, v = state.update(k, v, ctx.start)  # (B, nkv, L, hs), L = slots filled incl. these T
+                q = q.to(k.dtype)  # a cache may be kept in higher precision than the model (see new_cache)
+            if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+                mask = mask.to(q.dtype)  # an additive bias (T5) under autocast or a higher-precision cache
+            # mask None means "plain causal, queries and keys aligned" (or a single query seeing all keys)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh, scale=self.scale,
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)
         return self.proj((unpadded.pack(y) if unpadded is not None else y).to(x.dtype))
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries over an encoder's output (Vaswani et al. 2017, section 3.2.3: "encoder-decoder attention").
+
+    Keys and values come from the encoder output (`ctx.memory`), once per input: a decode step reads them
+    from the layer's cache state (`KVState.cross`) instead of projecting the encoder output again. The
+    encoder's padding is masked; there is no causal mask and no position bias (T5 has none here either).
+    """
+
+    attr = "cross_attn"
+    resid_projs = ("proj",)
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.attention.qkv_bias)
+        self.kv = nn.Linear(cfg.d_model, 2 * self.n_kv_head * self.head_dim, bias=cfg.attention.qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.attention.out_bias)
+        self.dropout, self.scale = cfg.attention.dropout, cfg.attention.scale
+
+    def memory_kv(self, memory: torch.Tensor, memory_mask: torch.Tensor | None):
+        """(k, v, mask): keys/values (B, nkv, S, hs) of an encoder output (B, S, C), mask (B, 1, 1, S) or None."""
+        B, S, _ = memory.shape
+        kv = self.kv(memory).view(B, S, 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        k, v = kv.split([self.n_kv_head, self.n_kv_head], dim=1)
+        mask = None if memory_mask is None or bool(memory_mask.all()) else memory_mask.bool()[:, None, None, :]
+        return k, v, mask
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, state: KVState | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        if state is not None and state.cross is not None:
+            k, v, mask = state.cross
+        else:
+            if ctx.memory is None:
+                raise ConfigError("cross-attention needs the encoder's output: call the encoder-decoder with "
+                                  "input_ids (or memory=) on the first decoder step")
+            k, v, mask = self.memory_kv(ctx.memory, ctx.memory_mask)
+            if state is not None:
+                state.cross = (k, v, mask)
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2).to(k.dtype)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head, scale=self.scale)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
 
 def build_mask(key_valid: torch.Tensor | None, q_start: int, T: int, L: int, window: int | None,

@@ -72,6 +72,34 @@ class MoE(nn.Module):
             gates = gates / gates.sum(dim=-1, keepdim=True)
         return probs, gates, experts
 
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.act(gate) * up
+        return self.act(h)
+
+    def experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert MLPs over token rows grouped by expert: xs (M, C), counts (E,) rows per expert -> (M, C).
+
+        On the CPU one grouped matmul per projection (`F.grouped_mm` over the groups' offsets) does all
+        experts at once: no Python loop, no per-expert slicing or concatenation, no host sync. Measured on
+        the routing benchmark's shape (d 128, 8 experts, 512 tokens, 1 thread), a training step went from
+        0.60x to ~0.8x the dense model's speed (see README). Elsewhere (CUDA's grouped kernel wants bf16 and
+        aligned shapes) it falls back to a loop over experts on contiguous slices."""
+        if xs.device.type == "cpu" and hasattr(F, "grouped_mm"):
+            dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else xs.dtype
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.grouped_mm(xs.to(dt), self.w_fc.to(dt).transpose(1, 2), offs=offs)  # (M, 2h) or (M, h)
+            return F.grouped_mm(self._act(h), self.w_proj.to(dt).transpose(1, 2), offs=offs)  # (M, C)
+        outs, i = [], 0
+        # unbind once: indexing w_fc[e] per expert would make backward write E full-size zero gradients
+        w_fc, w_proj = self.w_fc.unbind(0), self.w_proj.unbind(0)
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                outs.append(F.linear(self._act(F.linear(xs[i:i + c], w_fc[e])), w_proj[e]))  # (c, C)
+                i += c
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+
     def balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """L_bal = E * sum_e f_e P_e for probabilities (N, E) and chosen experts (N, k)."""
         N, E = probs.shape
@@ -100,25 +128,10 @@ class MoE(nn.Module):
             dropped_tokens = (~kept_mask.view(N, k).any(dim=1)).sum()
             order, counts = order[keep], counts.clamp(max=cap)
         tok = order // k  # (M,) token of each kept assignment, grouped by expert
-        xs = xf[tok]  # (M, C) one gather for all experts
-        outs, i = [], 0
-        # unbind once: indexing w_fc[e] per expert would make backward write E full-size zero gradients
-        w_fc, w_proj = self.w_fc.unbind(0), self.w_proj.unbind(0)
-        for e, c in enumerate(counts.tolist()):
-            if c == 0:
-                continue
-            h = F.linear(xs[i:i + c], w_fc[e])  # (c, 2h) or (c, h)
-            if self.gated:
-                gate, up = h.chunk(2, dim=-1)
-                h = self.act(gate) * up
-            else:
-                h = self.act(h)
-            outs.append(F.linear(h, w_proj[e]))  # (c, C)
-            i += c
-        y = torch.zeros_like(xf)
-        if outs:
-            w = gates.reshape(-1)[order].to(x.dtype)  # (M,)
-            y = y.index_add(0, tok, torch.cat(outs) * w[:, None])
+        xs = xf.index_select(0, tok)  # (M, C) one gather for all experts (its backward is one index_add)
+        out = self.experts(xs, counts)  # (M, C)
+        w = gates.reshape(-1).index_select(0, order).to(out.dtype)  # (M,)
+        y = torch.zeros(N, C, dtype=out.dtype, device=x.device).index_add_(0, tok, out * w[:, None]).to(x.dtype)
         if self.shared is not None:
             y = y + self.shared(xf)
         z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
