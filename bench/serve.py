@@ -10,7 +10,12 @@ request: the first wave arrives all at once and queues behind N prefills.
 
     .venv/bin/python bench/serve.py                       # SmolLM2 bf16, lmforge then llama.cpp if present
     .venv/bin/python bench/serve.py --clients 1,4 --requests 2 --new 32 --no-llamacpp
+    .venv/bin/python bench/serve.py --quantized            # lmforge runs the GGUF's Q4_1 layers as they are
     LLAMA_CPP_PYTHON=/path/to/python bench/serve.py       # the interpreter that has llama_cpp installed
+
+lmforge serves the GGUF's weights expanded to --dtype (`lmforge serve --dequantize`) unless --quantized:
+on a CPU with AMX, bf16 reads prompts several times faster than Q4_1 (README, Serving). llama.cpp
+serves the same GGUF file, Q4_1, as it is.
 
 One JSON line per (server, clients); then a summary line with the ratios the issue targets (16 clients'
 aggregate tokens/s over one client's, p50 TTFT at 16 clients).
@@ -27,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +77,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None
 async def one_request(client, url: str, model: str, prompt: str, new: int, extra: dict) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True, **extra}
     t0 = time.perf_counter()
-    stamps = []
+    stamps, text = [], []
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
@@ -81,7 +87,9 @@ async def one_request(client, url: str, model: str, prompt: str, new: int, extra
             ev = json.loads(line[6:])
             if ev.get("choices") and ev["choices"][0].get("text"):
                 stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - t0 if stamps else None, "chunks": len(stamps), "stamps": stamps, "t0": t0}
+                text.append(ev["choices"][0]["text"])
+    return {"ttft": stamps[0] - t0 if stamps else None, "chunks": len(stamps), "stamps": stamps, "t0": t0,
+            "text": "".join(text)}
 
 
 async def run_level(url: str, model: str, prompts: list[str], clients: int, per_client: int, new: int,
@@ -143,10 +151,17 @@ def bench_server(name: str, cmd: list[str], url: str, model: str, prompts, level
                  tokens_of, threads: int) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     note(f"[serve] starting {name}: {' '.join(cmd)}")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the server's log goes to a file: a pipe nobody reads fills up and blocks a chatty server (llama.cpp)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     out = []
     try:
-        wait_healthy(url, proc)
+        try:
+            wait_healthy(url, proc)
+        except SystemExit:
+            log.seek(0)
+            note(f"[serve] {name} log tail:\n" + log.read().decode(errors="replace")[-2000:])
+            raise
         asyncio.run(run_level(url, model, prompts[:2], 1, 1, 4, extra, tokens_of))  # warm-up
         for n in levels:
             note(f"[serve] {name}: {n} clients x {per_client} requests")
@@ -173,6 +188,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--quantized", action="store_true", help="lmforge runs the Q4_1 layers instead of --dtype")
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="lmforge's prompt tokens per engine step")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
 
@@ -192,7 +209,9 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "lmforge.cli", "serve", "--model", "smollm2", "--dtype", args.dtype,
            "--port", str(port), "--model-name", "smollm2", "--log-level", "warning",
-           "--max-seqs", str(max(levels)), "--max-queue", "256"]
+           "--max-seqs", str(max(levels)), "--max-queue", "256", "--prefill-tokens", str(args.prefill_tokens)]
+    if not args.quantized:
+        cmd.append("--dequantize")
     # lmforge counts generated tokens exactly through usage; streamed chunks can merge held-back pieces
     results["lmforge"] = bench_server("lmforge", cmd, url, "smollm2", prompts, levels, args.requests, args.new,
                                       {"ignore_eos": True}, lambda r: args.new, args.threads)
@@ -213,9 +232,12 @@ def main() -> None:
                "--model_alias", "smollm2"]
         results["llama.cpp"] = bench_server("llama.cpp", cmd, url, "smollm2", prompts, levels, args.requests,
                                             args.new, {"logit_bias": {str(eos): -100.0}},
-                                            lambda r: r["chunks"], args.threads)
+                                            # its stream may merge tokens into one chunk: count the text's tokens
+                                            lambda r: len(tok.encode(r["text"], add_special_tokens=False)),
+                                            args.threads)
 
-    summary = {"summary": True, "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "new": args.new}
+    summary = {"summary": True, "dtype": args.dtype, "lmforge_weights": "Q4_1" if args.quantized else args.dtype,
+               "prefill_tokens": args.prefill_tokens, "prompt_tokens": args.prompt_tokens, "new": args.new}
     for name, recs in results.items():
         by = {r["clients"]: r for r in recs}
         if 1 in by and max(levels) in by:
