@@ -137,6 +137,16 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / MB
 
 
+def hwm_mb() -> float:
+    """This process's resident high-water mark so far (VmHWM; since the last reset by `PeakRSS`), MiB."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
 class PeakRSS:
     """Peak resident memory over a block of code, in this process.
 

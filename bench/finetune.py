@@ -10,8 +10,17 @@ line per case with the ratios. Cases:
 
   lora   LoRA r=8, alpha 16 on q/k/v/o: lmforge `apply_lora` vs peft `get_peft_model(LoraConfig)`
   full   every weight trains: lmforge `DecoderLM` vs transformers `LlamaForCausalLM`
-  qlora  lmforge only (peft's QLoRA needs bitsandbytes' CUDA kernels): NF4 base + LoRA on every linear;
-         its peak RSS and its weights' bytes are compared with lmforge's LoRA case (target <= 0.5x)
+  qlora  lmforge only (peft's QLoRA needs bitsandbytes' CUDA kernels): NF4 base + LoRA on every linear,
+         as `lmforge finetune --method qlora` builds it: the GGUF loaded as it is and re-quantized to NF4 one
+         layer at a time, activation checkpointing on (QLoRA's and peft's default). Its peak RSS and its
+         weights' bytes are compared with lmforge's LoRA case (target <= 0.5x)
+  qlora_nockpt, lora_ckpt   the same without / with activation checkpointing: what the weights alone save
+
+Peak RSS is measured two ways: `peak_rss_mb` over the timed steps (what a long run holds), and
+`load_peak_mb`, the process's high-water mark from start through loading and adapting. glibc's allocator
+decides how much of the freed memory stays resident; `keep_freed_memory` (what the lmforge trainer sets)
+keeps all of it. Run with `LMFORGE_KEEP_MEMORY=0 MALLOC_MMAP_THRESHOLD_=65536` to see live memory instead
+(every large tensor its own mapping, returned when freed); `allocator` in each record says which.
 
 tokens/s counts every position of the padded batch (the work both sides do). `others_cores` is the CPU
 other processes used during the side's timed steps: on the shared 2-core machine, read ratios with it.
@@ -38,7 +47,7 @@ except ImportError:  # pragma: no cover
     import common
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["lora", "full", "qlora"]
+CASES = ["lora", "full", "qlora", "qlora_nockpt", "lora_ckpt"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = [*TARGETS, "gate_proj", "up_proj", "down_proj"]
 
@@ -63,18 +72,21 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
     common.set_threads(threads)
     import lmforge
 
-    llm = lmforge.load("smollm2", dtype="float32", dequantize=True)
+    qlora = case.startswith("qlora")
+    llm = lmforge.load("smollm2", dtype="float32", dequantize=not (which == "lmforge" and qlora))
     data = batches(llm.tokenizer, steps + 1, batch, seq)
     if which == "lmforge":
         from lmforge.adapt import apply_lora, apply_qlora
         from lmforge.train.allocator import keep_freed_memory
 
-        keep_freed_memory()  # what the trainer does on the CPU
         model = llm.model.train()
-        if case == "lora":
+        if case.startswith("lora"):
             apply_lora(model, r=8, alpha=16, target_modules=TARGETS)
-        elif case == "qlora":
-            apply_qlora(model, r=8, alpha=16, target_modules=ALL_LINEAR)
+            model.activation_checkpointing = case == "lora_ckpt"
+        elif qlora:
+            apply_qlora(model, r=8, alpha=16, target_modules=ALL_LINEAR, activation_checkpointing=case == "qlora")
+        load_peak = common.hwm_mb()
+        keep = keep_freed_memory()  # what the trainer does on the CPU
 
         def logits(b):
             return model(b["input_ids"])
@@ -88,6 +100,7 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
 
             model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                                target_modules=TARGETS, task_type="CAUSAL_LM"))
+        load_peak, keep = common.hwm_mb(), False
 
         def logits(b):
             return model(input_ids=b["input_ids"]).logits
@@ -112,7 +125,8 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
         losses = [step(b) for b in data[1:]]
         dt = time.perf_counter() - t0
     return {"tokens_per_s": steps * batch * seq / dt, "step_s": dt / steps, "peak_rss_mb": mem.peak_mb,
-            "weights_mb": common.tensor_mb(model),
+            "load_peak_mb": load_peak, "weights_mb": common.tensor_mb(model),
+            "allocator": "keep" if keep else os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
             "train_delta_mb": mem.delta_mb, "trainable": n_train, "loss_first": first, "loss_last": losses[-1],
             "others_cores": busy.cores}
 
@@ -146,23 +160,23 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         lmforge.load("smollm2", dtype="float32", dequantize=True).save(tmp)  # the same weights for transformers
-        lora_peak = None
+        lora = None
         for case in cases:
             common.note(f"[finetune] {case} ...")
             ours = run_side("lmforge", case, tmp, args)
             rec = {"case": case, "lmforge": ours}
-            if case == "qlora":
-                if lora_peak is None:
-                    r = run_side("lmforge", "lora", tmp, args)
-                    lora_peak = (r["peak_rss_mb"], r["weights_mb"])
-                rec["peak_vs_lmforge_lora"] = ours["peak_rss_mb"] / lora_peak[0]
-                rec["weights_vs_lmforge_lora"] = ours["weights_mb"] / lora_peak[1]
-            else:
+            if case == "lora":
+                lora = ours
+            if case in ("lora", "full"):
                 theirs = run_side("hf", case, tmp, args)
                 rec.update(reference=theirs, speedup=ours["tokens_per_s"] / theirs["tokens_per_s"],
                            peak_rss_ratio=ours["peak_rss_mb"] / theirs["peak_rss_mb"])
-                if case == "lora":
-                    lora_peak = (ours["peak_rss_mb"], ours["weights_mb"])
+            else:
+                lora = lora or run_side("lmforge", "lora", tmp, args)
+                rec.update(peak_vs_lmforge_lora=ours["peak_rss_mb"] / lora["peak_rss_mb"],
+                           load_peak_vs_lmforge_lora=ours["load_peak_mb"] / lora["load_peak_mb"],
+                           weights_vs_lmforge_lora=ours["weights_mb"] / lora["weights_mb"],
+                           step_time_vs_lmforge_lora=ours["step_s"] / lora["step_s"])
             rec["loadavg_1m"] = os.getloadavg()[0]
             common.emit(rec)
 

@@ -73,3 +73,26 @@ def test_qlora_rejects_a_pattern_that_matches_nothing_before_changing_anything()
     with pytest.raises(lmforge.errors.ConfigError, match="match no layer"):
         apply_qlora(m, target_modules=["qproj"])
     assert not any(isinstance(x, NF4Linear) for x in m.modules())
+
+
+def test_estimate_flops_counts_the_nf4_base_as_the_weights_it_stands_for():
+    from lmforge.adapt import apply_lora
+
+    lora = apply_lora(DecoderLM(get_preset("tiny-llama")), r=4, alpha=8, target_modules=ALL)
+    q = _qlora(True)
+    assert q.estimate_flops(32) == lora.estimate_flops(32) > DecoderLM(get_preset("tiny-llama")).estimate_flops(32)
+
+
+def test_qlora_on_some_layers_saves_and_loads_back(tmp_path):
+    # layers without an adapter stay NF4 too: the saved base holds their float weights
+    torch.manual_seed(0)
+    m = apply_qlora(DecoderLM(get_preset("tiny-llama")), r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+        want = m.eval()(IDS)
+    lmforge.LLM(m).save(tmp_path / "m")
+    back = lmforge.load(str(tmp_path / "m")).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS), want, rtol=0, atol=1e-5)

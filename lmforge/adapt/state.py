@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.adapt.lora import adapter_layers
+from lmforge.adapt.lora import AdapterLayer, adapter_layers
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, Any]:
@@ -67,4 +67,13 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             elif rest.startswith("base."):
                 saved = getattr(layer, "_saved", None)
                 sd[prefix + rest[5:]] = saved if rest == "base.weight" and saved is not None else v
+    adapted = [path + "." for path, _ in adapter_layers(model)]
+    for path, m in model.named_modules():  # QLoRA's NF4 layers that carry no adapter: their float weight too
+        if isinstance(m, AdapterLayer) or not callable(getattr(m, "dequantize", None)) or not hasattr(m, "codes") \
+                or any(path.startswith(a) for a in adapted):
+            continue
+        prefix = path + "."
+        for k in [k for k in sd if k.startswith(prefix) and k != prefix + "bias"]:
+            sd.pop(k)
+        sd[prefix + "weight"] = m.dequantize().detach()
     return sd
