@@ -33,16 +33,10 @@ def train_tokenizer(data: list[str], out: str = "runs/tokenizer", vocab_size: in
         sentinels: unigram: number of <extra_id_N> tokens for span corruption.
     """
     from lmforge.errors import ConfigError
-    from lmforge.tokenizers.bpe import train_bpe
-    from lmforge.tokenizers.unigram import train_unigram
-    from lmforge.tokenizers.wordpiece import train_wordpiece
+    from lmforge.tokenizers.train import TRAINABLE_KINDS, train_tokenizer_kind
 
-    trainers = {"bpe": (train_bpe, "byte-level BPE", {"min_frequency": min_frequency}),
-                "unigram": (train_unigram, "Unigram", {"sentinels": sentinels}),
-                "wordpiece": (train_wordpiece, "WordPiece", {"min_frequency": min_frequency})}
-    if kind not in trainers:
-        raise ConfigError(f"--kind must be one of {', '.join(trainers)}, got {kind!r}")
-    train, label, options = trainers[kind]
+    if kind not in TRAINABLE_KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(TRAINABLE_KINDS)}, got {kind!r}")
 
     start = time.perf_counter()
     stats = {"docs": 0, "chars": 0}
@@ -53,7 +47,7 @@ def train_tokenizer(data: list[str], out: str = "runs/tokenizer", vocab_size: in
             stats["chars"] += len(t)
             yield t
 
-    tok = train(texts(), vocab_size=vocab_size, **options)
+    tok, label = train_tokenizer_kind(kind, texts(), vocab_size, min_frequency, sentinels)
     tok.save(out)
     secs = time.perf_counter() - start
     print(f"trained {label}: vocab {tok.vocab_size} from {stats['docs']} documents "

@@ -98,8 +98,9 @@ def _resolve(ref: str):
 # ---- tokenizer and model ----------------------------------------------------------------------
 
 def build_tokenizer(recipe: Recipe, run_dir: Path):
-    """The recipe's tokenizer: loaded from tokenizer.path, teenyGPT's chars, or BPE trained (once) into the run."""
-    from lmforge.tokenizers import CharTokenizer, load_tokenizer, train_bpe
+    """The recipe's tokenizer: loaded from tokenizer.path, teenyGPT's chars, or one of tokenizer.kind trained
+    (once) into the run."""
+    from lmforge.tokenizers import CharTokenizer, load_tokenizer
 
     tk = recipe.tokenizer
     if tk.path is not None:
@@ -107,34 +108,16 @@ def build_tokenizer(recipe: Recipe, run_dir: Path):
     if tk.kind == "char":
         return CharTokenizer()
     folder = run_dir / "tokenizer"
-    if tk.kind == "unigram" and not (folder / "tokenizer.json").is_file():
-        from lmforge.data import iter_documents
-        from lmforge.tokenizers.unigram import train_unigram
-
-        tok = train_unigram(iter_documents(recipe.data.source, "train"), vocab_size=tk.vocab_size,
-                            sentinels=tk.sentinels)
-        tok.save(folder)
-        _log(f"trained a Unigram tokenizer ({tok.vocab_size} tokens, {tk.sentinels} sentinels) on "
-             f"{recipe.data.source} -> {folder}")
-        return tok
-    if tk.kind == "wordpiece" and not (folder / "tokenizer.json").is_file():
-        from lmforge.data import iter_documents
-        from lmforge.tokenizers.wordpiece import train_wordpiece
-
-        tok = train_wordpiece(iter_documents(recipe.data.source, "train"), vocab_size=tk.vocab_size,
-                              min_frequency=tk.min_frequency)
-        tok.save(folder)
-        _log(f"trained a WordPiece tokenizer ({tok.vocab_size} tokens) on {recipe.data.source} -> {folder}")
-        return tok
     if (folder / "tokenizer.json").is_file():  # made by an earlier (possibly interrupted) start of this run
         return load_tokenizer(folder)
     from lmforge.data import iter_documents
+    from lmforge.tokenizers.train import train_tokenizer_kind
 
     t0 = time.perf_counter()
-    tok = train_bpe(iter_documents(recipe.data.source, "train"), vocab_size=tk.vocab_size,
-                    min_frequency=tk.min_frequency)
+    tok, label = train_tokenizer_kind(tk.kind, iter_documents(recipe.data.source, "train"), tk.vocab_size,
+                                      tk.min_frequency, tk.sentinels)
     tok.save(folder)
-    _log(f"trained a byte-level BPE tokenizer ({tok.vocab_size} tokens) on {recipe.data.source} in "
+    _log(f"trained a {label} tokenizer ({tok.vocab_size} tokens) on {recipe.data.source} in "
          f"{time.perf_counter() - t0:.1f}s -> {folder}")
     return tok
 
