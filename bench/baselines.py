@@ -2,12 +2,14 @@
 teenyGPT and the quickstart transformer, all scored by the one perplexity eval on the test split of the
 embedded corpus (Macbeth, The Tempest).
 
-    flock /tmp/lmforge-heavy.lock .venv/bin/python bench/baselines.py [--budget 180] [--out runs/baselines]
+    nice -n 19 .venv/bin/python bench/baselines.py [--steps 400] [--out runs/baselines]
 
-Steps (each neural model gets the same training budget, on the machine as it is):
+Steps (each neural model gets the same number of optimizer steps, so the table does not depend on how busy
+the machine is: the quickstart and the LSTM see the same 16 x 256-token batches of the same shards, 400
+steps being about what the quickstart fits in its 180 s budget on a quiet 2-core machine):
 1. `lmforge quickstart` (4,096-token BPE + 4.07M-parameter Llama-style decoder) into OUT/quickstart;
 2. recipes/lstm.yaml on exactly the quickstart's tokenizer and shards (`tokenizer.path`, `data.path`);
-3. recipes/teenygpt.yaml (29 characters, its own passages) with the same budget;
+3. recipes/teenygpt.yaml (29 characters, its own passages, 32 x 150 characters a step) for as many steps;
 4. n-grams counted on the quickstart's train shard (Kneser-Ney and backoff, orders 3 and 4) and a
    Kneser-Ney one on teenyGPT's characters;
 5. `lmforge.evaluate.perplexity` of every model on the test split: one JSON line per model, then a
@@ -44,20 +46,24 @@ def _last_step(run: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def train(out: Path, budget: float) -> dict[str, dict]:
+def train(out: Path, steps: int) -> dict[str, dict]:
     from lmforge.train.commands import pretrain
     from lmforge.train.quickstart import quickstart
 
     info = {}
+    # a step budget, not a time budget: no time clock, so the same run gives the same model on any machine
+    by_steps = [f"train.max_steps={steps}", "train.time_budget=null", "train.schedule_clock=steps"]
     for name, fn in (
-        ("quickstart", lambda: quickstart(out=str(out / "quickstart"), time_budget=budget, progress=False)),
-        ("lstm", lambda: pretrain("recipes/lstm.yaml", [f"run.dir={out / 'lstm'}", f"train.time_budget={budget}",
+        # quickstart sizes itself to min(steps, what fits in the budget): an unreachable budget leaves `steps`
+        ("quickstart", lambda: quickstart(steps=steps, out=str(out / "quickstart"), time_budget=1e9,
+                                          progress=False)),
+        ("lstm", lambda: pretrain("recipes/lstm.yaml", [f"run.dir={out / 'lstm'}", *by_steps,
                                                          f"tokenizer.path={out / 'quickstart' / 'tokenizer'}",
                                                          f"data.path={out / 'quickstart' / 'data'}"])),
-        ("teenygpt", lambda: pretrain("recipes/teenygpt.yaml", [f"run.dir={out / 'teenygpt'}",
-                                                                 f"train.time_budget={budget}"])),
+        ("teenygpt", lambda: pretrain("recipes/teenygpt.yaml", [f"run.dir={out / 'teenygpt'}", *by_steps,
+                                                                 "train.max_epochs=null"])),
     ):
-        note(f"training {name} ({budget:.0f} s budget)")
+        note(f"training {name} ({steps} steps)")
         t0 = time.perf_counter()
         with Contention() as c:
             rc = fn()
@@ -88,7 +94,7 @@ def fit_ngrams(out: Path) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/baselines")
-    ap.add_argument("--budget", type=float, default=180.0, help="training seconds per neural model")
+    ap.add_argument("--steps", type=int, default=400, help="optimizer steps per neural model")
     ap.add_argument("--skip-train", action="store_true", help="score the models already in --out")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N test tokens (smoke runs)")
@@ -101,7 +107,7 @@ def main() -> None:
     if a.skip_train:
         info = json.loads((out / "train_info.json").read_text())
     else:
-        info = train(out, a.budget)
+        info = train(out, a.steps)
     info.update(fit_ngrams(out))
     texts = read_texts("shakespeare", "test")
     rows = []
