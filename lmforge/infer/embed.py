@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.errors import ConfigError, FormatError
+from lmforge.infer.packed import pack_linears
 from lmforge.models.heads import pool
 from lmforge.tokenizers.wordpiece import encode_for_encoder
 
@@ -42,14 +43,18 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # characters: a cheap proxy for tokens
     out = np.empty((len(texts), model.config.d_model), dtype=np.float32)
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        pack_linears(model, rows=64)  # weights prepacked for oneDNN once (see lmforge.infer.packed); same numbers
     bar = tqdm(total=len(texts), unit="text", disable=not (progress if progress is not None else len(texts) > 1000))
     with torch.inference_mode():
         for s in range(0, len(texts), batch_size):
             idx = order[s:s + batch_size]
             b = encode_for_encoder(tokenizer, [texts[i] for i in idx], max_length=max_length,
                                    truncation=truncate).to(device)
-            h = model.hidden_states(b.input_ids, attention_mask=b.attention_mask, token_type_ids=b.token_type_ids)
-            e = pool(h.float(), b.attention_mask, pooling, normalize)
+            # a single text has no padding: without a mask the model builds none and pooling averages all rows
+            mask = b.attention_mask if len(idx) > 1 else None
+            h = model.hidden_states(b.input_ids, attention_mask=mask, token_type_ids=b.token_type_ids)
+            e = pool(h.float(), mask, pooling, normalize)
             out[idx] = e.cpu().numpy()
             bar.update(len(idx))
     bar.close()
