@@ -160,21 +160,6 @@ def test_packed_linears_change_nothing_but_speed():
         assert model.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_packed_rows_for_encoders_match_f_linear():
-    from lmforge.infer.packed import _DNN_MAX_ROWS, PackedLinear, _can_pack
-
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(384, 1536)
-    packed = PackedLinear(lin, rows=64)
-    with torch.no_grad():
-        for n in (1, 7, 64, 100, _DNN_MAX_ROWS + 1):  # any row count; past the limit F.linear itself
-            x = torch.randn(1, n, 384)
-            assert torch.allclose(packed(x), lin(x), atol=1e-5, rtol=0)
-            assert packed._kind == ("fp32dnn" if _can_pack(lin.weight) else "plain")
-        lin.weight.mul_(2)  # an in-place update is picked up
-        assert torch.allclose(packed(x[:, :9]), lin(x[:, :9]), atol=1e-5, rtol=0)
-
-
 def test_blas_decode_matches_and_gives_the_threads_back():
     from lmforge.infer.packed import _openblas, blas_decode, pack_linears
 

@@ -10,12 +10,6 @@ layouts than from a plain row-major matrix, which `F.linear` uses as it is. Meas
 `weight` and `bias` parameters (state dict keys, tied weights and optimizers are unaffected) plus a
 packed copy used when no gradient is needed. An in-place change of a weight (an optimizer step,
 `load_state_dict`) or a new storage (`.to(dtype)`) is noticed and the copy rebuilt on the next call.
-
-`pack_linears(model, rows=64)` packs fp32 weights for multiplying several rows at once instead (an
-encoder's forward over one sentence): MKL's packed fp32 GEMM only takes its packed path when the input
-has exactly the packing's row count, while oneDNN's blocked fp32 weights serve any count. Measured
-(2 threads, all-MiniLM-L6-v2's 1536 x 384 weight): 55 rows 230 us -> 191 us, 32 rows 149 -> 117 us;
-at 100+ rows the gain is gone, so inputs over `_DNN_MAX_ROWS` rows take `F.linear`.
 """
 
 from __future__ import annotations
@@ -38,15 +32,14 @@ def _can_pack(weight: torch.Tensor) -> bool:
 class PackedLinear(nn.Linear):
     """`nn.Linear` that multiplies from a copy of its weight prepacked for MKL (fp32) or oneDNN (bf16)."""
 
-    def __init__(self, linear: nn.Linear, rows: int = 1):
+    def __init__(self, linear: nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear's: the parameters are shared, not created
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
         self._packed: torch.Tensor | None = None
         self._packed_key: tuple | None = None
-        self._kind = "plain"  # "bf16"/"fp32dnn" (oneDNN), "fp32" (MKL) or "plain" (F.linear), set when packed
-        self.rows = rows  # rows per call the fp32 packing is for: 1 (decode, MKL) or more (oneDNN)
+        self._kind = "plain"  # "bf16" (oneDNN), "fp32" (MKL) or "plain" (F.linear), set with the packed copy
 
     def _repack(self, key: tuple) -> None:
         w = self.weight
@@ -55,8 +48,6 @@ class PackedLinear(nn.Linear):
                 self._packed, self._kind = None, "plain"
             elif w.dtype == torch.bfloat16:
                 self._packed, self._kind = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1), "bf16"
-            elif self.rows > 1:
-                self._packed, self._kind = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.rows), "fp32dnn"
             else:
                 self._packed, self._kind = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), 1), "fp32"
         self._packed_key = key
@@ -68,16 +59,14 @@ class PackedLinear(nn.Linear):
         # the input, e.g. frozen layers under LoRA) takes the plain path
         if x.dtype != w.dtype or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             return F.linear(x, w, self.bias)
-        key = (w.data_ptr(), w._version, self.rows)  # a new dtype or device is a new storage, hence a new data_ptr
+        key = (w.data_ptr(), w._version)  # a new dtype or device is a new storage, hence a new data_ptr
         if key != self._packed_key:
             self._repack(key)
         kind = self._kind
         if kind == "bf16":
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [None], "")
-        if kind == "plain" or (kind == "fp32dnn" and x.numel() > _DNN_MAX_ROWS * x.shape[-1]):
+        if kind == "plain":
             return F.linear(x, w, self.bias)
-        if kind == "fp32dnn":
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [None], "")
         shape = x.shape
         if getattr(_blas, "active", False) and x.numel() <= _BLAS_MAX_ROWS * shape[-1]:
             return _blas_linear(x.reshape(-1, shape[-1]), w, self.bias).view(*shape[:-1], self.out_features)
@@ -85,24 +74,14 @@ class PackedLinear(nn.Linear):
         return y.view(*shape[:-1], self.out_features)
 
 
-def pack_linears(model: nn.Module, rows: int = 1) -> nn.Module:
-    """Swap every `nn.Linear` in `model` for a `PackedLinear`, in place (idempotent). Returns the model.
-
-    rows: how many rows a call multiplies: 1 for decode; more (e.g. 64) for an encoder's forward over one
-    sentence, which packs fp32 weights for oneDNN instead of MKL. Calling again with another `rows`
-    repacks on the next call.
-    """
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Swap every `nn.Linear` in `model` for a `PackedLinear`, in place (idempotent). Returns the model."""
     for name, child in list(model.named_children()):
         if type(child) is nn.Linear:
-            setattr(model, name, PackedLinear(child, rows))
-        elif isinstance(child, PackedLinear):
-            child.rows = rows
+            setattr(model, name, PackedLinear(child))
         else:
-            pack_linears(child, rows)
+            pack_linears(child)
     return model
-
-
-_DNN_MAX_ROWS = 256  # above this many rows oneDNN's packed fp32 weights no longer beat F.linear (see above)
 
 
 # ---- fp32 decode through numpy's BLAS ----------------------------------------------------------------
