@@ -74,6 +74,10 @@ def test_documents_token_budget_and_bad_arguments(llm):
         perplexity(llm, ["", "a"[:0]])
     with pytest.raises(ConfigError, match="tokenizer"):
         perplexity(LLM(llm.model, None), TEXT)
+    for preset, why in (("tiny-t5", "encoder-decoder"), ("tiny-bert", "bidirectional encoder")):
+        cfg = get_preset(preset).replace(vocab_size=llm.tokenizer.vocab_size)
+        with pytest.raises(ConfigError, match=why):
+            perplexity(LLM(build(cfg, None, "test"), llm.tokenizer, preset), TEXT)
 
 
 def test_eval_cli(tmp_path, llm, capsys):

@@ -96,6 +96,17 @@ def perplexity(llm, texts: str | Iterable[str], max_length: int | None = None, s
     tok = llm.tokenizer
     if tok is None:
         raise ConfigError("perplexity needs a tokenizer; load a model folder or pass tokenizer=<folder>")
+    cfg = getattr(llm.model, "config", None)
+    if getattr(cfg, "is_encoder_decoder", False):
+        # left-to-right perplexity of one text has no source to condition on; a seq2seq model is scored on
+        # target tokens given an input, which this eval does not do
+        raise ConfigError(f"{cfg.name!r} is an encoder-decoder: perplexity here scores a causal LM's text left to "
+                          "right. Score a target given its input with the model's own logits "
+                          "(llm.model(input_ids, decoder_input_ids=...)) and cross-entropy, or evaluate a decoder")
+    if getattr(getattr(cfg, "attention", None), "causal", True) is False:
+        # a bidirectional model sees the very token it would predict: any number it gave would mean nothing
+        raise ConfigError(f"{cfg.name!r} is a bidirectional encoder: it sees every token, so it has no "
+                          "left-to-right perplexity; use llm.embed for sentence embeddings or evaluate a causal LM")
     block = llm.config.block_size
     max_length = max_length or block
     if max_length > block:

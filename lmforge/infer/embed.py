@@ -48,8 +48,10 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
             idx = order[s:s + batch_size]
             b = encode_for_encoder(tokenizer, [texts[i] for i in idx], max_length=max_length,
                                    truncation=truncate).to(device)
-            h = model.hidden_states(b.input_ids, attention_mask=b.attention_mask, token_type_ids=b.token_type_ids)
-            e = pool(h.float(), b.attention_mask, pooling, normalize)
+            # a single text has no padding: without a mask the model builds none and pooling averages all rows
+            mask = b.attention_mask if len(idx) > 1 else None
+            h = model.hidden_states(b.input_ids, attention_mask=mask, token_type_ids=b.token_type_ids)
+            e = pool(h.float(), mask, pooling, normalize)
             out[idx] = e.cpu().numpy()
             bar.update(len(idx))
     bar.close()
