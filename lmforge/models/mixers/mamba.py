@@ -123,7 +123,7 @@ class Mamba(nn.Module):
         """A = -exp(A_log) (D, N) in fp32 and the conv weight time-major (k, D). Without autograd they are
         kept between decode steps until a weight changes (fewer ops per layer and token)."""
         A_log, w = self.A_log, self.conv1d.weight
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or A_log.is_inference():  # inference tensors keep no version to check
             return -torch.exp(A_log.float()), w[:, 0].t()
         key = (A_log._version, A_log.data_ptr(), w._version, w.data_ptr(), w.dtype)
         if getattr(self, "_consts_key", None) != key:
