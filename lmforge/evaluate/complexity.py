@@ -270,28 +270,37 @@ def plot(study: dict, path: str | Path) -> Path:
     return path
 
 
-def moe_throughput(steps: int = 3, batch: int = 4, seq_len: int = 256, log=print) -> dict:
-    """Training tokens/s (forward + backward + AdamW) of an MoE and a dense model with its active parameters."""
-    torch.manual_seed(0)
-    res = {}
-    models = {name: DecoderLM(cfg) for name, cfg in moe_pair().items()}
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    x = torch.randint(0, 256, (batch, seq_len))
-    times = {name: math.inf for name in models}
-    for i in range(steps + 1):  # interleaved, so load from other processes hits both alike; first is warm-up
-        for name, m in models.items():
-            t = time.perf_counter()
-            loss = m(x).float().logsumexp(-1).mean() + (m.aux_loss() if name == "moe" else 0)
-            loss.backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            times[name] = min(times[name], time.perf_counter() - t) if i else math.inf
-    for name, m in models.items():
-        res[name] = {"tok_s": batch * seq_len / times[name], "active_flops_per_token": m.estimate_flops(seq_len),
-                     "params": m.num_params()}
-    res["ratio"] = res["moe"]["tok_s"] / res["dense"]["tok_s"]
-    log(json.dumps(res))
-    return res
+MOE_SHAPES = ((128, 8, 64), (256, 4, 256))  # (d_model, batch, seq_len): the Trainer's run in `bench moe`, and larger
+
+
+def moe_throughput(shapes=MOE_SHAPES, steps: int = 6, log=print) -> dict:
+    """Training tokens/s (forward + backward + the Trainer's AdamW) of an MoE and the dense model with its
+    active parameters (`moe_pair`), at each (d_model, batch, seq_len) in `shapes`: steps alternate between
+    the two models (so load from other processes hits both alike), the best of `steps` after a warm-up."""
+    from lmforge.train.optim import OptimConfig, build_optimizer
+
+    out = {}
+    for d, batch, seq_len in shapes:
+        torch.manual_seed(0)
+        models = {name: DecoderLM(cfg) for name, cfg in moe_pair(d_model=d).items()}
+        opts = {name: build_optimizer(m, OptimConfig(lr=1e-4)) for name, m in models.items()}
+        x = torch.randint(0, 256, (batch, seq_len))
+        times = dict.fromkeys(models, math.inf)
+        for i in range(steps + 1):  # the first is a warm-up
+            for name, m in models.items():
+                t = time.perf_counter()
+                loss = m(x).float().logsumexp(-1).mean() + (m.aux_loss() if name == "moe" else 0)
+                loss.backward()
+                opts[name].step()
+                opts[name].zero_grad(set_to_none=True)
+                if i:
+                    times[name] = min(times[name], time.perf_counter() - t)
+        res = {name: {"tok_s": batch * seq_len / times[name], "active_flops_per_token": m.estimate_flops(seq_len),
+                      "params": m.num_params()} for name, m in models.items()}
+        res["ratio"] = res["moe"]["tok_s"] / res["dense"]["tok_s"]
+        out[f"d{d}-{batch}x{seq_len}"] = res
+        log(json.dumps({"moe_throughput": f"d{d}-{batch}x{seq_len}", **res}))
+    return out
 
 
 def moe_vs_dense(out: str | Path, steps: int = 150, batch: int = 8, seq_len: int = 64, d_model: int = 128,
