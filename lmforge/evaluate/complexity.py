@@ -136,9 +136,10 @@ def _prefill(model: DecoderLM, position: int, extra: int):
 
 
 @torch.inference_mode()
-def measure_decode(model: DecoderLM, position: int, steps: int = 8, repeats: int = 3) -> dict[str, float]:
+def measure_decode(model: DecoderLM, position: int, steps: int = 8, repeats: int = 1) -> dict[str, float]:
     """Batch-1 decode steps right after a prefix of `position` tokens: seconds per token (the best of
-    `repeats` rounds of `steps` steps, after one warm-up step) and state bytes."""
+    `repeats` rounds of `steps` steps, after one warm-up step) and state bytes (an attention cache is
+    allocated for the prefix and these steps, so its bytes include their slots)."""
     model.eval()
     cache = _prefill(model, position, steps * repeats + 1)
     tok = torch.zeros(1, 1, dtype=torch.long)
