@@ -19,7 +19,7 @@ from lmforge.evaluate.complexity import bench
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", default="complexity", choices=["complexity", "moe"])
+    ap.add_argument("--what", default="complexity", choices=["complexity", "moe", "decode"])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)

@@ -41,5 +41,16 @@ def test_saved_bytes_counts_what_backward_keeps():
 
 
 def test_unknown_benchmark_is_refused():
-    with pytest.raises(ConfigError, match="available: complexity, moe"):
+    with pytest.raises(ConfigError, match="available: complexity, moe, decode"):
         cx.bench("speed")
+
+
+def test_decode_vs_dense_compares_matched_models_round_by_round():
+    logged = []
+    res = cx.decode_vs_dense(positions=(8, 24), d_model=256, n_layer=2, steps=2, rounds=2, log=logged.append)
+    p = res["params"]
+    assert max(p.values()) / min(p.values()) < 1.1, p  # matched parameter count
+    assert set(res["positions"]) == {8, 24} and len(logged) == 2
+    for row in res["positions"].values():
+        assert row["mamba_ms"] > 0 and row["transformer_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["mamba_ms"] / row["transformer_ms"])

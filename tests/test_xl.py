@@ -107,6 +107,52 @@ def test_segment_recurrent_training_carries_memory_and_learns():
     assert bool(a["reset"]) and not bool(b["reset"]) and torch.equal(a["labels"][:, -1], b["input_ids"][:, 0])
 
 
+def _segment_trainer(run_dir, toks, steps: int = 8, batch: int = 4) -> Trainer:
+    from lmforge.tokenizers.char import CharTokenizer
+    torch.manual_seed(0)
+    model = DecoderLM(get_preset("tiny-xl").replace(vocab_size=CharTokenizer().vocab_size, **{"xl.mem_len": 16}))
+    tc = TrainConfig(max_steps=steps, batch_size=batch, progress=False, peak_flops=1e11, eval_every=0,
+                     checkpoint_every=3, keep_last=0)
+    return Trainer(model, SegmentLM(), StreamSegments(toks, batch, 16), tc,
+                   OptimConfig(lr=3e-3, warmup_steps=2, min_lr=3e-4), tokenizer=CharTokenizer(), run_dir=run_dir)
+
+
+@pytest.mark.slow
+def test_segment_memory_is_checkpointed_and_resume_is_exact(tmp_path):
+    import shutil
+
+    from lmforge.data.corpus import corpus_works, read_work
+    from lmforge.tokenizers.char import CharTokenizer
+    tok = CharTokenizer()
+    toks = np.asarray(tok.encode(tok.normalize(read_work(corpus_works("train")[0])[:3000]),
+                                 add_special_tokens=False), dtype=np.uint16)
+    a = _segment_trainer(tmp_path / "a", toks)
+    a.fit()
+    saved = torch.load(tmp_path / "a" / "checkpoints" / "step-6" / "objective.pt", weights_only=True)
+    assert saved["layers.0.mem"].shape == (4, 16, 64) and saved["layers.0.mem"].abs().sum() > 0  # a full memory
+    # resume from step 6 (a copy of the run without its last checkpoint) ends bit-identical: segments 7 and 8
+    # read the memory segment 6 left, not an empty one
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-8")
+    b = _segment_trainer(tmp_path / "b", toks)
+    assert b.fit(resume="auto").resumed_from == 6
+    for (k, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(p, q), k
+    assert torch.equal(a.objective._memory[True].layers[1].mem, b.objective._memory[True].layers[1].mem)
+    # without the memory (a checkpoint from before it was saved) the run restarts it empty and drifts
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    shutil.rmtree(tmp_path / "c" / "checkpoints" / "step-8")
+    c = _segment_trainer(tmp_path / "c", toks)
+    c.objective.load_state_dict = lambda state: None  # noqa: E731  (what an older checkpoint gives)
+    c.data.load_state_dict = lambda s, f=c.data.load_state_dict: f({k: v for k, v in s.items() if k != "reset"})
+    c.fit(resume="auto")
+    assert not torch.equal(a.model.blocks[0].attn.proj.weight, c.model.blocks[0].attn.proj.weight)
+    # a different batch size cannot take the saved memory
+    d = _segment_trainer(tmp_path / "b", toks, steps=9, batch=2)
+    with pytest.raises(ConfigError, match="holds 4 streams but the batches have 2 rows; resume with .*batch_size=4"):
+        d.fit(resume="auto")
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ConfigError, match="xl.mem_len must be a non-negative integer"):
         get_preset("tiny-xl").replace(**{"xl.mem_len": -1})

@@ -124,23 +124,57 @@ def measure_training(model: DecoderLM, T: int, repeats: int = 2) -> dict[str, fl
     return {"seq_len": T, "s_per_token": _best(step, repeats) / T, "train_mem_bytes": mem}
 
 
-@torch.inference_mode()
-def measure_decode(model: DecoderLM, position: int, steps: int = 8) -> dict[str, float]:
-    """Batch-1 decode steps right after a prefix of `position` tokens: seconds per token and state bytes.
-
-    The prefix is read in pieces of 512 tokens (Transformer-XL's segment-by-segment evaluation; it also keeps
-    the score matrices of the attention families small); every family's cache continues exactly across them."""
-    model.eval()
-    cache = model.new_cache(1, max_len=position + steps + 1)
+def _prefill(model: DecoderLM, position: int, extra: int):
+    """A batch-1 cache holding `position` random tokens, read in pieces of 512 (Transformer-XL's
+    segment-by-segment evaluation; it also keeps the score matrices of the attention families small); every
+    family's cache continues exactly across them. Room is left for `extra` more tokens."""
+    cache = model.new_cache(1, max_len=position + extra + 1)
     prefix = torch.randint(0, model.config.vocab_size, (1, position))
     for s in range(0, position, 512):
         model(prefix[:, s:s + 512], cache=cache, logits_to_keep=1)
+    return cache
+
+
+@torch.inference_mode()
+def measure_decode(model: DecoderLM, position: int, steps: int = 8, repeats: int = 1) -> dict[str, float]:
+    """Batch-1 decode steps right after a prefix of `position` tokens: seconds per token (the best of
+    `repeats` rounds of `steps` steps, after one warm-up step) and state bytes (an attention cache is
+    allocated for the prefix and these steps, so its bytes include their slots)."""
+    model.eval()
+    cache = _prefill(model, position, steps * repeats + 1)
     tok = torch.zeros(1, 1, dtype=torch.long)
     model(tok, cache=cache, logits_to_keep=1)  # warm-up step
-    t = time.perf_counter()
-    for _ in range(steps):
-        model(tok, cache=cache, logits_to_keep=1)
-    return {"position": position, "s_per_token": (time.perf_counter() - t) / steps, "state_bytes": cache.bytes()}
+    best = _best(lambda: [model(tok, cache=cache, logits_to_keep=1) for _ in range(steps)], repeats)
+    return {"position": position, "s_per_token": best / steps, "state_bytes": cache.bytes()}
+
+
+def decode_vs_dense(positions=(512, 4096), d_model: int = 256, n_layer: int = 4, steps: int = 16,
+                    rounds: int = 7, log=print) -> dict:
+    """Mamba's batch-1 decode step against the dense transformer of about the same parameter count
+    (`family_configs`: 2.5x the layers), at each position: both caches prefilled, then rounds of `steps`
+    steps alternating between the two models (so load from other processes hits both alike), the best round
+    of each kept. Returns per position the ms per token of each and the ratio mamba / transformer."""
+    torch.manual_seed(0)
+    cfgs = family_configs(d_model, n_layer, context=64 * math.ceil((max(positions) + steps * (rounds + 1) + 2) / 64))
+    models = {n: DecoderLM(cfgs[n]).eval() for n in ("transformer", "mamba")}  # built outside inference mode
+    out = {"params": {n: m.num_params(non_embedding=True) for n, m in models.items()}, "positions": {}}
+    tok = torch.zeros(1, 1, dtype=torch.long)
+    with torch.inference_mode():
+        for p in positions:
+            caches = {n: _prefill(m, p, steps * (rounds + 1) + 1) for n, m in models.items()}
+            best = dict.fromkeys(models, math.inf)
+            for r in range(rounds + 1):  # the first round is a warm-up
+                for n, m in models.items():
+                    t = time.perf_counter()
+                    for _ in range(steps):
+                        m(tok, cache=caches[n], logits_to_keep=1)
+                    if r:
+                        best[n] = min(best[n], (time.perf_counter() - t) / steps)
+            row = {f"{n}_ms": best[n] * 1e3 for n in models}
+            row["ratio"] = best["mamba"] / best["transformer"]
+            out["positions"][p] = row
+            log(json.dumps({"decode_vs_dense": p, **row}))
+    return out
 
 
 def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
@@ -237,28 +271,37 @@ def plot(study: dict, path: str | Path) -> Path:
     return path
 
 
-def moe_throughput(steps: int = 3, batch: int = 4, seq_len: int = 256, log=print) -> dict:
-    """Training tokens/s (forward + backward + AdamW) of an MoE and a dense model with its active parameters."""
-    torch.manual_seed(0)
-    res = {}
-    models = {name: DecoderLM(cfg) for name, cfg in moe_pair().items()}
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    x = torch.randint(0, 256, (batch, seq_len))
-    times = {name: math.inf for name in models}
-    for i in range(steps + 1):  # interleaved, so load from other processes hits both alike; first is warm-up
-        for name, m in models.items():
-            t = time.perf_counter()
-            loss = m(x).float().logsumexp(-1).mean() + (m.aux_loss() if name == "moe" else 0)
-            loss.backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            times[name] = min(times[name], time.perf_counter() - t) if i else math.inf
-    for name, m in models.items():
-        res[name] = {"tok_s": batch * seq_len / times[name], "active_flops_per_token": m.estimate_flops(seq_len),
-                     "params": m.num_params()}
-    res["ratio"] = res["moe"]["tok_s"] / res["dense"]["tok_s"]
-    log(json.dumps(res))
-    return res
+MOE_SHAPES = ((128, 8, 64), (256, 4, 256))  # (d_model, batch, seq_len): the Trainer's run in `bench moe`, and larger
+
+
+def moe_throughput(shapes=MOE_SHAPES, steps: int = 6, log=print) -> dict:
+    """Training tokens/s (forward + backward + the Trainer's AdamW) of an MoE and the dense model with its
+    active parameters (`moe_pair`), at each (d_model, batch, seq_len) in `shapes`: steps alternate between
+    the two models (so load from other processes hits both alike), the best of `steps` after a warm-up."""
+    from lmforge.train.optim import OptimConfig, build_optimizer
+
+    out = {}
+    for d, batch, seq_len in shapes:
+        torch.manual_seed(0)
+        models = {name: DecoderLM(cfg) for name, cfg in moe_pair(d_model=d).items()}
+        opts = {name: build_optimizer(m, OptimConfig(lr=1e-4)) for name, m in models.items()}
+        x = torch.randint(0, 256, (batch, seq_len))
+        times = dict.fromkeys(models, math.inf)
+        for i in range(steps + 1):  # the first is a warm-up
+            for name, m in models.items():
+                t = time.perf_counter()
+                loss = m(x).float().logsumexp(-1).mean() + (m.aux_loss() if name == "moe" else 0)
+                loss.backward()
+                opts[name].step()
+                opts[name].zero_grad(set_to_none=True)
+                if i:
+                    times[name] = min(times[name], time.perf_counter() - t)
+        res = {name: {"tok_s": batch * seq_len / times[name], "active_flops_per_token": m.estimate_flops(seq_len),
+                      "params": m.num_params()} for name, m in models.items()}
+        res["ratio"] = res["moe"]["tok_s"] / res["dense"]["tok_s"]
+        out[f"d{d}-{batch}x{seq_len}"] = res
+        log(json.dumps({"moe_throughput": f"d{d}-{batch}x{seq_len}", **res}))
+    return out
 
 
 def moe_vs_dense(out: str | Path, steps: int = 150, batch: int = 8, seq_len: int = 64, d_model: int = 128,
@@ -309,13 +352,15 @@ def moe_vs_dense(out: str | Path, steps: int = 150, batch: int = 8, seq_len: int
     return res
 
 
-def bench(what: Literal["complexity", "moe"], out: str = "bench/results", quick: bool = False,
+def bench(what: Literal["complexity", "moe", "decode"], out: str = "bench/results", quick: bool = False,
           d_model: int = 256, n_layer: int = 4) -> None:
-    """Measure the block families (seed 002's Table 1) or MoE routing overhead; table, JSON and plots.
+    """Measure the block families (seed 002's Table 1), MoE routing overhead, or Mamba vs dense decode.
 
     Args:
-        what: "complexity" (training/decode time and memory vs length, fitted exponents, PNG) or
-            "moe" (training tokens/s of an MoE vs the dense model with its active parameters).
+        what: "complexity" (training/decode time and memory vs length, fitted exponents, PNG, and the Mamba
+            vs dense decode comparison), "moe" (training tokens/s of an MoE vs the dense model with its
+            active parameters) or "decode" (only Mamba's decode step vs the dense transformer of about its
+            parameter count, at positions 512 and 4,096, best of 7 alternating rounds).
         out: folder for complexity.json / complexity.png / complexity.md.
         quick: fewer lengths (256..2048 training; decode at 512, 2048, 8192).
         d_model: model width of every family.
@@ -326,11 +371,15 @@ def bench(what: Literal["complexity", "moe"], out: str = "bench/results", quick:
         moe_throughput()
         moe_vs_dense(out, steps=60 if quick else 150)
         return
+    if what == "decode":
+        decode_vs_dense(d_model=d_model, n_layer=n_layer)
+        return
     if what != "complexity":
-        raise ConfigError(f"unknown benchmark {what!r}; available: complexity, moe")
+        raise ConfigError(f"unknown benchmark {what!r}; available: complexity, moe, decode")
     kw = {"train_lengths": (256, 512, 1024, 2048), "positions": (512, 2048, 8192)} if quick else {}
     moe = moe_throughput() if not quick else None
     study = run_study(d_model=d_model, n_layer=n_layer, **kw)
+    study["decode_vs_dense"] = decode_vs_dense(d_model=d_model, n_layer=n_layer)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     study["moe"] = moe

@@ -92,6 +92,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 HEADS_FILE = "heads.safetensors"
+OBJECTIVE_FILE = "objective.pt"  # tensors the objective carries between batches (Transformer-XL memory)
 
 
 def save_heads(folder: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -117,11 +118,13 @@ def load_heads(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, llm, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep_last: int = 3, heads: dict[str, torch.Tensor] | None = None) -> Path:
+                    state: dict[str, Any], keep_last: int = 3, heads: dict[str, torch.Tensor] | None = None,
+                    objective_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `checkpoints/step-<step>/` atomically, then prune all but the newest `keep_last` (0 keeps all).
 
     `llm` is an `LLM` (model + tokenizer) saved as a model folder; `state` is JSON-ready run state
-    (step, RNGs, data position, ...), to which the file checksums and a completion marker are added.
+    (step, RNGs, data position, ...), to which the file checksums and a completion marker are added;
+    `objective_state` the tensors the objective carries between batches (`objective.pt`, when any).
     The model's train/eval mode is left as it was.
     """
     target = checkpoint_dir(run_dir, step)
@@ -129,6 +132,8 @@ def save_checkpoint(run_dir: str | Path, step: int, llm, optimizer: torch.optim.
         llm.save(tmp)
         if heads:
             save_heads(tmp, heads)
+        if objective_state:
+            torch.save(objective_state, tmp / OBJECTIVE_FILE)
         torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         # state.json last: its presence with matching checksums is what "whole" means
@@ -206,6 +211,12 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Checkpoint | None
         raise FormatError(f"--resume {resume}: no such checkpoint folder; use 'auto' or a checkpoints/step-N folder")
     state = verify_checkpoint(folder)
     return Checkpoint(folder, int(state["step"]), state)
+
+
+def load_objective_state(folder: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The objective's carried tensors saved in a checkpoint ({} when it saved none)."""
+    path = Path(folder) / OBJECTIVE_FILE
+    return torch.load(path, map_location=device, weights_only=True) if path.is_file() else {}
 
 
 def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer) -> None:

@@ -53,6 +53,15 @@ class Objective:
         optimises them with the model and saves them beside its weights (`heads.safetensors`)."""
         return {}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors the objective carries from one batch to the next (Transformer-XL's memory), which a
+        resumed run needs to continue bit-identically; the trainer saves them in each checkpoint
+        (`objective.pt`). Most objectives carry nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back what `state_dict` returned (on resume, before the first batch)."""
+
 
 def add_aux_loss(model: nn.Module, loss: torch.Tensor, stats: dict[str, torch.Tensor], weight: float = 1.0
                  ) -> torch.Tensor:

@@ -10,8 +10,8 @@ with each layer's memory carried from one segment to the next.
   segment to the next, detached at each boundary (`Cache.new_segment`). Training and evaluation keep
   separate memories; a batch with `reset` starts a fresh one.
 
-A resumed run restarts its memory empty at the saved position (the memory itself is not checkpointed), so
-it continues close to, not bit-identically with, an uninterrupted run.
+The training memory is checkpointed (`SegmentLM.state_dict`, saved by the trainer as the objective's state),
+and the data position with it, so a resumed run continues bit-identically with an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -63,12 +63,14 @@ class StreamSegments(BatchSource):
         return batch
 
     def state_dict(self) -> dict:
-        """Pass and segment index."""
-        return {"kind": "stream_segments", "epoch": self.epoch, "index": self.index}
+        """Pass and segment index, and whether the next batch starts a new memory."""
+        return {"kind": "stream_segments", "epoch": self.epoch, "index": self.index, "reset": self._reset}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at the saved segment, with an empty memory (it is not checkpointed)."""
-        self.epoch, self.index, self._reset = int(state["epoch"]), int(state["index"]), True
+        """Continue at the saved segment. The memory is the objective's (restored with it); a checkpoint
+        written before it was saved restarts it empty (`reset` absent)."""
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._reset = bool(state.get("reset", True))
 
     def eval_batches(self) -> Iterator[Batch]:
         """The first `eval_batches` consecutive segments of the validation streams, memory carried."""
@@ -90,6 +92,7 @@ class SegmentLM(CausalLM):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._memory: dict[bool, object] = {}  # training / evaluation memories, kept apart
+        self._restored: dict[str, torch.Tensor] | None = None  # a checkpoint's memory, until the next batch
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Logits of this segment, reading and advancing the memory of the previous one."""
@@ -101,12 +104,53 @@ class SegmentLM(CausalLM):
         B, T = x.shape
         mem = self._memory.get(model.training)
         reset = bool(batch.get("reset", torch.tensor(False)))
+        if model.training and self._restored is not None:
+            saved, self._restored = self._restored, None
+            if not reset:
+                mem = self._memory[True] = self._rebuild(inner, saved, B)
         if reset or mem is None or mem.key_mask.shape[0] != B or mem.max_len < T:
             mem = self._memory[model.training] = inner.new_cache(B, max_len=T)
             mem.new_segment()  # refuses models with KV-cache attention layers, before any compute
         else:
             mem.new_segment()
         return model(x, cache=mem)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The training memory: every layer's state tensors (detached), and the cache's slot mask, which
+        gives its batch size and capacity. Empty before the first batch."""
+        mem = self._memory.get(True)
+        if mem is None:
+            return {}
+        out = {"key_mask": mem.key_mask.clone()}
+        for i, s in enumerate(mem.layers):
+            for name, t in vars(s).items():
+                if isinstance(t, torch.Tensor):
+                    out[f"layers.{i}.{name}"] = t.detach().contiguous().clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Keep a checkpoint's memory until the next training batch rebuilds it on the model."""
+        self._memory.clear()
+        self._restored = dict(state) if state else None
+
+    @staticmethod
+    def _rebuild(inner: nn.Module, saved: dict[str, torch.Tensor], batch_size: int):
+        """A cache of the model's layer states holding the saved tensors."""
+        B, max_len = saved["key_mask"].shape
+        if B != batch_size:
+            raise ConfigError(f"the checkpoint's segment memory holds {B} streams but the batches have {batch_size} "
+                              f"rows; resume with train.batch_size={B} (or start a new run.dir)")
+        mem = inner.new_cache(B, max_len=max_len)
+        for key, t in saved.items():
+            if key == "key_mask":
+                continue
+            _, i, name = key.split(".", 2)
+            state = mem.layers[int(i)]
+            if not isinstance(getattr(state, name, None), torch.Tensor):
+                raise ConfigError(f"the checkpoint's segment memory has {key!r}, which layer {i} of this model does "
+                                  "not keep; resume it with the model it was trained with")
+            setattr(state, name, t)
+        return mem
 
 
 def stream_data(recipe, tok, run_dir: Path, seq_len: int):

@@ -265,7 +265,8 @@ class Trainer:
             return dist_checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, self._state(elapsed),
                                         self.dist, self._write_meta, keep_last=self.cfg.keep_last)
         return ckpt.save_checkpoint(self.run_dir, self.step, self._llm(), self.optimizer, self._state(elapsed),
-                                    keep_last=self.cfg.keep_last, heads=self._head_tensors())
+                                    keep_last=self.cfg.keep_last, heads=self._head_tensors(),
+                                    objective_state=self.objective.state_dict())
 
     def _write_meta(self, folder: Path) -> None:
         """The model description beside a sharded checkpoint, so `lmforge.load` reads the folder as a model."""
@@ -291,6 +292,7 @@ class Trainer:
             if len(self.heads):
                 self.heads.load_state_dict(ckpt.load_heads(c.path))
             ckpt.load_optimizer_state(c.path, self.optimizer)
+            self.objective.load_state_dict(ckpt.load_objective_state(c.path, self.device))
         self.data.load_state_dict(s["data"])
         ckpt.set_rng_state(s["rng"])
         self.step, self.best_val, self.best_step = int(s["step"]), s.get("best_val"), s.get("best_step")

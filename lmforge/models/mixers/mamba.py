@@ -28,10 +28,12 @@ _CHUNK = 16  # steps per chunk: exp(-a_s) stays within fp32 range while T / L Py
 
 
 class MambaState(RecurrentState):
-    """One layer's decode state: the last d_conv-1 conv inputs (B, D, k-1) and the SSM state h (B, D, N)."""
+    """One layer's decode state: the last d_conv-1 conv inputs (B, k-1, D) and the SSM state h (B, D, N).
+
+    The conv inputs are kept time-major so that appending a token's D channels is one contiguous copy."""
 
     def __init__(self, batch_size: int, d_inner: int, d_conv: int, d_state: int, dtype, device):
-        self.conv = torch.zeros(batch_size, d_inner, d_conv - 1, dtype=dtype, device=device)
+        self.conv = torch.zeros(batch_size, d_conv - 1, d_inner, dtype=dtype, device=device)
         self.ssm = torch.zeros(batch_size, d_inner, d_state, dtype=torch.float32, device=device)
 
 
@@ -99,10 +101,10 @@ class Mamba(nn.Module):
         if pad is not None:  # padding contributes nothing: the state is what the real tokens build
             x = x * pad
         xt = x.transpose(1, 2)  # (B, D, T)
-        prev = state.conv if state is not None else xt.new_zeros(Bsz, self.d_inner, self.d_conv - 1)
+        prev = state.conv.transpose(1, 2) if state is not None else xt.new_zeros(Bsz, self.d_inner, self.d_conv - 1)
         xt = torch.cat([prev.to(xt.dtype), xt], dim=2)  # (B, D, k-1+T)
         if state is not None:
-            state.conv.copy_(xt[:, :, -(self.d_conv - 1):])
+            state.conv.copy_(xt[:, :, -(self.d_conv - 1):].transpose(1, 2))
         x = F.silu(F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
         if pad is not None:
             x = x * pad
@@ -117,21 +119,40 @@ class Mamba(nn.Module):
         y = y.to(u.dtype) * F.silu(z)
         return self.out_proj(y)
 
+    def _decode_consts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = -exp(A_log) (D, N) in fp32 and the conv weight time-major (k, D). Without autograd they are
+        kept between decode steps until a weight changes (fewer ops per layer and token)."""
+        A_log, w = self.A_log, self.conv1d.weight
+        if torch.is_grad_enabled() or A_log.is_inference():  # inference tensors keep no version to check
+            return -torch.exp(A_log.float()), w[:, 0].t()
+        key = (A_log._version, A_log.data_ptr(), w._version, w.data_ptr(), w.dtype)
+        if getattr(self, "_consts_key", None) != key:
+            self._consts = (-torch.exp(A_log.float()), w[:, 0].t().contiguous())
+            self._consts_key = key
+        return self._consts
+
     def _step(self, u: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """One decode token: the conv as a dot product with the kept inputs, one step of the recurrence.
-        (A convolution call costs ~0.4 ms on the CPU for this one column; the dot product ~10 us.)"""
-        x, z = self.in_proj(u[:, 0]).chunk(2, dim=-1)  # (B, D)
-        window = torch.cat([state.conv, x[..., None].to(state.conv.dtype)], dim=2)  # (B, D, k)
-        state.conv.copy_(window[:, :, 1:])
-        x = (window * self.conv1d.weight[:, 0]).sum(-1)
+        """One decode token in as few kernels as the maths allows (at batch 1 a step is launch overhead and
+        weight reads, not arithmetic): the conv is a weighted sum over the window of the last k inputs (a
+        conv1d call costs ~0.4 ms on the CPU for this one column), and the SSM state is updated in place
+        (h *= exp(dt A); h += dt x B), y = C . h + D x in two more ops."""
+        # every tensor stays (B, 1, .): no squeeze/unsqueeze round trips
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, 1, D) each
+        f32 = x.dtype == torch.float32
+        A, w = self._decode_consts()
+        window = torch.cat([state.conv, x if x.dtype == state.conv.dtype else x.to(state.conv.dtype)], dim=1)
+        state.conv = window[:, 1:]  # (B, k-1, D) the last k-1 inputs: a view of the window, no copy
+        x = (window * w).sum(1, keepdim=True)
         if self.conv1d.bias is not None:
             x = x + self.conv1d.bias
-        x = F.silu(x)
+        x = F.silu(x if x.dtype == u.dtype else x.to(u.dtype))  # (B, 1, D)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt).float())  # (B, D)
-        xf = x.float()
-        h = torch.exp(dt[..., None] * -torch.exp(self.A_log.float())) * state.ssm \
-            + (dt * xf)[..., None] * B.float()[:, None, :]  # (B, D, N)
-        state.ssm.copy_(h)
-        y = (h @ C.float()[..., None])[..., 0] + xf * self.D.float()  # (B, D)
-        return self.out_proj((y.to(u.dtype) * F.silu(z))[:, None])
+        dt = F.softplus(self.dt_proj(dt) if f32 else self.dt_proj(dt).float())  # (B, 1, D)
+        xf = x if f32 else x.float()
+        if not f32:
+            B, C = B.float(), C.float()
+        h = state.ssm  # (B, D, N), fp32
+        h.mul_(torch.exp(dt.mT * A))
+        h.addcmul_((dt * xf).mT, B)  # (B, D, 1) * (B, 1, N)
+        y = torch.addcmul(torch.bmm(C, h.mT), xf, self.D if f32 else self.D.float())  # (B, 1, D)
+        return self.out_proj((y if f32 else y.to(u.dtype)) * F.silu(z))

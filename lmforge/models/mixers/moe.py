@@ -66,10 +66,12 @@ class MoE(nn.Module):
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (N, E) -> probabilities (N, E) fp32, top-k gates (N, k), top-k experts (N, k)."""
-        probs = logits.float().softmax(dim=-1)
+        logits = logits.float()
+        probs = logits.softmax(dim=-1)
+        if self.normalize:  # the renormalised top-k probabilities are the softmax of the top-k logits: 1 op, not 3
+            top, experts = logits.topk(self.top_k, dim=-1)
+            return probs, top.softmax(dim=-1), experts
         gates, experts = probs.topk(self.top_k, dim=-1)
-        if self.normalize:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
         return probs, gates, experts
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
@@ -102,10 +104,14 @@ class MoE(nn.Module):
                 i += c
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
 
-    def balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """L_bal = E * sum_e f_e P_e for probabilities (N, E) and chosen experts (N, k)."""
+    def balance_loss(self, probs: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """L_bal = E * sum_e f_e P_e for probabilities (N, E) and chosen experts (N, k) (`counts`: the
+        assignments per expert, when the caller has them already)."""
         N, E = probs.shape
-        f = torch.bincount(experts.reshape(-1), minlength=E).to(probs.dtype) / N  # (E,) no gradient
+        if counts is None:
+            counts = torch.bincount(experts.reshape(-1), minlength=E)
+        f = counts.to(probs.dtype) / N  # (E,) no gradient
         return E * (f * probs.mean(dim=0)).sum()
 
     def forward(self, x: torch.Tensor, ctx=None, state=None) -> torch.Tensor:
@@ -117,6 +123,7 @@ class MoE(nn.Module):
         flat = experts.reshape(-1)  # (N*k,) assignment a belongs to token a // k
         order = flat.argsort(stable=True)  # assignments grouped by expert, token order within a group
         counts = torch.bincount(flat, minlength=E)  # (E,)
+        bal = self.balance_loss(probs, experts, counts)  # before capacity: routing decisions, not kept ones
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
         dropped_tokens = dropped
         if self.capacity_factor is not None:
@@ -137,7 +144,6 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(xf)
         z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-        bal = self.balance_loss(probs, experts)
         self.last_aux_loss = self.aux_coef * bal + self.z_coef * z
         self.last_stats = {"balance_loss": bal.detach(), "z_loss": z.detach(), "dropped": dropped,
                            "dropped_tokens": dropped_tokens}
