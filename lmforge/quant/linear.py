@@ -104,10 +104,13 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or not x.is_floating_point():
             b = self.bias.to(x.dtype) if self.bias is not None else None
             return F.linear(x, self.dequantize(x.dtype), b)
-        shape = x.shape
-        y = self._matmul(x.reshape(-1, shape[-1]).to(torch.bfloat16)).to(x.dtype)
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, shape[-1])
+        y = self._matmul(x if dtype == torch.bfloat16 else x.to(torch.bfloat16))
+        if dtype != torch.bfloat16:
+            y = y.to(dtype)
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+            y = y + (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
         return y.view(*shape[:-1], self.out_features)
 
     def quant_info(self) -> dict:
@@ -152,6 +155,8 @@ class Int8Linear(QuantLinear):
         return (self.qweight[rows].float() * self.scales[rows][..., None]).to(dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self._bf16_scales is not None:  # built by an eager call before
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._bf16_scales[1])
         key = (self.scales.data_ptr(), self.scales._version)
         if self._bf16_scales is None or self._bf16_scales[0] != key:
             self._bf16_scales = (key, self.scales.to(torch.bfloat16))
@@ -234,8 +239,10 @@ class Int4Linear(_Int4Kernel):
         return w.view(*rows.shape, K).to(dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        key = (self.scales.data_ptr(), self.scales._version, self.mins._version)
         cached = getattr(self, "_sz", None)
+        if torch.compiler.is_compiling() and cached is not None:  # built by an eager call before
+            return self._mm(x, self.qweight, cached[1])
+        key = (self.scales.data_ptr(), self.scales._version, self.mins._version)
         if cached is None or cached[0] != key:
             s = self.scales.float()
             self._sz = cached = (key, self._table(key, s, self.mins.float() + 8 * s))
@@ -308,8 +315,10 @@ class Q8Linear(_Int4Kernel):
         return w.view(*rows.shape, K).to(dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        key = (self.scales.data_ptr(), self.scales._version)
         cached = getattr(self, "_tables", None)
+        if torch.compiler.is_compiling() and cached is not None:  # built by an eager call before
+            return self._mm(x, self.qhi, cached[1]) + self._mm(x, self.qlo, cached[2])
+        key = (self.scales.data_ptr(), self.scales._version)
         if cached is None or cached[0] != key:
             d = self.scales.float()
             zero = torch.zeros_like(d)
