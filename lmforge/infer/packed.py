@@ -38,6 +38,7 @@ class PackedLinear(nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
         self._packed: torch.Tensor | None = None
+        self._wnp: np.ndarray | None = None
         self._packed_key: tuple | None = None
         self._kind = "plain"  # "bf16" (oneDNN), "fp32" (MKL) or "plain" (F.linear), set with the packed copy
 
@@ -50,11 +51,14 @@ class PackedLinear(nn.Linear):
                 self._packed, self._kind = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1), "bf16"
             else:
                 self._packed, self._kind = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), 1), "fp32"
+                self._wnp = w.detach().numpy()  # a view of the weight for `_blas_linear`, made once, not per call
         self._packed_key = key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode calls this ~100 times per token, so the common path is kept to a few attribute reads
         w = self.weight
+        if torch.compiler.is_compiling():  # a compiled decode step: inductor picks (and may pack for) the matmul
+            return F.linear(x, w, self.bias)
         # the packed kernels have no backward: any gradient through here (into the weight, or back into
         # the input, e.g. frozen layers under LoRA) takes the plain path
         if x.dtype != w.dtype or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
@@ -69,7 +73,7 @@ class PackedLinear(nn.Linear):
             return F.linear(x, w, self.bias)
         shape = x.shape
         if getattr(_blas, "active", False) and x.numel() <= _BLAS_MAX_ROWS * shape[-1]:
-            return _blas_linear(x.reshape(-1, shape[-1]), w, self.bias).view(*shape[:-1], self.out_features)
+            return _blas_linear(x.reshape(-1, shape[-1]), self._wnp, self.bias).view(*shape[:-1], self.out_features)
         y = torch.ops.mkl._mkl_linear(x.reshape(-1, shape[-1]), self._packed, w, self.bias, 1)
         return y.view(*shape[:-1], self.out_features)
 
@@ -135,8 +139,9 @@ def blas_decode(enabled: bool = True) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _blas_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ w.T (+ bias) for a few fp32 rows, computed by numpy's BLAS on tensors shared without copies."""
-    xn, wn = x.detach().contiguous().numpy(), w.detach().numpy()
+def _blas_linear(x: torch.Tensor, wn: np.ndarray, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T (+ bias) for a few fp32 rows, computed by numpy's BLAS on tensors shared without copies
+    (`wn`: the weight as a numpy view)."""
+    xn = (x.detach() if x.requires_grad else x).numpy()
     y = torch.from_numpy(wn.dot(xn[0])[None] if xn.shape[0] == 1 else np.dot(xn, wn.T))
     return y.add_(bias) if bias is not None else y

@@ -33,6 +33,10 @@ def tied_key(cfg: Config) -> str | None:
     return "lm_head.decoder.weight" if cfg.head == "mlm" else "lm_head.weight"
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Block(nn.Module):
     """One block: a token mixer and a channel mixer, each with a residual connection and a norm.
 
@@ -72,18 +76,20 @@ class Block(nn.Module):
         # x: (B, T, C); state: this layer's decode state (from the cache) or None
         mix, ffn = self._modules[self.tname], self._modules[self.cname] if self.cname else None
         cross = self.cross_attn
+        # dropout is the identity in eval: skipping the call saves two dispatches per layer and token at decode
+        drop = self.drop if self.training and self.drop.p else _identity
         if self.placement == "pre":  # x + f(norm(x))
-            x = x + self.drop(mix(self.norm_1(x), ctx, state))
+            x = x + drop(mix(self.norm_1(x), ctx, state))
             if cross is not None:
-                x = x + self.drop(cross(self.norm_cross(x), ctx, state))
-            return x if ffn is None else x + self.drop(ffn(self.norm_2(x), ctx, state))
+                x = x + drop(cross(self.norm_cross(x), ctx, state))
+            return x if ffn is None else x + drop(ffn(self.norm_2(x), ctx, state))
         if self.placement == "post":  # norm(x + f(x))
-            x = self.norm_1(x + self.drop(mix(x, ctx, state)))
+            x = self.norm_1(x + drop(mix(x, ctx, state)))
             if cross is not None:
-                x = self.norm_cross(x + self.drop(cross(x, ctx, state)))
-            return x if ffn is None else self.norm_2(x + self.drop(ffn(x, ctx, state)))
+                x = self.norm_cross(x + drop(cross(x, ctx, state)))
+            return x if ffn is None else self.norm_2(x + drop(ffn(x, ctx, state)))
         h = self.norm_1(x)  # parallel: x + mix(norm(x)) + ffn(norm(x))
-        return x + self.drop(mix(h, ctx, state)) + self.drop(ffn(h, ctx, state))
+        return x + drop(mix(h, ctx, state)) + drop(ffn(h, ctx, state))
 
 
 class DecoderLM(nn.Module):
@@ -305,7 +311,7 @@ class DecoderLM(nn.Module):
             x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
         if self.emb_norm is not None:
             x = self.emb_norm(x)
-        return self.drop(x)
+        return self.drop(x) if self.training and self.drop.p else x
 
     def _packed_hidden_states(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Hidden states for a packed cache (`lmforge.infer.paged.PagedBatch`): input_ids (1, N) holds the new

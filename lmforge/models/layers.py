@@ -78,25 +78,33 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Precomputed cos/sin tables for RoPE (Su et al. 2021), in the rotate-half layout of HF Llama."""
+    """Precomputed cos/sin tables for RoPE (Su et al. 2021), in the rotate-half layout of HF Llama.
+
+    The sin table is stored with its first half negated (see `apply_rope`)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         t = torch.arange(cfg.block_size, dtype=torch.float32)
         freqs = torch.outer(t, rope_inv_freq(cfg))  # (T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+        sin = emb.sin()
+        sin[:, : sin.shape[1] // 2].neg_()
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (B, T) -> cos, sin: (B, 1, T, hd), broadcast over heads
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        # positions: (B, T) -> cos, signed sin: (B, 1, T, hd), broadcast over heads
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return (cos, sin) if dtype == cos.dtype else (cos.to(dtype), sin.to(dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle. x: (B, nh, T, hs)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle. x: (B, nh, T, hs).
+
+    cos, sin as `Rotary` gives them: sin negated in its first half, so that HF's x * cos + cat(-x2, x1) * sin
+    is x * cos + roll(x) * sin here (the same products, as negation is exact), in 4 ops instead of 8 (a decode
+    step runs this once per layer)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def sinusoid_table(n_positions: int, d: int) -> torch.Tensor:

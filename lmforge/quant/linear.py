@@ -26,6 +26,8 @@ and multiplies twice with the 4-bit kernel: (h+8 - 8) * 16d and (l - 8) * d + 8d
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -104,10 +106,13 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or not x.is_floating_point():
             b = self.bias.to(x.dtype) if self.bias is not None else None
             return F.linear(x, self.dequantize(x.dtype), b)
-        shape = x.shape
-        y = self._matmul(x.reshape(-1, shape[-1]).to(torch.bfloat16)).to(x.dtype)
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, shape[-1])
+        y = self._matmul(x if dtype == torch.bfloat16 else x.to(torch.bfloat16))
+        if dtype != torch.bfloat16:
+            y = y.to(dtype)
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+            y = y + (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
         return y.view(*shape[:-1], self.out_features)
 
     def quant_info(self) -> dict:
@@ -119,7 +124,15 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    """Per-output-channel symmetric int8 weights: value = q * scale[row], q in -127..127."""
+    """Per-output-channel symmetric int8 weights: value = q * scale[row], q in -127..127.
+
+    A single fp32 row (batch-1 decode) multiplies as llama.cpp's Q8_0 does, in integers: the row is quantized
+    to 8 bits on the fly (its own scale and zero point) and fbgemm's int8 GEMM (`quantized::linear_dynamic`,
+    AVX-512 VNNI) does the rest, from a copy of the weights prepacked once (the int8 bytes again: 135 MB for
+    SmolLM2). Measured in one process on 2 cores (busy machine, interleaved): 3072 x 576 23 us vs 53 us for the
+    bf16 kernel, the 49152 x 576 LM head 0.64 ms vs 2.0 ms. Several rows (prefill, batches) keep the bf16 kernel,
+    since fbgemm's dynamic quantization takes one scale for all rows of a call.
+    """
 
     method = "int8"
 
@@ -128,6 +141,7 @@ class Int8Linear(QuantLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.zeros(out_features))
         self._bf16_scales: tuple | None = None
+        self._w8a8: tuple | None = None  # (key, fbgemm packed weight or None when unavailable)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -151,11 +165,46 @@ class Int8Linear(QuantLinear):
         """Rows of the float weight, (*rows.shape, in_features)."""
         return (self.qweight[rows].float() * self.scales[rows][..., None]).to(dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype != torch.float32 or x.numel() != self.in_features or x.device.type != "cpu"
+                or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            return super().forward(x)
+        packed = self._packed_w8a8()
+        if packed is None:
+            return super().forward(x)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(1, -1), packed)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _packed_w8a8(self):
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version)
+        if self._w8a8 is None or self._w8a8[0] != key:
+            self._w8a8 = (key, _fbgemm_pack(self.qweight, self.scales))
+        return self._w8a8[1]
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self._bf16_scales is not None:  # built by an eager call before
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._bf16_scales[1])
         key = (self.scales.data_ptr(), self.scales._version)
         if self._bf16_scales is None or self._bf16_scales[0] != key:
             self._bf16_scales = (key, self.scales.to(torch.bfloat16))
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._bf16_scales[1])
+
+
+def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor):
+    """int8 weights (N, K) with per-row scales, prepacked for `quantized::linear_dynamic`; None where that
+    kernel is missing (a build without fbgemm, or once PyTorch drops its deprecated quantized tensors)."""
+    if q.device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    try:
+        with warnings.catch_warnings():  # quantized tensors are deprecated; this one only feeds the prepack
+            warnings.simplefilter("ignore")
+            w = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros_like(scales, dtype=torch.long),
+                                                         0)
+            return torch.ops.quantized.linear_prepack(w, None)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
 
 
 class _Int4Kernel(QuantLinear):
@@ -234,8 +283,10 @@ class Int4Linear(_Int4Kernel):
         return w.view(*rows.shape, K).to(dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        key = (self.scales.data_ptr(), self.scales._version, self.mins._version)
         cached = getattr(self, "_sz", None)
+        if torch.compiler.is_compiling() and cached is not None:  # built by an eager call before
+            return self._mm(x, self.qweight, cached[1])
+        key = (self.scales.data_ptr(), self.scales._version, self.mins._version)
         if cached is None or cached[0] != key:
             s = self.scales.float()
             self._sz = cached = (key, self._table(key, s, self.mins.float() + 8 * s))
@@ -308,8 +359,10 @@ class Q8Linear(_Int4Kernel):
         return w.view(*rows.shape, K).to(dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        key = (self.scales.data_ptr(), self.scales._version)
         cached = getattr(self, "_tables", None)
+        if torch.compiler.is_compiling() and cached is not None:  # built by an eager call before
+            return self._mm(x, self.qhi, cached[1]) + self._mm(x, self.qlo, cached[2])
+        key = (self.scales.data_ptr(), self.scales._version)
         if cached is None or cached[0] != key:
             d = self.scales.float()
             zero = torch.zeros_like(d)
