@@ -91,8 +91,9 @@ class SegmentLM(CausalLM):
         super().__init__(**kwargs)
         self._memory: dict[bool, object] = {}  # training / evaluation memories, kept apart
 
-    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Logits of this segment, reading and advancing the memory of the previous one."""
+    def forward(self, model: nn.Module, batch: Batch, **kwargs):
+        """`model(...)` on this segment (logits, or (nll, hit) with `targets`), reading and advancing the
+        memory of the previous one."""
         inner = getattr(model, "_orig_mod", model)
         inner = getattr(inner, "module", inner)
         if not hasattr(inner, "new_cache"):
@@ -106,7 +107,7 @@ class SegmentLM(CausalLM):
             mem.new_segment()  # refuses models with KV-cache attention layers, before any compute
         else:
             mem.new_segment()
-        return model(x, cache=mem)
+        return model(x, cache=mem, **kwargs)
 
 
 def stream_data(recipe, tok, run_dir: Path, seq_len: int):
