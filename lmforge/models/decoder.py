@@ -26,6 +26,24 @@ from lmforge.models.mixers import MixerContext, channel_mixers, token_mixers
 from lmforge.models.mixers.attention import CrossAttention, Unpadded, build_mask
 
 
+def matmul_flops(model: nn.Module) -> float:
+    """Training FLOPs per token of `model`'s weight matmuls: 6 per trainable weight, 4 per frozen one.
+
+    Every nn.Linear counts, the LM head included (tied or not, it is a real matmul); quantized layers
+    (lmforge.quant swaps, no float `weight`) are frozen; batched MoE experts count what one token
+    multiplies by (its top-k experts).
+    """
+    def per(trainable: bool) -> float:
+        return 6.0 if trainable else 4.0
+
+    n = sum(per(m.weight.requires_grad) * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    n += sum(4.0 * m.in_features * m.out_features for m in model.modules()
+             if hasattr(m, "dequantize") and not isinstance(m, nn.Linear))
+    n += sum(per(any(p.requires_grad for p in m.parameters())) * m.active_expert_params()
+             for m in model.modules() if hasattr(m, "active_expert_params"))
+    return n
+
+
 def tied_key(cfg: Config) -> str | None:
     """State-dict key of the LM head's output weight when it is the token embedding, else None."""
     if not cfg.tie_embeddings or cfg.head == "none":
@@ -385,18 +403,16 @@ class DecoderLM(nn.Module):
                 if hasattr(m, "dequantize") and not isinstance(m, nn.Linear)}
 
     def estimate_flops(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention scores.
+        """Training FLOPs per token (forward + backward) for what trains now, plus attention scores.
 
-        As in PaLM's appendix B / nanochat: 6 * N_matmul + 12 * n_layer * n_head * head_dim * T.
+        As in PaLM's appendix B / nanochat: 6 per matmul weight (2 forward, 2 for the input's gradient, 2
+        for the weight's) plus 12 * n_layer * n_head * head_dim * T. A frozen weight (a LoRA / QLoRA base,
+        a quantized layer, a frozen head) needs no weight gradient: 4 per weight. Layers below every trainable
+        parameter need no input gradient either; that saving is not counted.
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        # every nn.Linear, the LM head included (tied or not, it is a real matmul)
-        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        n_matmul += sum(self._quantized_weights().values())
-        # batched expert weights are not nn.Linear: count what one token multiplies by (top-k experts)
-        n_matmul += sum(m.active_expert_params() for m in self.modules() if hasattr(m, "active_expert_params"))
-        return 6.0 * n_matmul + 12.0 * self._n_attention_layers() * cfg.n_head * cfg.head_dim * T
+        return matmul_flops(self) + 12.0 * self._n_attention_layers() * cfg.n_head * cfg.head_dim * T
 
     def _n_attention_layers(self) -> int:
         return sum(token == "attention" for token, _ in self.config.layer_mixers())
