@@ -121,3 +121,36 @@ def test_choice_accuracy_scores_the_likeliest_option(tiny_source):
     # a row whose answer is made the only option the model can pick scores 1; a wrong answer 0
     one = [{**r, "options": [r["answer"]]} for r in rows]
     assert choice_accuracy(llm.model, llm.tokenizer, one)["choice_acc"] == 1.0
+
+
+@pytest.mark.slow
+def test_adapter_checkpoint_holds_no_base_and_refuses_a_changed_base(tmp_path, tiny_source, capsys):
+    src = tmp_path / "base"
+    shutil.copytree(tiny_source, src)
+    run = tmp_path / "run"
+    sets = _sets(src, run, steps=2, **{"train.checkpoint_every": 1, "train.keep_last": 0})
+    assert main(["finetune", "--method", "lora", "--set", *sets]) == 0
+    ck = run / "checkpoints" / "step-2"
+    assert not (ck / "model.safetensors").exists() and (ck / "trainable.safetensors").is_file()
+    held = load_file(ck / "trainable.safetensors")
+    assert held and all(".lora_" in k for k in held)  # only what trains
+    base_bytes = (src / "model.safetensors").stat().st_size
+    assert (ck / "trainable.safetensors").stat().st_size < base_bytes / 10
+    assert sum(p.stat().st_size for p in ck.iterdir()) < base_bytes / 2  # tokenizer and optimizer included
+    state = json.loads((ck / "state.json").read_text())
+    assert state["base"]["source"] == str(src.resolve()) and len(state["base"]["fingerprint"]) == 32
+    # the checkpoint is still a model folder: the base comes back from its source, the adapter on top
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load(ck).model(ids), load(run / "model").model(ids))
+    # the base changes under the run (same shapes, other weights): resuming is refused, naming the mismatch
+    torch.manual_seed(1)
+    other = load(src)
+    LLM(DecoderLM(other.config), other.tokenizer).save(src)
+    shutil.rmtree(run / "model")
+    shutil.rmtree(ck)
+    capsys.readouterr()
+    assert main(["finetune", "--method", "lora", "--resume", "auto", "--set", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "trained on another base model" in err and state["base"]["fingerprint"] in err
+    assert "same shapes, different values" in err and not (run / "checkpoints" / "step-2").exists()
