@@ -121,6 +121,8 @@ def test_choice_accuracy_scores_the_likeliest_option(tiny_source):
     # a row whose answer is made the only option the model can pick scores 1; a wrong answer 0
     one = [{**r, "options": [r["answer"]]} for r in rows]
     assert choice_accuracy(llm.model, llm.tokenizer, one)["choice_acc"] == 1.0
+    llm.model.accepts_targets = False  # scored from full logits instead of the chunked head: the same picks
+    assert choice_accuracy(llm.model, llm.tokenizer, rows) == base
 
 
 @pytest.mark.slow
