@@ -120,3 +120,16 @@ def test_dpo_sequence_logps_use_the_chunked_head_and_equal_the_logits_path():
     (a, na, ga), (b, nb, gb) = out
     assert torch.equal(na, nb) and (a - b).abs().max() <= TOL
     assert max(float((x - y).abs().max()) for x, y in zip(ga, gb)) <= TOL
+
+
+def test_under_bf16_autocast_it_follows_the_plain_path():
+    h, w, b, y, wt = _inputs(2, n=40, c=32, v=300)
+    out = []
+    for fn in (_plain, lambda *a: linear_cross_entropy(*a, chunk_rows=16)):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll, _ = fn(hh, ww, None, y)
+        (nll * wt).sum().backward()  # per-token weights: the weight gradient is recomputed in backward
+        out.append((nll.detach(), hh.grad, ww.grad))
+    for a, c in zip(*out):
+        assert a.dtype == c.dtype and (a - c).abs().max() <= 2e-2 * a.abs().max()  # bf16 matmuls on both

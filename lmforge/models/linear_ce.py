@@ -40,6 +40,14 @@ def _chunk_grads(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lse: tor
     return p.mul_(valid.unsqueeze(1))
 
 
+def _accumulate(gw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, cdt: torch.dtype) -> None:
+    """gw (fp32) += dz^T h, the matmul in the compute dtype (bf16 under autocast, as F.linear's backward)."""
+    if cdt == torch.float32:
+        gw.addmm_(dz.t(), h)
+    else:
+        gw.add_(dz.to(cdt).t() @ h)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, y, chunk, grad):
@@ -70,7 +78,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     gh[s:e] = (dz.to(cdt) @ w).float()
                 if need_w:
-                    gw.addmm_(dz.t(), hc[s:e].float())
+                    _accumulate(gw, dz, hc[s:e], cdt)
                     if gb is not None:
                         gb.add_(dz.sum(0))
         ctx.chunk, ctx.cdt, ctx.h_dtype = chunk, cdt, h.dtype
@@ -113,7 +121,7 @@ def _recompute_weight_grads(h, weight, bias, y, valid, g, chunk, cdt):
         z = F.linear(h[s:e].to(cdt), w, b).float()
         lse = torch.logsumexp(z, dim=1)
         dz = _chunk_grads(z, y[s:e], valid[s:e], lse).mul_(g[s:e].unsqueeze(1))
-        gw.addmm_(dz.t(), h[s:e].float())
+        _accumulate(gw, dz, h[s:e].to(cdt), cdt)
         if gb is not None:
             gb.add_(dz.sum(0))
     return gw.to(weight.dtype), gb.to(bias.dtype) if gb is not None else None
