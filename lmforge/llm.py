@@ -530,8 +530,9 @@ def _load_base(folder: Path, ref: dict, cfg: Config, dtype, device) -> nn.Module
     src = ref.get("source")
     if not src:
         raise FormatError(f"{folder}: lmforge.json's base names no source and the folder has no model.safetensors")
+    nf4 = ref.get("nf4")  # QLoRA: the adapters were trained on the NF4-quantized base
     try:
-        model = load(src, dtype=dtype or ref.get("dtype"), device=device, dequantize=True).model
+        model = load(src, dtype=dtype or ref.get("dtype"), device=device, dequantize=not nf4).model
     except FormatError as e:
         raise FormatError(f"{folder}: holds adapters only; its base {src!r} cannot be loaded ({e}). Put the base "
                           "back where it was, or load a full model folder") from None
@@ -540,6 +541,10 @@ def _load_base(folder: Path, ref: dict, cfg: Config, dtype, device) -> nn.Module
     if diff:
         raise FormatError(f"{folder}: holds adapters only, and its base {src!r} is now a different model "
                           f"(config differs in {', '.join(diff[:5])}); load it with the base it was trained on")
+    if nf4:
+        from lmforge.adapt import quantize_base
+
+        quantize_base(model, blocksize=int(nf4["blocksize"]), double_quant=bool(nf4["double_quant"]))
     return model
 
 

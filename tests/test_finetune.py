@@ -82,6 +82,12 @@ def test_adapter_run_resumes_bit_identically(tmp_path, tiny_source, method):
     wa = load_file(a / "model" / "adapter_model.safetensors")
     wb = load_file(b / "model" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the adapter-only checkpoint loads as a model: base rebuilt from its source (NF4 again for QLoRA)
+    ck = a / "checkpoints" / "step-4"
+    assert not (ck / "model.safetensors").exists()
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (load(ck).model(ids) - load(a / "model").model(ids)).abs().max() <= 1e-5
     if method == "lora":
         src = load_file(tiny_source / "model.safetensors")  # and LoRA moved only the adapter
         assert all(torch.equal(load_file(b / "model" / "model.safetensors")[k], v) for k, v in src.items())
