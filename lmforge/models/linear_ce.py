@@ -33,11 +33,21 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
 
 
-def _chunk_grads(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """softmax(z) - onehot(y) per row (fp32, in place over z), zero on ignored rows."""
-    p = z.sub_(lse.unsqueeze(1)).exp_()
-    p.scatter_add_(1, y.clamp(min=0).unsqueeze(1), -valid.to(p.dtype).unsqueeze(1))
-    return p.mul_(valid.unsqueeze(1))
+def _chunk_loss(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, grad: bool):
+    """(nll, hit, dz) of one chunk's fp32 logits z (rows, V), which it overwrites: dz = softmax(z) - onehot(y)
+    on counted rows, 0 on ignored ones (None without `grad`). Five passes over z, no (rows, V) temporaries."""
+    yi = y.clamp(min=0).unsqueeze(1)
+    picked = z.gather(1, yi).squeeze(1)
+    m, arg = z.max(1)  # the row maximum and the argmax in one pass
+    z.sub_(m.unsqueeze(1)).exp_()
+    total = z.sum(1)
+    nll = (total.log() + m - picked).masked_fill_(~valid, 0.0)
+    hit = (arg == y) & valid
+    if not grad:
+        return nll, hit, None
+    z.mul_((valid / total).unsqueeze(1))  # softmax on counted rows, 0 on ignored ones
+    z.scatter_add_(1, yi, -valid.to(z.dtype).unsqueeze(1))
+    return nll, hit, z
 
 
 def _accumulate(gw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, cdt: torch.dtype) -> None:
@@ -68,13 +78,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             z = F.linear(hc[s:e], w, b).float()  # (rows, V)
-            yc, vc = y[s:e], valid[s:e]
-            lse = torch.logsumexp(z, dim=1)
-            picked = z.gather(1, yc.clamp(min=0).unsqueeze(1)).squeeze(1)
-            nll[s:e] = (lse - picked).masked_fill_(~vc, 0.0)
-            hit[s:e] = (z.argmax(1) == yc) & vc
-            if need_h or need_w:
-                dz = _chunk_grads(z, yc, vc, lse)
+            nll[s:e], hit[s:e], dz = _chunk_loss(z, y[s:e], valid[s:e], need_h or need_w)
+            if dz is not None:
                 if need_h:
                     gh[s:e] = (dz.to(cdt) @ w).float()
                 if need_w:
@@ -119,8 +124,7 @@ def _recompute_weight_grads(h, weight, bias, y, valid, g, chunk, cdt):
     for s in range(0, h.shape[0], chunk):
         e = min(s + chunk, h.shape[0])
         z = F.linear(h[s:e].to(cdt), w, b).float()
-        lse = torch.logsumexp(z, dim=1)
-        dz = _chunk_grads(z, y[s:e], valid[s:e], lse).mul_(g[s:e].unsqueeze(1))
+        dz = _chunk_loss(z, y[s:e], valid[s:e], True)[2].mul_(g[s:e].unsqueeze(1))
         _accumulate(gw, dz, h[s:e].to(cdt), cdt)
         if gb is not None:
             gb.add_(dz.sum(0))
