@@ -158,9 +158,15 @@ def base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     frozen = sorted(split_state(model)[1])
     h = hashlib.blake2b(digest_size=16)
     elements = 0
+    seen: dict[tuple, str] = {}  # a tied table (embedding = LM head) is hashed once
     for k in frozen:
         t = sd[k].detach()
         h.update(f"{k}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)};".encode())
+        ident = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if ident in seen:
+            h.update(f"={seen[ident]};".encode())
+            continue
+        seen[ident] = k
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         elements += t.numel()
     return {"fingerprint": h.hexdigest(), "tensors": len(frozen), "elements": elements}
