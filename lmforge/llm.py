@@ -481,8 +481,11 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         raise FormatError(f"{folder}: no config.json or lmforge.json; not a model folder")
     has_weights = (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
     if meta is not None and meta.get("base") and not has_weights:  # adapters only: the base from its source
-        model = _load_base(folder, meta["base"], cfg, dtype, device)
-        return _with_adapters(folder, model)
+        from lmforge.adapt.state import check_fingerprint, load_base
+
+        llm = _with_adapters(folder, load_base(folder, meta["base"], cfg, dtype, device))
+        check_fingerprint(folder, meta["base"], llm.model)
+        return llm
     if has_weights:
         tensors = _read_safetensors(folder)
     elif layout == "dcp":  # a ddp/fsdp run's sharded checkpoint
@@ -523,29 +526,6 @@ def _with_adapters(folder: Path, model: nn.Module) -> LLM:
         load_native_adapter(model, folder)
     tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
     return LLM(model, tok, str(folder))
-
-
-def _load_base(folder: Path, ref: dict, cfg: Config, dtype, device) -> nn.Module:
-    """The float base an adapter-only folder names (`lmforge.json` `base.source`), checked against its config."""
-    src = ref.get("source")
-    if not src:
-        raise FormatError(f"{folder}: lmforge.json's base names no source and the folder has no model.safetensors")
-    nf4 = ref.get("nf4")  # QLoRA: the adapters were trained on the NF4-quantized base
-    try:
-        model = load(src, dtype=dtype or ref.get("dtype"), device=device, dequantize=not nf4).model
-    except FormatError as e:
-        raise FormatError(f"{folder}: holds adapters only; its base {src!r} cannot be loaded ({e}). Put the base "
-                          "back where it was, or load a full model folder") from None
-    theirs, ours = model.config.to_dict(), cfg.to_dict()
-    diff = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k) and k != "name")
-    if diff:
-        raise FormatError(f"{folder}: holds adapters only, and its base {src!r} is now a different model "
-                          f"(config differs in {', '.join(diff[:5])}); load it with the base it was trained on")
-    if nf4:
-        from lmforge.adapt import quantize_base
-
-        quantize_base(model, blocksize=int(nf4["blocksize"]), double_quant=bool(nf4["double_quant"]))
-    return model
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lmforge.cli import main
 from lmforge.config import get_preset
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, FormatError
 from lmforge.llm import LLM, load
 from lmforge.models import DecoderLM
 from lmforge.tokenizers import train_bpe
@@ -155,6 +155,8 @@ def test_adapter_checkpoint_holds_no_base_and_refuses_a_changed_base(tmp_path, t
     torch.manual_seed(1)
     other = load(src)
     LLM(DecoderLM(other.config), other.tokenizer).save(src)
+    with pytest.raises(FormatError, match="no longer the one they were trained on"):
+        load(ck)
     shutil.rmtree(run / "model")
     shutil.rmtree(ck)
     capsys.readouterr()

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.adapt.state import base_fingerprint, split_state, trainable_state
 from lmforge.errors import ConfigError, FormatError
 from lmforge.io import atomic_dir, write_json
 
@@ -125,52 +126,6 @@ def load_heads(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ---- adapter-only checkpoints: what trains, and a fingerprint of what does not -------------------
-
-def _quantized_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
-    return tuple(f"{n}." for n, m in model.named_modules() if callable(getattr(m, "dequantize", None)))
-
-
-def split_state(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """(keys that training changes, frozen keys) of `model.state_dict()`.
-
-    Changing: parameters with requires_grad and persistent buffers (an adapter's running statistics),
-    except the buffers of quantized layers (a QLoRA base's NF4 codes), which are frozen by construction.
-    """
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    quant = _quantized_prefixes(model)
-    live, frozen = [], []
-    for k, v in model.state_dict(keep_vars=True).items():
-        changes = v.requires_grad if k in params else not k.startswith(quant)
-        (live if changes else frozen).append(k)
-    return live, frozen
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter-only checkpoint stores (see `split_state`), detached, on the CPU."""
-    sd = model.state_dict()
-    return {k: sd[k].detach().cpu().contiguous() for k in split_state(model)[0]}
-
-
-def base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """{"fingerprint", "tensors", "elements"} of the frozen tensors: blake2b over their sorted keys, dtypes,
-    shapes and bytes (~1 s for SmolLM2's 135M weights). Equal fingerprints mean bit-identical bases."""
-    sd = model.state_dict()
-    frozen = sorted(split_state(model)[1])
-    h = hashlib.blake2b(digest_size=16)
-    elements = 0
-    seen: dict[tuple, str] = {}  # a tied table (embedding = LM head) is hashed once
-    for k in frozen:
-        t = sd[k].detach()
-        h.update(f"{k}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)};".encode())
-        ident = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if ident in seen:
-            h.update(f"={seen[ident]};".encode())
-            continue
-        seen[ident] = k
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        elements += t.numel()
-    return {"fingerprint": h.hexdigest(), "tensors": len(frozen), "elements": elements}
-
 
 def check_base(folder: Path, saved: dict[str, Any], model: torch.nn.Module) -> None:
     """ConfigError unless `model`'s frozen tensors are the base the adapter-only checkpoint was trained on."""
