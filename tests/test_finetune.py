@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lmforge.cli import main
 from lmforge.config import get_preset
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, FormatError
 from lmforge.llm import LLM, load
 from lmforge.models import DecoderLM
 from lmforge.tokenizers import train_bpe
@@ -82,6 +82,12 @@ def test_adapter_run_resumes_bit_identically(tmp_path, tiny_source, method):
     wa = load_file(a / "model" / "adapter_model.safetensors")
     wb = load_file(b / "model" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the adapter-only checkpoint loads as a model: base rebuilt from its source (NF4 again for QLoRA)
+    ck = a / "checkpoints" / "step-4"
+    assert not (ck / "model.safetensors").exists()
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (load(ck).model(ids) - load(a / "model").model(ids)).abs().max() <= 1e-5
     if method == "lora":
         src = load_file(tiny_source / "model.safetensors")  # and LoRA moved only the adapter
         assert all(torch.equal(load_file(b / "model" / "model.safetensors")[k], v) for k, v in src.items())
@@ -121,3 +127,40 @@ def test_choice_accuracy_scores_the_likeliest_option(tiny_source):
     # a row whose answer is made the only option the model can pick scores 1; a wrong answer 0
     one = [{**r, "options": [r["answer"]]} for r in rows]
     assert choice_accuracy(llm.model, llm.tokenizer, one)["choice_acc"] == 1.0
+    llm.model.accepts_targets = False  # scored from full logits instead of the chunked head: the same picks
+    assert choice_accuracy(llm.model, llm.tokenizer, rows) == base
+
+
+@pytest.mark.slow
+def test_adapter_checkpoint_holds_no_base_and_refuses_a_changed_base(tmp_path, tiny_source, capsys):
+    src = tmp_path / "base"
+    shutil.copytree(tiny_source, src)
+    run = tmp_path / "run"
+    sets = _sets(src, run, steps=2, **{"train.checkpoint_every": 1, "train.keep_last": 0})
+    assert main(["finetune", "--method", "lora", "--set", *sets]) == 0
+    ck = run / "checkpoints" / "step-2"
+    assert not (ck / "model.safetensors").exists() and (ck / "trainable.safetensors").is_file()
+    held = load_file(ck / "trainable.safetensors")
+    assert held and all(".lora_" in k for k in held)  # only what trains
+    base_bytes = (src / "model.safetensors").stat().st_size
+    assert (ck / "trainable.safetensors").stat().st_size < base_bytes / 10
+    assert sum(p.stat().st_size for p in ck.iterdir()) < base_bytes / 2  # tokenizer and optimizer included
+    state = json.loads((ck / "state.json").read_text())
+    assert state["base"]["source"] == str(src.resolve()) and len(state["base"]["fingerprint"]) == 32
+    # the checkpoint is still a model folder: the base comes back from its source, the adapter on top
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load(ck).model(ids), load(run / "model").model(ids))
+    # the base changes under the run (same shapes, other weights): resuming is refused, naming the mismatch
+    torch.manual_seed(1)
+    other = load(src)
+    LLM(DecoderLM(other.config), other.tokenizer).save(src)
+    with pytest.raises(FormatError, match="no longer the one they were trained on"):
+        load(ck)
+    shutil.rmtree(run / "model")
+    shutil.rmtree(ck)
+    capsys.readouterr()
+    assert main(["finetune", "--method", "lora", "--resume", "auto", "--set", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "trained on another base model" in err and state["base"]["fingerprint"] in err
+    assert "same shapes, different values" in err and not (run / "checkpoints" / "step-2").exists()

@@ -135,7 +135,8 @@ def load_adapter(model: nn.Module, folder: str | Path, dropout: float | None = N
     for key, t in tensors.items():  # every shape, before the model is touched
         name, _, kind = key[len(PREFIX):].rpartition(".lora_")
         path, s = known[name]
-        n_in = model.get_submodule(path).weight.shape[1]
+        layer = model.get_submodule(path)
+        n_in = layer.in_features if hasattr(layer, "in_features") else layer.weight.shape[1]  # NF4: no float weight
         want = {"A.weight": (r, n_in), "B.weight": (s.size, r), "magnitude_vector": (s.size,)}.get(kind)
         if want is None:
             raise FormatError(f"{weights}: unexpected tensor {key}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,3 +79,92 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             sd.pop(k)
         sd[prefix + "weight"] = m.dequantize().detach()
     return sd
+
+
+def load_base(folder: Path, ref: dict, cfg, dtype, device) -> nn.Module:
+    """The base an adapter-only folder names (`lmforge.json` `base.source`; NF4 again for QLoRA), checked
+    against the folder's config. `check_fingerprint` compares it, once adapted, with the recorded one."""
+    from lmforge.errors import FormatError
+    from lmforge.llm import load  # the loader calls this for adapter-only folders: imported when used
+
+    src = ref.get("source")
+    if not src:
+        raise FormatError(f"{folder}: lmforge.json's base names no source and the folder has no model.safetensors")
+    nf4 = ref.get("nf4")  # QLoRA: the adapters were trained on the NF4-quantized base
+    try:
+        model = load(src, dtype=dtype or ref.get("dtype"), device=device, dequantize=not nf4).model
+    except FormatError as e:
+        raise FormatError(f"{folder}: holds adapters only; its base {src!r} cannot be loaded ({e}). Put the base "
+                          "back where it was, or load a full model folder") from None
+    theirs, ours = model.config.to_dict(), cfg.to_dict()
+    diff = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k) and k != "name")
+    if diff:
+        raise FormatError(f"{folder}: holds adapters only, and its base {src!r} is now a different model "
+                          f"(config differs in {', '.join(diff[:5])}); load it with the base it was trained on")
+    if nf4:
+        from lmforge.adapt.qlora import quantize_base
+
+        quantize_base(model, blocksize=int(nf4["blocksize"]), double_quant=bool(nf4["double_quant"]))
+    return model
+
+
+def check_fingerprint(folder: Path, ref: dict, model: nn.Module) -> None:
+    """FormatError when `model` (base from `ref["source"]`, adapters put back) is not the model whose
+    frozen tensors `ref["fingerprint"]` describes: the base changed since the folder was written."""
+    from lmforge.errors import FormatError
+
+    if not ref.get("fingerprint"):
+        return
+    ours = base_fingerprint(model)["fingerprint"]
+    if ours != ref["fingerprint"]:
+        raise FormatError(f"{folder}: holds adapters only, and its base {ref.get('source')!r} is no longer the one "
+                          f"they were trained on (fingerprint {ours}, recorded {ref['fingerprint']}); load it with "
+                          "the original base")
+
+
+# ---- adapter-only checkpoints: what trains, and a fingerprint of what does not -------------------
+
+def _quantized_prefixes(model: nn.Module) -> tuple[str, ...]:
+    return tuple(f"{n}." for n, m in model.named_modules() if callable(getattr(m, "dequantize", None)))
+
+
+def split_state(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(keys that training changes, frozen keys) of `model.state_dict()`.
+
+    Changing: parameters with requires_grad and persistent buffers (an adapter's running statistics),
+    except the buffers of quantized layers (a QLoRA base's NF4 codes), which are frozen by construction.
+    """
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    quant = _quantized_prefixes(model)
+    live, frozen = [], []
+    for k, v in model.state_dict(keep_vars=True).items():
+        changes = v.requires_grad if k in params else not k.startswith(quant)
+        (live if changes else frozen).append(k)
+    return live, frozen
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter-only checkpoint stores (see `split_state`), detached, on the CPU."""
+    sd = model.state_dict()
+    return {k: sd[k].detach().cpu().contiguous() for k in split_state(model)[0]}
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """{"fingerprint", "tensors", "elements"} of the frozen tensors: blake2b over their sorted keys, dtypes,
+    shapes and bytes (~1 s for SmolLM2's 135M weights). Equal fingerprints mean bit-identical bases."""
+    sd = model.state_dict()
+    frozen = sorted(split_state(model)[1])
+    h = hashlib.blake2b(digest_size=16)
+    elements = 0
+    seen: dict[tuple, str] = {}  # a tied table (embedding = LM head) is hashed once
+    for k in frozen:
+        t = sd[k].detach()
+        h.update(f"{k}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)};".encode())
+        ident = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if ident in seen:
+            h.update(f"={seen[ident]};".encode())
+            continue
+        seen[ident] = k
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elements += t.numel()
+    return {"fingerprint": h.hexdigest(), "tensors": len(frozen), "elements": elements}

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.train.objectives import IGNORE_INDEX, accepts_targets
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,9 +34,15 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of response-token log-probs (N,), response token counts (N,)) of every row of the batch."""
-    logits = model(batch["input_ids"])  # (N, T, V)
+    """(sum of response-token log-probs (N,), response token counts (N,)) of every row of the batch.
+
+    A model that takes `targets` scores them through its LM head in row chunks, without (N, T, V) logits.
+    """
     mask = batch["loss_mask"].bool()
+    if accepts_targets(model):
+        nll, _ = model(batch["input_ids"], targets=batch["labels"].masked_fill(~mask, IGNORE_INDEX))
+        return -nll.sum(-1), mask.sum(-1)
+    logits = model(batch["input_ids"])  # (N, T, V)
     lp = token_logps(logits, batch["labels"]).masked_fill(~mask, 0.0)
     return lp.sum(-1), mask.sum(-1)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -20,8 +21,27 @@ from lmforge.errors import ConfigError
 from lmforge.models.cache import Cache
 from lmforge.models.heads import Pooler, build_lm_head, output_layer
 from lmforge.models.layers import RelativePositionBias, Rotary, make_norm, sinusoid_table
+from lmforge.models.linear_ce import linear_cross_entropy
 from lmforge.models.mixers import MixerContext, channel_mixers, token_mixers
 from lmforge.models.mixers.attention import CrossAttention, Unpadded, build_mask
+
+
+def matmul_flops(model: nn.Module) -> float:
+    """Training FLOPs per token of `model`'s weight matmuls: 6 per trainable weight, 4 per frozen one.
+
+    Every nn.Linear counts, the LM head included (tied or not, it is a real matmul); quantized layers
+    (lmforge.quant swaps, no float `weight`) are frozen; batched MoE experts count what one token
+    multiplies by (its top-k experts).
+    """
+    def per(trainable: bool) -> float:
+        return 6.0 if trainable else 4.0
+
+    n = sum(per(m.weight.requires_grad) * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    n += sum(4.0 * m.in_features * m.out_features for m in model.modules()
+             if hasattr(m, "dequantize") and not isinstance(m, nn.Linear))
+    n += sum(per(any(p.requires_grad for p in m.parameters())) * m.active_expert_params()
+             for m in model.modules() if hasattr(m, "active_expert_params"))
+    return n
 
 
 def tied_key(cfg: Config) -> str | None:
@@ -100,6 +120,8 @@ class DecoderLM(nn.Module):
     `model(input_ids)` returns the hidden states).
     """
 
+    accepts_targets = True  # forward(..., targets=labels) returns (nll, hit): see `head_nll`
+
     def __init__(self, cfg: Config, init_weights: bool = True):
         super().__init__()
         self.config = cfg.validate()
@@ -168,7 +190,8 @@ class DecoderLM(nn.Module):
                 cache: Cache | None = None, logits_to_keep: int = 0,
                 segment_ids: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None):
         """Logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions when > 0.
 
         attention_mask: (B, T), 1 for real tokens and 0 for padding (left padding for a decoder). With a
@@ -178,6 +201,10 @@ class DecoderLM(nn.Module):
         token_type_ids: BERT's segment A/B embeddings. A model with `head="none"` (a sentence encoder)
         returns its hidden states (B, T, C) instead of logits. memory / memory_mask: the encoder output
         (B, S, C) and its padding mask (B, S) that a decoder with cross-attention reads (see `EncoderDecoderLM`).
+        targets: (B, T) next-token ids (-100 where nothing counts): returns `(nll, hit)` instead of logits,
+        each (B, T): the fp32 negative log-likelihood (differentiable) and whether the argmax is the target,
+        computed by `head_nll` without holding the (B, T, vocab) logits. It is a forward argument, not a
+        separate method, so that DDP/FSDP wrappers (which act on forward) see the whole computation.
         """
         vt = getattr(self, "virtual_tokens", None)  # prompt/prefix tuning (lmforge.adapt.virtual) fill a new cache
         if cache is None and vt is not None and not vt.disabled:
@@ -189,7 +216,29 @@ class DecoderLM(nn.Module):
                                memory_mask=memory_mask)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
+        if targets is not None:
+            return self.head_nll(x, targets)
         return x if self.lm_head is None else self.head_logits(x)
+
+    def head_nll(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nll, hit) of `targets` (B, T) under the LM head on hidden states `x` (B, T, C); see `forward`.
+
+        A plain linear head goes through `linear_cross_entropy` in row chunks; any other head (BERT's MLM
+        head, an adapted or quantized head) computes its logits, then the same quantities from them.
+        """
+        if self.lm_head is None:
+            raise ConfigError("this model has no LM head (head: none): it cannot score next tokens")
+        if self.config.embedding.tied_head_scale and self.config.tie_embeddings:
+            x = x * self.config.d_model ** -0.5
+        head = self.lm_head
+        if type(head) is nn.Linear:
+            return linear_cross_entropy(x, head.weight, head.bias, targets)
+        logits = self.lm_head(x).float()  # (B, T, V)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                              reduction="none").view_as(targets)
+        with torch.no_grad():
+            hit = (logits.argmax(-1) == targets) & (targets != -100)
+        return nll, hit
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head on final hidden states (`hidden_states`' output, or rows picked from it)."""
@@ -360,18 +409,16 @@ class DecoderLM(nn.Module):
                 if hasattr(m, "dequantize") and not isinstance(m, nn.Linear)}
 
     def estimate_flops(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention scores.
+        """Training FLOPs per token (forward + backward) for what trains now, plus attention scores.
 
-        As in PaLM's appendix B / nanochat: 6 * N_matmul + 12 * n_layer * n_head * head_dim * T.
+        As in PaLM's appendix B / nanochat: 6 per matmul weight (2 forward, 2 for the input's gradient, 2
+        for the weight's) plus 12 * n_layer * n_head * head_dim * T. A frozen weight (a LoRA / QLoRA base,
+        a quantized layer, a frozen head) needs no weight gradient: 4 per weight. Layers below every trainable
+        parameter need no input gradient either; that saving is not counted.
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        # every nn.Linear, the LM head included (tied or not, it is a real matmul)
-        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        n_matmul += sum(self._quantized_weights().values())
-        # batched expert weights are not nn.Linear: count what one token multiplies by (top-k experts)
-        n_matmul += sum(m.active_expert_params() for m in self.modules() if hasattr(m, "active_expert_params"))
-        return 6.0 * n_matmul + 12.0 * self._n_attention_layers() * cfg.n_head * cfg.head_dim * T
+        return matmul_flops(self) + 12.0 * self._n_attention_layers() * cfg.n_head * cfg.head_dim * T
 
     def _n_attention_layers(self) -> int:
         return sum(token == "attention" for token, _ in self.config.layer_mixers())

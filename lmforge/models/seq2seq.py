@@ -21,7 +21,7 @@ from torch import nn
 from lmforge.config import Config
 from lmforge.errors import ConfigError
 from lmforge.models.cache import Cache
-from lmforge.models.decoder import DecoderLM
+from lmforge.models.decoder import DecoderLM, matmul_flops
 
 
 class EncoderDecoderLM(nn.Module):
@@ -141,11 +141,11 @@ class EncoderDecoderLM(nn.Module):
 
     def estimate_flops(self, seq_len: int | None = None) -> float:
         """Training FLOPs per target token (forward + backward) when source and target both have `seq_len`
-        tokens: 6 per matmul weight, plus attention scores of encoder self-, decoder self- and cross-attention."""
+        tokens: 6 per trainable matmul weight and 4 per frozen one (`decoder.matmul_flops`), plus attention
+        scores of encoder self-, decoder self- and cross-attention."""
         cfg = self.config
         T = seq_len or cfg.block_size
-        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6.0 * n_matmul + 12.0 * (cfg.encoder_layers + 2 * cfg.n_layer) * cfg.n_head * cfg.head_dim * T
+        return matmul_flops(self) + 12.0 * (cfg.encoder_layers + 2 * cfg.n_layer) * cfg.n_head * cfg.head_dim * T
 
 
 class BoundDecoder(nn.Module):

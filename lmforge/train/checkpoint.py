@@ -1,5 +1,12 @@
 """Run checkpoints: `<run>/checkpoints/step-N/` = model folder + optimizer.pt + state.json, written atomically.
 
+An adapter run whose frozen base comes from a source (`model.source`: a folder, .gguf file or short name)
+writes the adapter-only variant: the model folder without its base weights (`lmforge.json` names the
+base's source instead, so `lmforge.load` rebuilds it from there), plus `trainable.safetensors` holding
+every tensor that training changes (trainable parameters and adapter buffers, under `state_dict` keys).
+`state.json`'s `base` holds a fingerprint of the frozen tensors (a hash of their names, shapes, dtypes
+and bytes); a resume rebuilds the base from its source and refuses one whose fingerprint differs.
+
 A checkpoint is built in a temporary folder beside its final name, fsync'ed, and renamed into place
 (`lmforge.io.atomic_dir`), so `step-N/` either exists whole or not at all, and older checkpoints are
 pruned only after the new one is in place. `state.json` is written last and lists the sha256 of every
@@ -22,12 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.adapt.state import base_fingerprint, split_state, trainable_state
 from lmforge.errors import ConfigError, FormatError
 from lmforge.io import atomic_dir, write_json
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.json"
 OPTIM_FILE = "optimizer.pt"
+TRAINABLE_FILE = "trainable.safetensors"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -117,19 +126,61 @@ def load_heads(folder: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+# ---- adapter-only checkpoints: what trains, and a fingerprint of what does not -------------------
+
+def check_base(folder: Path, saved: dict[str, Any], model: torch.nn.Module) -> None:
+    """ConfigError unless `model`'s frozen tensors are the base the adapter-only checkpoint was trained on."""
+    ours = base_fingerprint(model)
+    if ours["fingerprint"] == saved.get("fingerprint"):
+        return
+    what = (f"{saved.get('tensors')} frozen tensors / {saved.get('elements'):,} values there, {ours['tensors']} / "
+            f"{ours['elements']:,} here" if (saved.get("tensors"), saved.get("elements")) !=
+            (ours["tensors"], ours["elements"]) else "same shapes, different values")
+    raise ConfigError(f"{folder}: this checkpoint's adapters were trained on another base model: its base "
+                      f"{saved.get('source')!r} had fingerprint {saved.get('fingerprint')}, this run's base has "
+                      f"{ours['fingerprint']} ({what}). Resume with the base it was trained on (the same "
+                      "model.source, unchanged), or start a new run.dir")
+
+
+def load_trainable(folder: Path, model: torch.nn.Module) -> None:
+    """Copy an adapter-only checkpoint's `trainable.safetensors` into `model` in place, exactly."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / TRAINABLE_FILE))
+    ours = model.state_dict()
+    live = set(split_state(model)[0])
+    if set(saved) != live:
+        extra, missing = sorted(set(saved) - live), sorted(live - set(saved))
+        raise FormatError(f"{folder}: its trainable tensors do not fit this run's model (not in the model: "
+                          f"{extra[:3]}, not in the checkpoint: {missing[:3]}); the checkpoint is of another "
+                          "adapter setup")
+    with torch.no_grad():
+        for k, v in saved.items():
+            ours[k].copy_(v)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, llm, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep_last: int = 3, heads: dict[str, torch.Tensor] | None = None,
-                    objective_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    objective_state: dict[str, torch.Tensor] | None = None,
+                    base: dict[str, Any] | None = None) -> Path:
     """Write `checkpoints/step-<step>/` atomically, then prune all but the newest `keep_last` (0 keeps all).
 
     `llm` is an `LLM` (model + tokenizer) saved as a model folder; `state` is JSON-ready run state
     (step, RNGs, data position, ...), to which the file checksums and a completion marker are added;
     `objective_state` the tensors the objective carries between batches (`objective.pt`, when any).
-    The model's train/eval mode is left as it was.
+    `base` (the frozen base's source and fingerprint) writes the adapter-only variant: no base weights,
+    `trainable.safetensors` instead. The model's train/eval mode is left as it was.
     """
+    from safetensors.torch import save_file
+
     target = checkpoint_dir(run_dir, step)
     with atomic_dir(target) as tmp:
-        llm.save(tmp)
+        if base is None:
+            llm.save(tmp)
+        else:
+            llm.save(tmp, base=base)
+            save_file(trainable_state(llm.model), str(tmp / TRAINABLE_FILE), metadata={"format": "pt"})
+            state = {**state, "base": base}
         if heads:
             save_heads(tmp, heads)
         if objective_state:

@@ -23,6 +23,7 @@ import yaml
 
 from lmforge.errors import ConfigError, FormatError
 from lmforge.io import write_json
+from lmforge.train.objectives import IGNORE_INDEX, accepts_targets
 from lmforge.train.recipe import apply_overrides, from_dict
 
 Method = Literal["full", "lora", "dora", "qlora", "adalora", "adapter", "prefix", "prompt"]
@@ -65,6 +66,10 @@ def choice_accuracy(model, tok, rows: list[dict], batch_size: int = 8) -> dict[s
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     for k in range(0, len(seqs), batch_size):
         b = collate(seqs[k:k + batch_size], pad)
+        if accepts_targets(model):  # through the LM head in row chunks: no (B, T, vocab) logits
+            nll, _ = model(b["input_ids"], targets=b["labels"].masked_fill(~b["loss_mask"].bool(), IGNORE_INDEX))
+            scores += (-nll).sum(1).tolist()
+            continue
         logp = torch.log_softmax(model(b["input_ids"]).float(), -1)
         tgt = logp.gather(-1, b["labels"].unsqueeze(-1)).squeeze(-1)  # (B, T)
         scores += (tgt * b["loss_mask"]).sum(1).tolist()

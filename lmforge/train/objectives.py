@@ -70,8 +70,7 @@ def add_aux_loss(model: nn.Module, loss: torch.Tensor, stats: dict[str, torch.Te
     Any objective calls this right after its forward pass; a model without one (no MoE layer) returns
     `loss` unchanged. Adds summable stats `aux_loss` (x weight) and `moe_dropped` (assignments over capacity).
     """
-    inner = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    inner = getattr(inner, "module", inner)  # DistributedDataParallel wrapper
+    inner = unwrap(model)
     fn = getattr(inner, "aux_loss", None)
     aux = fn() if callable(fn) else None
     if aux is None:
@@ -82,6 +81,17 @@ def add_aux_loss(model: nn.Module, loss: torch.Tensor, stats: dict[str, torch.Te
     if dropped is not None:
         stats["moe_dropped"] = dropped.double()
     return loss + aux.to(loss.dtype)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a torch.compile and/or DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    inner = getattr(model, "_orig_mod", model)
+    return getattr(inner, "module", inner)
+
+
+def accepts_targets(model: nn.Module) -> bool:
+    """Whether `model(input_ids, targets=labels)` returns per-token (nll, hit) (see `DecoderLM.forward`)."""
+    return bool(getattr(unwrap(model), "accepts_targets", False))
 
 
 class CausalLM(Objective):
@@ -114,19 +124,40 @@ class CausalLM(Objective):
             labels = labels.masked_fill(~mask.bool(), IGNORE_INDEX)
         return labels
 
-    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The model's logits (B, T, V) for the batch; packed rows keep attention within each example."""
+    def forward(self, model: nn.Module, batch: Batch, **kwargs):
+        """`model(input_ids, **kwargs)` for the batch; packed rows keep attention within each example."""
         seg = batch.get("segment_ids")
-        return model(batch["input_ids"]) if seg is None else model(batch["input_ids"], segment_ids=seg)
+        if seg is not None:
+            kwargs["segment_ids"] = seg
+        return model(batch["input_ids"], **kwargs)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Cross-entropy of `model(input_ids)` against the (masked) labels."""
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's logits (B, T, V) for the batch."""
+        return self.forward(model, batch)
+
+    def token_nll(self, model: nn.Module, batch: Batch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nll, hit), each (B, T): fp32 NLL of `labels` (0 where IGNORE_INDEX) and argmax == label.
+
+        A model that takes `targets` (`DecoderLM`) computes them through its LM head in row chunks
+        (`lmforge.models.linear_ce`), never holding the (B, T, V) logits, their log-softmax or their
+        gradient; the call still goes through `model(...)`, so DDP and FSDP wrappers see it. Other models
+        give logits and the loss is taken from them.
+        """
+        if accepts_targets(model):
+            return self.forward(model, batch, targets=labels)
         logits = self.logits(model, batch)  # (B, T, V)
-        labels = self.targets(batch)  # (B, T)
-        B = labels.shape[0]
         # fp32 log-softmax: under bf16 autocast the logits are bf16, whose 8-bit mantissa would round the loss
         nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                               reduction="none").view_as(labels)  # (B, T), 0 where ignored
+        with torch.no_grad():
+            hit = (logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)
+        return nll, hit
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-entropy of the model's next-token predictions against the (masked) labels."""
+        labels = self.targets(batch)  # (B, T)
+        B = labels.shape[0]
+        nll, hit = self.token_nll(model, batch, labels)
         counted = labels != IGNORE_INDEX
         n_tok = counted.sum()
         total = nll.sum()
@@ -134,9 +165,7 @@ class CausalLM(Objective):
             loss = total / n_tok.clamp(min=1)
         else:
             loss = total / B
-        with torch.no_grad():
-            correct = ((logits.argmax(-1) == labels) & counted).sum()
-        stats = {"nll": total.detach().double(), "tokens": n_tok.double(), "correct": correct.double(),
+        stats = {"nll": total.detach().double(), "tokens": n_tok.double(), "correct": hit.sum().double(),
                  "sequences": torch.tensor(float(B), dtype=torch.float64)}
         return add_aux_loss(model, loss, stats), stats
 

@@ -305,6 +305,14 @@ def build_run(recipe: Recipe, resume: str | None = None, *,
         if hasattr(objective, "attach"):  # objectives with a head sized by the model (task heads)
             objective.attach(model)
     trainer = Trainer(model, objective, data.source, t, recipe.optim, run_dir=run_dir, tokenizer=tok)
+    src = recipe.model.get("source")
+    if recipe.adapter.method != "full" and src:  # adapter-only checkpoints: the base is rebuilt from its source
+        path = Path(src).expanduser()
+        trainer.base_source = {"source": str(path.resolve()) if path.exists() else src,
+                               "dtype": recipe.model.get("dtype")}
+        if recipe.adapter.method == "qlora":  # the base the adapters see is the NF4 one
+            trainer.base_source["nf4"] = {"blocksize": recipe.adapter.quant_blocksize,
+                                          "double_quant": recipe.adapter.double_quant}
     info.update(params=model.num_params(),
                 flops_per_token=model.estimate_flops(seq_len), seq_len=seq_len)
     return Run(recipe, run_dir, tok, trainer, data.test_batches, data.test_seqs, info, env)

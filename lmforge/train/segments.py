@@ -94,8 +94,9 @@ class SegmentLM(CausalLM):
         self._memory: dict[bool, object] = {}  # training / evaluation memories, kept apart
         self._restored: dict[str, torch.Tensor] | None = None  # a checkpoint's memory, until the next batch
 
-    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Logits of this segment, reading and advancing the memory of the previous one."""
+    def forward(self, model: nn.Module, batch: Batch, **kwargs):
+        """`model(...)` on this segment (logits, or (nll, hit) with `targets`), reading and advancing the
+        memory of the previous one."""
         inner = getattr(model, "_orig_mod", model)
         inner = getattr(inner, "module", inner)
         if not hasattr(inner, "new_cache"):
@@ -113,7 +114,7 @@ class SegmentLM(CausalLM):
             mem.new_segment()  # refuses models with KV-cache attention layers, before any compute
         else:
             mem.new_segment()
-        return model(x, cache=mem)
+        return model(x, cache=mem, **kwargs)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The training memory: every layer's state tensors (detached), and the cache's slot mask, which

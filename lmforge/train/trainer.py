@@ -180,6 +180,10 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.run_dir and self.is_main else None
         self._amp = cfg.dtype == "bfloat16"
         self._device_type = self.device.type
+        # where a frozen base comes from ({"source", "dtype"}): set by the run builder for adapter runs, so
+        # one-process checkpoints hold the trainable tensors and the base's fingerprint, not the base
+        self.base_source: dict[str, Any] | None = None
+        self._base_ref: dict[str, Any] | None = None
 
     # ---- pieces --------------------------------------------------------------------------------
     def _autocast(self):
@@ -266,7 +270,15 @@ class Trainer:
                                         self.dist, self._write_meta, keep_last=self.cfg.keep_last)
         return ckpt.save_checkpoint(self.run_dir, self.step, self._llm(), self.optimizer, self._state(elapsed),
                                     keep_last=self.cfg.keep_last, heads=self._head_tensors(),
-                                    objective_state=self.objective.state_dict())
+                                    objective_state=self.objective.state_dict(), base=self._base())
+
+    def _base(self) -> dict[str, Any] | None:
+        """The frozen base's source and fingerprint (hashed once: it does not change while training)."""
+        if self.base_source is None:
+            return None
+        if self._base_ref is None:
+            self._base_ref = {**self.base_source, **ckpt.base_fingerprint(self.model)}
+        return self._base_ref
 
     def _write_meta(self, folder: Path) -> None:
         """The model description beside a sharded checkpoint, so `lmforge.load` reads the folder as a model."""
@@ -288,7 +300,11 @@ class Trainer:
             raise ConfigError(f"{c.path} was written by a one-process run (train.strategy: single); resume it with "
                               "train.strategy: single or ddp, or start the fsdp run in a new run.dir")
         else:
-            ckpt.load_model_weights(c.path, self.model)
+            if s.get("base") is not None:  # adapter-only: this run rebuilt the base; it must be the same one
+                ckpt.check_base(c.path, s["base"], self.model)
+                ckpt.load_trainable(c.path, self.model)
+            else:
+                ckpt.load_model_weights(c.path, self.model)
             if len(self.heads):
                 self.heads.load_state_dict(ckpt.load_heads(c.path))
             ckpt.load_optimizer_state(c.path, self.optimizer)
