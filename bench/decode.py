@@ -101,9 +101,11 @@ class _Clock:
 
 # Each runner returns (start time, arrival time of every new token, end time, new tokens (B, new)).
 
-def run_lmforge(model, ids: torch.Tensor, new: int) -> tuple[float, list[float], float, torch.Tensor]:
-    """Greedy decoding with EOS stopping off, timed token by token as the caller sees them."""
-    gen = GenerationConfig(max_new_tokens=new, temperature=0.0, stop_at_eos=False)
+def run_lmforge(model, ids: torch.Tensor, new: int, compile: bool = False
+                ) -> tuple[float, list[float], float, torch.Tensor]:
+    """Greedy decoding with EOS stopping off, timed token by token as the caller sees them (`compile`: the
+    opt-in compiled decode step; it compiles in the warm-up run)."""
+    gen = GenerationConfig(max_new_tokens=new, temperature=0.0, stop_at_eos=False, compile=compile)
     prompts = ids.tolist()
     out, stamps = [], []
     t0 = time.perf_counter()
@@ -167,7 +169,7 @@ def run_case(name: str, args, machine: dict[str, float]) -> dict[str, Any]:
     new = args.new
 
     sides = [s for s in SIDES if not (s == "hf_static" and args.no_static)]
-    runners = {"lmforge": lambda: run_lmforge(ours, ids, new),
+    runners = {"lmforge": lambda: run_lmforge(ours, ids, new, args.compile),
                "hf": lambda: run_hf(hf, ids, new, static=False),
                "hf_static": lambda: run_hf(hf, ids, new, static=True)}
     res: dict[str, dict[str, list]] = {s: {"tps": [], "ttft": [], "dec": [], "mem": [], "peak": [], "busy": [],
@@ -211,7 +213,7 @@ def run_case(name: str, args, machine: dict[str, float]) -> dict[str, Any]:
     gemv_bw = machine[f"gemv_{dt}_gbs"]
     rec: dict[str, Any] = {
         "case": name, "model": cfg.name, "dtype": dt, "batch": batch, "prompt": prompt, "new_tokens": new,
-        "threads": torch.get_num_threads(), "repeats": args.repeats, "ref": ref,
+        "threads": torch.get_num_threads(), "repeats": args.repeats, "ref": ref, "compiled": args.compile,
         "lmforge_tok_s": summary["lmforge"]["tok_s_best"], "ref_tok_s": summary[ref]["tok_s_best"],
         "ratio": summary["lmforge"]["tok_s_best"] / summary[ref]["tok_s_best"],
         "decode_ratio": summary["lmforge"]["decode_tok_s_p50step"] / summary[ref]["decode_tok_s_p50step"],
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new", type=int, default=128, help="new tokens per row (default 128)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each round of repeats, wait up to S seconds for other processes to go idle")
+    ap.add_argument("--compile", action="store_true", help="lmforge decodes with generate(..., compile=True)")
     ap.add_argument("--no-static", action="store_true", help="skip transformers' static-cache run")
     ap.add_argument("--quick", action="store_true", help="smoke run: 64-token prompt, 16 new tokens, 1 repeat")
     args = ap.parse_args(argv)
