@@ -94,7 +94,9 @@ def test_loss_falls_and_resume_is_exact(tok, tokens, tmp_path):
     assert abs(before["selected_frac"] - 0.15) < 0.065 and abs(before["mask_frac"] - 0.8) < 0.18
     assert a.evaluate()["loss"] == before["loss"]  # evaluation masks are fixed
     res = a.fit()
-    assert res.val["loss"] < before["loss"] - 0.4  # 6.43 -> 5.86 in 40 steps
+    # The fall depends on the vocabulary, which WordPiece training does not fix from run to run: over 40
+    # trainings it was 0.43 to 1.00 (median 0.64), and one CI run saw 0.35. 0.25 still separates learning from none.
+    assert res.val["loss"] < before["loss"] - 0.25
     # resume from step 36 (a copy of the run without its last checkpoint) ends bit-identical
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-40")
@@ -142,7 +144,8 @@ def test_combined_objective_on_a_decoder(tok, tokens):
     before = tr.evaluate()
     assert before["loss"] == pytest.approx(before["lm_loss"] + 0.5 * before["mlm_loss"])
     res = tr.fit()
-    assert res.val["lm_loss"] < before["lm_loss"] - 0.3 and res.val["mlm_loss"] < before["mlm_loss"] - 0.3
+    # over 25 WordPiece vocabularies the falls were at least 0.57 (LM) and 0.43 (MLM)
+    assert res.val["lm_loss"] < before["lm_loss"] - 0.3 and res.val["mlm_loss"] < before["mlm_loss"] - 0.2
     with pytest.raises(ConfigError, match="alpha"):
         CombinedLM(alpha=-1)
     r = load_recipe(ROOT / "recipes" / "tiny-llama" / "combined.yaml", ["train.objective_args.alpha=0.25"])
@@ -175,7 +178,7 @@ def test_permutation_lm_trains_a_decoder(tok, tokens):
                  tc, OptimConfig(lr=3e-3, warmup_steps=2))
     before = tr.evaluate()
     assert tr.evaluate()["loss"] == before["loss"]  # fixed evaluation orders
-    assert tr.fit().val["loss"] < before["loss"] - 0.3
+    assert tr.fit().val["loss"] < before["loss"] - 0.2  # at least 0.34 over 25 WordPiece vocabularies
     with pytest.raises(ConfigError, match=r"\[MASK\]"):
         PermutationLM().bind(train_bpe(["to be or not to be"] * 20, vocab_size=300))
     r = load_recipe(ROOT / "recipes" / "tiny-llama" / "permutation.yaml")
