@@ -8,13 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from hf_parity import assert_hf_round_trip
 
-import lmforge
 from lmforge.config import get_preset
 from lmforge.errors import ConfigError
-from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.interop import hf
-from lmforge.llm import LLM, build
+from lmforge.llm import build
 from lmforge.models import DecoderLM
 from lmforge.models.mixers.moe import MoE
 from lmforge.train import CausalLM
@@ -153,22 +152,7 @@ def _mixtral_pair(seed=0):
 @pytest.mark.slow
 def test_mixtral_folder_import_export_matches_transformers(tmp_path):
     cfg, ref = _mixtral_pair()
-    ref.save_pretrained(tmp_path / "hf")
-    ours = lmforge.load(tmp_path / "hf").model.eval()
-    x = torch.randint(0, cfg.vocab_size, (2, 40))
-    with torch.no_grad():
-        theirs = ref(x).logits
-        assert (ours(x) - theirs).abs().max().item() <= 1e-4
-    prompt = torch.randint(0, cfg.vocab_size, (1, 12))
-    with torch.no_grad():
-        want = ref.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                            pad_token_id=0, eos_token_id=None)[0, 12:].tolist()
-    assert generate_ids(ours, [prompt[0].tolist()], GenerationConfig(max_new_tokens=32, temperature=0))[0] == want
-    # export: transformers reads our folder back to the same logits
-    LLM(ours, None, "t").save(tmp_path / "out")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    with torch.no_grad():
-        assert (back(x).logits - theirs).abs().max().item() <= 1e-4
+    assert_hf_round_trip(ref, cfg.vocab_size, tmp_path)
     assert hf.from_hf_config(hf.to_hf_config(cfg)).layer_mixers() == cfg.layer_mixers()
 
 

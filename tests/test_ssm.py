@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from hf_parity import assert_hf_round_trip
 
-import lmforge
 from lmforge.config import get_preset
 from lmforge.errors import ConfigError
-from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.interop import hf
-from lmforge.llm import LLM
 from lmforge.models import DecoderLM
 from lmforge.models.mixers.mamba import selective_scan
 
@@ -50,20 +48,7 @@ def test_mamba_folder_import_export_matches_transformers(tmp_path):
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    ref.save_pretrained(tmp_path / "hf")
-    ours = lmforge.load(tmp_path / "hf").model.eval()
-    x = torch.randint(0, cfg.vocab_size, (2, 40))
-    with torch.no_grad():
-        theirs = ref(x).logits
-        assert (ours(x) - theirs).abs().max().item() <= 1e-4
-        prompt = torch.randint(0, cfg.vocab_size, (1, 12))
-        want = ref.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                            pad_token_id=0, eos_token_id=None)[0, 12:].tolist()
-    assert generate_ids(ours, [prompt[0].tolist()], GenerationConfig(max_new_tokens=32, temperature=0))[0] == want
-    LLM(ours, None, "t").save(tmp_path / "out")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    with torch.no_grad():
-        assert (back(x).logits - theirs).abs().max().item() <= 1e-4
+    assert_hf_round_trip(ref, cfg.vocab_size, tmp_path)
 
 
 def test_s4d_convolution_and_recurrence_agree():
