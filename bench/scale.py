@@ -103,30 +103,6 @@ def worker(case: str, warmup: int, steps: int) -> None:
             "params_m": model.num_params() / 1e6}), flush=True)
 
 
-class _OthersBusy:
-    """`common.Contention` counting this benchmark's own child processes (the ranks) as its own CPU."""
-
-    def __enter__(self):
-        import psutil
-
-        self._sys, self._mine, self._t = psutil.cpu_times(), self._own(), time.perf_counter()
-        return self
-
-    @staticmethod
-    def _own() -> float:
-        import psutil
-
-        t = psutil.Process().cpu_times()
-        return t.user + t.system + t.children_user + t.children_system
-
-    def __exit__(self, *exc) -> None:
-        import psutil
-
-        wall, s1 = time.perf_counter() - self._t, psutil.cpu_times()
-        busy = sum(getattr(s1, f) - getattr(self._sys, f) for f in s1._fields if f not in ("idle", "iowait", "nice"))
-        self.cores = max(0.0, (busy - (self._own() - self._mine)) / wall) if wall > 0 else 0.0
-
-
 def run_case(case: str, warmup: int, steps: int, timeout: float) -> dict:
     """Launch a case's processes and collect the result line."""
     name, strategy, *flags = case.split("-")
@@ -137,7 +113,7 @@ def run_case(case: str, warmup: int, steps: int, timeout: float) -> dict:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *script]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with _OthersBusy() as busy:
+    with common.Contention() as busy:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     if r.returncode or not lines:
