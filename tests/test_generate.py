@@ -183,6 +183,40 @@ def test_blas_decode_matches_and_gives_the_threads_back():
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
 
 
+def test_blas_decode_is_chosen_by_dtype_rows_and_setting(monkeypatch):
+    from lmforge.infer import packed
+
+    w = torch.zeros(4, 4)
+    monkeypatch.setenv("LMFORGE_BLAS_DECODE", "1")
+    assert packed.blas_decode_helps(w, 16) and not packed.blas_decode_helps(w, 17)
+    assert not packed.blas_decode_helps(w.bfloat16())  # bf16 has its own oneDNN path
+    monkeypatch.setenv("LMFORGE_BLAS_DECODE", "0")
+    assert not packed.blas_decode_helps(w)
+    monkeypatch.delenv("LMFORGE_BLAS_DECODE")
+    monkeypatch.setattr(packed, "_MKL_THREADS_GEMV", True)  # an Intel CPU: MKL's own threads are faster
+    assert not packed.blas_decode_helps(w)
+    monkeypatch.setattr(packed, "_MKL_THREADS_GEMV", False)
+    assert packed.blas_decode_helps(w)
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_greedy_decode_is_the_same_with_and_without_blas(monkeypatch, setting):
+    from lmforge.infer.speculative import speculative_tokens
+
+    torch.manual_seed(0)
+    model = DecoderLM(get_preset("tiny-llama")).eval()
+    prompt = torch.randint(0, 256, (12,)).tolist()
+    gen = GenerationConfig(max_new_tokens=12, temperature=0)
+    with torch.no_grad():
+        want = model(torch.tensor([prompt]))  # the first step, as the uncached reference
+    monkeypatch.setenv("LMFORGE_BLAS_DECODE", setting)
+    got = generate_ids(model, [prompt], gen)[0]
+    spec = [t for chunk in speculative_tokens(model, prompt + prompt, GenerationConfig(
+        max_new_tokens=12, temperature=0, prompt_lookup=2)) for t in chunk]
+    assert got[0] == int(want[0, -1].argmax())
+    assert spec == generate_ids(model, [prompt + prompt], gen)[0]
+
+
 def _byte_fallback_tokenizer():
     """A Llama-style SentencePiece BPE (Metaspace, byte-fallback <0xXX> tokens, leading-space strip) built
     with the `tokenizers` library: a few words in the vocabulary, everything else spelled in UTF-8 bytes."""

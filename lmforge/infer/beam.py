@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.infer.packed import blas_decode, pack_linears
+from lmforge.infer.packed import blas_decode, blas_decode_helps, pack_linears
 from lmforge.infer.sampling import GenerationConfig, prepare_prompts
 from lmforge.models import DecoderLM
 
@@ -67,7 +67,7 @@ def beam_search(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
     fin_done = torch.zeros((B, nb), dtype=torch.bool, device=device)
     open_ = torch.ones((B, 1), dtype=torch.bool, device=device)  # may a prompt still improve its finished list
     top_nb = torch.arange(K, device=device) < nb
-    fp32_cpu = device.type == "cpu" and model.tok_emb.weight.dtype == torch.float32
+    use_blas = blas_decode_helps(model.tok_emb.weight, B * nb)
 
     for step in range(steps):
         V = logits.shape[-1]
@@ -105,7 +105,7 @@ def beam_search(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
         if not bool(open_.any()) or (early is True and bool(fin_done.all())) or bool(ends.all()):
             break
         cache.reorder(rows)
-        with blas_decode(fp32_cpu):
+        with blas_decode(use_blas):
             logits = model(run_tokens[:, :, step].reshape(-1, 1), cache=cache, logits_to_keep=1)[:, -1]
 
     out = []

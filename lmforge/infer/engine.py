@@ -35,7 +35,7 @@ import torch
 
 from lmforge.errors import ConfigError, LMForgeError
 from lmforge.infer.generate import GenerationConfig, TextStream, sample_next
-from lmforge.infer.packed import _BLAS_MAX_ROWS, blas_decode, pack_linears
+from lmforge.infer.packed import blas_decode, blas_decode_helps, pack_linears
 from lmforge.infer.paged import BlockPool, PagedBatch, SeqBlocks
 
 
@@ -177,7 +177,7 @@ class Engine:
                               initial_blocks=min(64, max_blocks))
         self.max_kv_tokens = (max_blocks - 1) * block_tokens
         self.device = p.device
-        self._fp32_cpu = p.device.type == "cpu" and p.dtype == torch.float32
+        self._blas_weight = p  # decides, with a step's row count, whether the step runs under blas_decode
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
         self._calls: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = collections.deque()
@@ -428,7 +428,7 @@ class Engine:
         x = torch.tensor([tokens], dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
         # fp32 on the CPU: a step of a few rows is matrix-vector work, faster through numpy's BLAS
-        with blas_decode(self._fp32_cpu and batch.N <= _BLAS_MAX_ROWS):
+        with blas_decode(blas_decode_helps(self._blas_weight, batch.N)):
             h = self.model.hidden_states(x, cache=batch)[0]  # (N, C)
             logits = None
             if done:

@@ -14,6 +14,7 @@ packed copy used when no gradient is needed. An in-place change of a weight (an 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,6 +98,36 @@ def pack_linears(model: nn.Module) -> nn.Module:
 # threads to OpenBLAS and runs PyTorch's own ops on one thread for as long as it is active.
 
 _BLAS_MAX_ROWS = 16
+_MKL_THREADS_GEMV: bool | None = None
+
+
+def _mkl_threads_gemv() -> bool:
+    """Whether MKL, as PyTorch calls it, spreads a matrix-vector product over its threads on this CPU.
+
+    On Intel CPUs it does (2026-12-03, a Xeon with AMX: one token of SmolLM2 fp32 took 37.7 ms with MKL on
+    2 threads against 43.0 ms through OpenBLAS, and 2 rows 40 ms against 88 ms); on the AMD EPYC of
+    2026-11-23 it ran on one thread at 13-18 GB/s, half of OpenBLAS's two. Decided by the CPU vendor, not a
+    timing, so that a machine always takes the same path (the two BLAS round differently)."""
+    global _MKL_THREADS_GEMV
+    if _MKL_THREADS_GEMV is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                _MKL_THREADS_GEMV = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+        except OSError:  # pragma: no cover - not Linux
+            _MKL_THREADS_GEMV = False
+    return _MKL_THREADS_GEMV
+
+
+def blas_decode_helps(weight: torch.Tensor, rows: int = 1) -> bool:
+    """Whether a decode step of `rows` rows over weights like `weight` should run under `blas_decode`:
+    fp32 CPU weights, at most 16 rows, on a CPU where MKL's matrix-vector product is single-threaded.
+    `LMFORGE_BLAS_DECODE=1` / `=0` forces it on / off for fp32 CPU weights."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or rows > _BLAS_MAX_ROWS:
+        return False
+    forced = os.environ.get("LMFORGE_BLAS_DECODE", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not _mkl_threads_gemv()
 _blas = threading.local()
 
 

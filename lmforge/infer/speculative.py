@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.infer.packed import blas_decode, pack_linears
+from lmforge.infer.packed import blas_decode, blas_decode_helps, pack_linears
 from lmforge.infer.sampling import GenerationConfig, filter_logits, make_generator, prepare_prompts
 from lmforge.models import DecoderLM
 
@@ -81,12 +81,12 @@ class DraftModel:
         pack_linears(model)
         self.cache = model.new_cache(1, max_len=max_len)
         self.device = model.tok_emb.weight.device
-        self.fp32_cpu = self.device.type == "cpu" and model.tok_emb.weight.dtype == torch.float32
+        self.blas = blas_decode_helps(model.tok_emb.weight)
         self.base = 0  # context length at the last proposal
 
     def _logits(self, tokens: list[int]) -> torch.Tensor:
         x = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        with blas_decode(self.fp32_cpu and len(tokens) == 1):
+        with blas_decode(self.blas and len(tokens) == 1):
             logits = self.model(x, cache=self.cache, logits_to_keep=1)[:, -1].float()  # (1, V_draft)
         V = self.vocab  # the target's vocabulary decides; a padded draft table is cut, a short one extended
         if logits.shape[-1] > V:
@@ -176,7 +176,9 @@ def speculative_tokens(model: DecoderLM, prompt: list[int], gen: GenerationConfi
                               "has recurrent layers, whose state cannot forget rejected tokens")
     drafter = (DraftModel(draft, gen, generator, T + steps, cfg.vocab_size) if draft is not None
                else PromptLookup(gen.prompt_lookup))
-    fp32_cpu = device.type == "cpu" and model.tok_emb.weight.dtype == torch.float32
+    # OpenBLAS multiplies a few rows (a verify pass) slower than MKL on two threads: 2-11 rows of SmolLM2
+    # fp32 took 88-108 ms through it against 40-84 ms without it, so only a single-row pass uses it
+    blas = blas_decode_helps(model.tok_emb.weight)
     if T > 1:  # every cache holds the context but its last token, which the next pass reads first
         model(ids[:, :-1].to(device), cache=cache, logits_to_keep=1)
     produced = 0
@@ -184,7 +186,7 @@ def speculative_tokens(model: DecoderLM, prompt: list[int], gen: GenerationConfi
         k = min(gen.draft_tokens, steps - produced - 1)  # the pass adds one token of its own
         drafts, q = drafter.propose(context, k)
         x = torch.tensor([context[-1:] + drafts], dtype=torch.long, device=device)
-        with blas_decode(fp32_cpu):
+        with blas_decode(blas and x.shape[1] == 1):
             logits = model(x, cache=cache)[0]  # (1 + len(drafts), V)
         n, nxt = _verify(logits, drafts, q, gen, generator)
         cache.rollback(len(drafts) - n)
