@@ -54,3 +54,13 @@ def test_decode_vs_dense_compares_matched_models_round_by_round():
     for row in res["positions"].values():
         assert row["mamba_ms"] > 0 and row["transformer_ms"] > 0
         assert row["ratio"] == pytest.approx(row["mamba_ms"] / row["transformer_ms"])
+
+
+@pytest.mark.slow
+def test_moe_vs_dense_runs_twice_into_one_folder(tmp_path):
+    # the training runs are scratch: a re-run must not trip over the first run's checkpoints
+    for _ in range(2):
+        res = cx.moe_vs_dense(tmp_path, steps=2, batch=2, seq_len=16, d_model=64, log=lambda _: None)
+    assert res["moe"]["tok_s"] > 0 and res["dense"]["tok_s"] > 0
+    assert abs(res["moe"]["active_flops_per_token"] / res["dense"]["active_flops_per_token"] - 1) < 0.05
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe_vs_dense.json", "moe_vs_dense.png"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -321,20 +322,21 @@ def moe_vs_dense(out: str | Path, steps: int = 150, batch: int = 8, seq_len: int
     train, val = enc("train", 400_000), enc("val", 40_000)
     out = Path(out)
     res = {}
-    for name, cfg in moe_pair(d_model=d_model, n_layer=4, vocab=tok.vocab_size).items():
-        torch.manual_seed(0)
-        model = DecoderLM(cfg.replace(block_size=seq_len))
-        run = out / f"moe_vs_dense-{name}"
-        tc = TrainConfig(max_steps=steps, batch_size=batch, progress=False, eval_every=max(steps // 10, 1),
-                         checkpoint_every=0, peak_flops=1e11)
-        tr = Trainer(model, CausalLM(), TokenWindows(train, batch, seq_len, val_tokens=val, eval_batches=4), tc,
-                     OptimConfig(lr=3e-3, warmup_steps=10, min_lr=3e-4), run_dir=run)
-        r = tr.fit(resume=None)
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        curve = [(x["step"], x["loss"]) for x in rows if x.get("split") == "val"]
-        res[name] = {"tok_s": r.tokens_per_s, "val_curve": curve, "final_val": r.val.get("loss"),
-                     "active_flops_per_token": model.estimate_flops(seq_len), "params": model.num_params()}
-        log(json.dumps({"model": name, **{k: v for k, v in res[name].items() if k != "val_curve"}}))
+    with tempfile.TemporaryDirectory(prefix="lmforge-moe-") as scratch:
+        for name, cfg in moe_pair(d_model=d_model, n_layer=4, vocab=tok.vocab_size).items():
+            torch.manual_seed(0)
+            model = DecoderLM(cfg.replace(block_size=seq_len))
+            run = Path(scratch) / name  # the runs are scratch: a second `lmforge bench moe` must not find them
+            tc = TrainConfig(max_steps=steps, batch_size=batch, progress=False, eval_every=max(steps // 10, 1),
+                             checkpoint_every=0, peak_flops=1e11)
+            tr = Trainer(model, CausalLM(), TokenWindows(train, batch, seq_len, val_tokens=val, eval_batches=4), tc,
+                         OptimConfig(lr=3e-3, warmup_steps=10, min_lr=3e-4), run_dir=run)
+            r = tr.fit(resume=None)
+            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            curve = [(x["step"], x["loss"]) for x in rows if x.get("split") == "val"]
+            res[name] = {"tok_s": r.tokens_per_s, "val_curve": curve, "final_val": r.val.get("loss"),
+                         "active_flops_per_token": model.estimate_flops(seq_len), "params": model.num_params()}
+            log(json.dumps({"model": name, **{k: v for k, v in res[name].items() if k != "val_curve"}}))
     res["tok_s_ratio"] = res["moe"]["tok_s"] / res["dense"]["tok_s"]
     (out / "moe_vs_dense.json").write_text(json.dumps(res, indent=1))
     import matplotlib
