@@ -26,7 +26,10 @@ keeps all of it. Run with `LMFORGE_KEEP_MEMORY=0 MALLOC_MMAP_THRESHOLD_=65536` t
 tokens/s counts every position of the padded batch (the work both sides do). `others_cores` is the CPU
 other processes used during the side's timed steps: on the shared 2-core machine, read ratios with it.
 
-    python bench/finetune.py [--cases lora,full,qlora] [--steps 4] [--batch 2] [--seq 256] [--threads 2]
+`--compile` runs lmforge's step through `torch.compile(model)`, as `train.compile: true` does in the trainer
+(`compile_s`: the first step, compilation included; not counted in tokens/s).
+
+    python bench/finetune.py [--cases lora,full,qlora] [--steps 4] [--batch 2] [--seq 256] [--threads 2] [--compile]
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def batches(tok, n: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:
 
 
 def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, threads: int,
-         head_loss: str = "chunked") -> dict:
+         head_loss: str = "chunked", compile: bool = False) -> dict:
     """One side's run in this process: load, adapt, train `steps` (+1 warm-up), measure."""
     common.set_threads(threads)
     import lmforge
@@ -93,9 +96,10 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
         keep = keep_freed_memory()  # what the trainer does on the CPU
         model.accepts_targets = head_loss == "chunked"  # "logits": the (B, T, V) logits path, for comparison
         objective = CausalLM()
+        run_model = torch.compile(model) if compile else model  # what TrainConfig(compile=True) trains
 
         def loss_of(b):  # the trainer's loss: token-mean NLL over the counted (assistant) targets
-            return objective.loss(model, b)[0]
+            return objective.loss(run_model, b)[0]
     else:
         from transformers import AutoModelForCausalLM
 
@@ -125,7 +129,9 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    first = step(data[0])  # warm-up (allocations, kernels)
+    t0 = time.perf_counter()
+    first = step(data[0])  # warm-up (allocations, kernels; the compilation with --compile)
+    compile_s = time.perf_counter() - t0
     with common.PeakRSS() as mem, common.Contention() as busy:
         t0 = time.perf_counter()
         losses = [step(b) for b in data[1:]]
@@ -135,13 +141,13 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
             "allocator": "keep" if keep else os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
             "train_delta_mb": mem.delta_mb, "trainable": n_train,
             "head_loss": head_loss if which == "lmforge" else "logits", "loss_first": first, "loss_last": losses[-1],
-            "others_cores": busy.cores}
+            "others_cores": busy.cores, **({"compiled": True, "compile_s": compile_s} if compile else {})}
 
 
 def run_side(which: str, case: str, hf_dir: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", which, "--cases", case, "--hf-dir", hf_dir, "--steps",
            str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
-           "--head-loss", args.head_loss]
+           "--head-loss", args.head_loss] + ["--compile"] * (args.compile and which == "lmforge")
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode:
         raise SystemExit(f"{which} side of {case} failed:\n{out.stderr[-3000:]}")
@@ -158,17 +164,18 @@ def main() -> None:
     ap.add_argument("--head-loss", choices=["chunked", "logits"], default="chunked",
                     help="lmforge's loss: the chunked cross-entropy through the head (what the trainer does) or "
                          "full logits then cross-entropy (as before it)")
+    ap.add_argument("--compile", action="store_true", help="lmforge's step through torch.compile(model)")
     ap.add_argument("--side", choices=["lmforge", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         print(json.dumps(side(args.side, args.cases, args.hf_dir, args.steps, args.batch, args.seq, args.threads,
-                              args.head_loss)))
+                              args.head_loss, args.compile)))
         return
     cases = common.parse_cases(args.cases, CASES, CASES)
     common.set_threads(args.threads)
     common.emit({"machine": common.machine_info(), "steps": args.steps, "batch": args.batch, "seq": args.seq,
-                 "head_loss": args.head_loss})
+                 "head_loss": args.head_loss, "compile": args.compile})
     import lmforge
 
     with tempfile.TemporaryDirectory() as tmp:
