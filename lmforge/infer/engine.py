@@ -427,7 +427,7 @@ class Engine:
         batch = PagedBatch(self.pool, seqs, counts)
         x = torch.tensor([tokens], dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
-        # fp32 on the CPU: a step of a few rows is matrix-vector work, faster through numpy's BLAS
+        # fp32 on the CPU: a step of a few rows is matrix-vector work, through numpy's BLAS where that is faster
         with blas_decode(blas_decode_helps(self._blas_weight, batch.N)):
             h = self.model.hidden_states(x, cache=batch)[0]  # (N, C)
             logits = None

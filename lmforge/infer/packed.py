@@ -128,6 +128,8 @@ def blas_decode_helps(weight: torch.Tensor, rows: int = 1) -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return not _mkl_threads_gemv()
+
+
 _blas = threading.local()
 
 
