@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    dist = sys.modules.get("lmforge.train.distributed")  # imported only by commands that can run under torchrun
+    if dist is not None:
+        dist.finish()  # every rank ends together, and its process group while Python is whole
     return int(result) if isinstance(result, int) else 0
 
 

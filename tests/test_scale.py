@@ -71,12 +71,18 @@ def _torchrun_cmd(n: int, args: list[str], no_python: bool = False) -> list[str]
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # faulthandler: a rank that aborts prints every thread's Python stack, so a failure here can be placed
+    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def _torchrun(n: int, args: list[str], timeout: float = 180, no_python: bool = False):
     return subprocess.run(_torchrun_cmd(n, args, no_python), env=_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _tail(r: subprocess.CompletedProcess) -> str:
+    """What a failed launch printed: the ranks' stdout and stderr (with any fault handler stacks) and torchrun's."""
+    return f"stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-9000:]}"
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +112,7 @@ def test_ddp_matches_one_process_and_only_rank0_reports(ref):
     root, recipe, want = ref
     r = _torchrun(2, ["pretrain", "--config", str(recipe),
                       *_sets(root, "ddp", "train.strategy=ddp", "train.global_batch=4")])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _tail(r)
     line = "strategy ddp on 2 processes (cpu): global batch 4 sequences = micro-batch 2 x grad_accum 1 x world size 2"
     assert r.stderr.count(line) == 1 and r.stderr.count("parameters, train_tokens") == 1
     rows = [yaml.safe_load(x) for x in (root / "ddp" / "metrics.jsonl").read_text().splitlines()]
@@ -122,7 +128,7 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoint_resumes_in_one_proc
     root, recipe, want = ref
     r = _torchrun(2, ["pretrain", "--config", str(recipe),
                       *_sets(root, "fsdp", "train.strategy=fsdp", "train.global_batch=4")])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _tail(r)
     diff = _max_diff(_weights(root / "fsdp" / "model"), want)
     print(f"fsdp (2 ranks) vs one process after {K} steps: max |weight difference| {diff:.2e}")
     assert diff <= TOL
@@ -193,7 +199,7 @@ def test_killed_rank_fails_the_job_fast_and_resume_auto_recovers_in_two_processe
     end = last + 2
     # resume in 2 processes to `end`; one uninterrupted process to `end` is the reference
     r = _torchrun(2, [*args[:-1], f"train.max_steps={end}", "train.dist_timeout=30", "--resume", "auto"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _tail(r)
     assert "resumed from" in r.stderr
     assert _in_process(["pretrain", "--config", str(recipe), *_sets(root, "straight", f"train.max_steps={end}",
                                                                       "train.checkpoint_every=0")]) == 0

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,8 @@ from torch import nn
 from lmforge.errors import ConfigError
 
 STRATEGIES = ("single", "ddp", "fsdp")
+_OWNED = False  # this module created the process group (so `finish` may end it)
+_GROUPS = 0  # process groups this module has created in this process
 LAUNCH_HINT = ("launch it with torchrun, e.g. `torchrun --nproc_per_node 2 -m lmforge pretrain --config "
                "<recipe> --set train.strategy={s}`, or set train.strategy: single for one process")
 
@@ -96,14 +99,37 @@ def init(strategy: str = "single", device: str = "auto", timeout_s: float = 600.
             torch.cuda.set_device(dev)
         # a lost peer fails gloo's collectives at once (closed socket); the timeout bounds a hung one
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        global _OWNED, _GROUPS
+        _OWNED, _GROUPS = True, _GROUPS + 1
         atexit.register(shutdown)
     return DistEnv(strategy, dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
 def shutdown() -> None:
-    """Destroy the process group if one exists (end of a command)."""
+    """Destroy the process group if one exists (at exit, or after `finish`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish() -> None:
+    """End a command that returned normally: wait for every rank to end too, then destroy the process group.
+
+    Only for a group `init` created. The ranks meet through the launcher's key-value store, not a collective:
+    once every rank has counted itself in, none has a gloo/nccl operation in flight, so no rank closes its
+    connections while a peer still reads from them (rank 0 writes its report after the others are done).
+    A rank that failed never counts itself in; torchrun then stops the waiting ones.
+    """
+    global _OWNED
+    if not (_OWNED and dist.is_available() and dist.is_initialized()):
+        return
+    _OWNED = False
+    if dist.get_world_size() > 1:
+        store = dist.distributed_c10d._get_default_store()
+        key = f"lmforge/finished/{_GROUPS}"  # every rank creates its groups in the same order
+        store.add(key, 1)
+        while store.add(key, 0) < dist.get_world_size():
+            time.sleep(0.02)
+    dist.destroy_process_group()
 
 
 def rank() -> int:
