@@ -220,6 +220,31 @@ def test_ranks_with_different_recipes_are_refused(ref):
     assert not (root / "mismatch" / "checkpoints").exists()
 
 
+_END_TOGETHER = """
+import sys, time
+from lmforge.train import distributed
+env = distributed.init("ddp")
+if env.rank == 0:
+    time.sleep(1.5)  # rank 0 still writing its report while rank 1 is done
+print(f"rank {env.rank} finishing at {time.time()!r}", flush=True)
+distributed.finish()
+print(f"rank {env.rank} finished at {time.time()!r} group {distributed.dist.is_initialized()}", flush=True)
+distributed.finish()  # a second call is a no-op
+"""
+
+
+@pytest.mark.slow
+def test_ranks_end_together_then_destroy_their_process_group(tmp_path):
+    script = tmp_path / "end.py"
+    script.write_text(_END_TOGETHER)
+    r = _torchrun(2, [sys.executable, str(script)], no_python=True, timeout=120)
+    assert r.returncode == 0, _tail(r)
+    times = {(int(w[1]), w[2]): float(w[4]) for w in (x.split() for x in r.stdout.splitlines()) if w[0] == "rank"}
+    assert "rank 0 finished" in r.stdout and "rank 1 finished" in r.stdout and "group True" not in r.stdout
+    assert times[1, "finished"] >= times[0, "finishing"]  # rank 1 waited for the slow rank 0 before ending
+    assert times[0, "finishing"] - times[1, "finishing"] > 1.0
+
+
 def test_bad_strategy_inputs(ref, capsys):
     root, recipe, _ = ref
     # fsdp / ddp in a plain process: no process group, told to launch with torchrun
