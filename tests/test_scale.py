@@ -221,7 +221,7 @@ def test_ranks_with_different_recipes_are_refused(ref):
 
 
 _END_TOGETHER = """
-import sys, time
+import time
 from lmforge.train import distributed
 env = distributed.init("ddp")
 if env.rank == 0:

@@ -129,7 +129,7 @@ def finish() -> None:
         store.add(key, 1)
         while store.add(key, 0) < dist.get_world_size():
             time.sleep(0.02)
-    dist.destroy_process_group()
+    shutdown()
 
 
 def rank() -> int:
