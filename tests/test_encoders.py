@@ -89,6 +89,36 @@ def test_padding_does_not_change_real_tokens():
     assert (a - c).abs().max().item() > 1e-3
 
 
+def test_packing_for_many_rows_changes_only_rounding():
+    from lmforge.infer.packed import PackedLinear, pack_linears
+
+    torch.manual_seed(0)
+    m = build(lmforge.get_preset("tiny-bert"), None, "t").eval()
+    ids = torch.randint(5, 256, (3, 9))
+    keys = list(m.state_dict())
+    with torch.no_grad():
+        plain = m(ids)
+        pack_linears(m, many_rows=True)
+        fc = m.blocks[0].mlp.fc
+        assert isinstance(fc, PackedLinear) and list(m.state_dict()) == keys
+        packed = m(ids)
+        assert fc._kind == "onednn" and fc.fused(torch.randn(4, fc.in_features), "gelu") is not None
+        torch.testing.assert_close(packed, plain, rtol=0, atol=1e-5)
+        fc.weight.mul_(2)  # an in-place update must reach the packed copy
+        changed = m(ids)
+    fresh = build(lmforge.get_preset("tiny-bert"), None, "t").eval()
+    fresh.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(changed, fresh(ids), rtol=0, atol=1e-5)
+    assert (changed - plain).abs().max().item() > 1e-3
+    m(ids).sum().backward()  # with gradients it is a plain nn.Linear
+    assert fc.weight.grad is not None
+    with torch.no_grad():
+        pack_linears(m)  # back to the decode layout: MKL for fp32, no fused activation
+        m(ids)
+        assert fc._kind == "fp32" and fc.fused(torch.randn(4, fc.in_features), "gelu") is None
+
+
 def test_bidirectional_sees_the_future():
     torch.manual_seed(0)
     m = build(lmforge.get_preset("tiny-bert"), None, "t").eval()

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.errors import ConfigError, FormatError
+from lmforge.infer.packed import pack_linears
 from lmforge.models.heads import pool
 from lmforge.tokenizers.wordpiece import encode_for_encoder
 
@@ -42,6 +43,8 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # characters: a cheap proxy for tokens
     out = np.empty((len(texts), model.config.d_model), dtype=np.float32)
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        pack_linears(model, many_rows=True)  # each text is tens of rows: see `lmforge.infer.packed`
     bar = tqdm(total=len(texts), unit="text", disable=not (progress if progress is not None else len(texts) > 1000))
     with torch.inference_mode():
         for s in range(0, len(texts), batch_size):

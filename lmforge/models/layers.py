@@ -43,11 +43,15 @@ class MLP(nn.Module):
         super().__init__()
         h = cfg.mlp.hidden
         self.gated = cfg.mlp.activation in GATED
+        self.activation = cfg.mlp.activation
         self.act = _ACT[cfg.mlp.activation]
         self.fc = nn.Linear(cfg.d_model, 2 * h if self.gated else h, bias=cfg.mlp.bias)
         self.proj = nn.Linear(h, cfg.d_model, bias=cfg.mlp.bias)
 
     def forward(self, x: torch.Tensor, ctx=None, state=None) -> torch.Tensor:
+        fused = getattr(self.fc, "fused", None)  # a prepacked fc (`lmforge.infer.packed`) applies act itself
+        if fused is not None and not self.gated and (h := fused(x, self.activation)) is not None:
+            return self.proj(h)
         h = self.fc(x)  # (B, T, h) or (B, T, 2h)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
