@@ -19,9 +19,11 @@ line per case with the ratios. Cases:
 
 Peak RSS is measured two ways: `peak_rss_mb` over the timed steps (what a long run holds), and
 `load_peak_mb`, the process's high-water mark from start through loading and adapting. glibc's allocator
-decides how much of the freed memory stays resident; `keep_freed_memory` (what the lmforge trainer sets)
-keeps all of it. Run with `LMFORGE_KEEP_MEMORY=0 MALLOC_MMAP_THRESHOLD_=65536` to see live memory instead
-(every large tensor its own mapping, returned when freed); `allocator` in each record says which.
+decides how much of the freed memory stays resident. The lmforge side sets what the trainer sets
+(`train.allocator: auto`): `keep_freed_memory` (all of it kept) for LoRA and full, `bound_freed_memory`
+(blocks of 2 MiB and more returned when freed, set before loading) for the QLoRA cases. Run with
+`LMFORGE_KEEP_MEMORY=0 MALLOC_MMAP_THRESHOLD_=65536` to see live memory instead (every large tensor its own
+mapping, returned when freed); `allocator` in each record says which.
 
 tokens/s counts every position of the padded batch (the work both sides do). `others_cores` is the CPU
 other processes used during the side's timed steps: on the shared 2-core machine, read ratios with it.
@@ -81,11 +83,15 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
     import lmforge
 
     qlora = case.startswith("qlora")
+    if which == "lmforge" and qlora:
+        from lmforge.train.allocator import bound_freed_memory
+
+        bound_freed_memory()  # what `lmforge finetune --method qlora` does before loading (train.allocator auto)
     llm = lmforge.load("smollm2", dtype="float32", dequantize=not (which == "lmforge" and qlora))
     data = batches(llm.tokenizer, steps + 1, batch, seq)
     if which == "lmforge":
         from lmforge.adapt import apply_lora, apply_qlora
-        from lmforge.train.allocator import keep_freed_memory
+        from lmforge.train.allocator import allocator_for, allocator_mode, apply_allocator
 
         model = llm.model.train()
         if case.startswith("lora"):
@@ -96,7 +102,7 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
         from lmforge.train.objectives import CausalLM
 
         load_peak = common.hwm_mb()
-        keep = keep_freed_memory()  # what the trainer does on the CPU
+        keep = apply_allocator(allocator_for("auto", model))  # what the trainer does on the CPU
         model.accepts_targets = head_loss == "chunked"  # "logits": the (B, T, V) logits path, for comparison
         objective = CausalLM()
         run_model = torch.compile(model) if compile else model  # what TrainConfig(compile=True) trains
@@ -144,7 +150,7 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
         dt = time.perf_counter() - t0
     return {"tokens_per_s": steps * batch * seq / dt, "step_s": dt / steps, "peak_rss_mb": mem.peak_mb,
             "load_peak_mb": load_peak, "weights_mb": common.tensor_mb(model),
-            "allocator": "keep" if keep else os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
+            "allocator": allocator_mode() if keep else os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
             "train_delta_mb": mem.delta_mb, "trainable": n_train,
             "head_loss": head_loss if which == "lmforge" else "logits", "loss_first": first, "loss_last": losses[-1],
             "others_cores": busy.cores, "dtype": dtype,

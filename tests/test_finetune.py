@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lmforge.errors import ConfigError, FormatError
 from lmforge.llm import LLM, load
 from lmforge.models import DecoderLM
 from lmforge.tokenizers import train_bpe
+from lmforge.train.allocator import allocator_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes" / "smollm2-135m").glob("*.yaml"))
@@ -73,6 +75,8 @@ def test_adapter_run_resumes_bit_identically(tmp_path, tiny_source, method):
     a = tmp_path / "a"
     args = ["train.checkpoint_every=2", "train.keep_last=0", "adapter.dropout=0.1", "data.pack=true"]
     assert main(["finetune", "--config", recipe, "--set", *_sets(tiny_source, a, steps=4), *args]) == 0
+    if os.environ.get("LMFORGE_KEEP_MEMORY", "1") != "0":  # train.allocator auto: QLoRA's point is memory
+        assert allocator_mode() == ("bounded" if method == "qlora" else "keep")
     b = tmp_path / "b"
     shutil.copytree(a, b)
     for p in ("model", "checkpoints/step-4"):

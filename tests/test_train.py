@@ -247,6 +247,46 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+_BOUNDED_SCRIPT = """
+import torch
+from lmforge.train.allocator import allocator_mode, bound_freed_memory, keep_freed_memory
+
+def rss_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+
+print(keep_freed_memory(), allocator_mode())
+x = torch.ones(16 * 1024 * 1024)  # 64 MiB: kept on the heap after del
+del x
+kept = rss_mb()
+print(bound_freed_memory(), allocator_mode())
+bounded = rss_mb()  # the freed heap handed back
+x = torch.ones(16 * 1024 * 1024)
+during = rss_mb()
+del x
+print(kept, bounded, during, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
+def test_bounded_memory_hands_large_freed_buffers_back():
+    out = subprocess.run([sys.executable, "-c", _BOUNDED_SCRIPT], env={**os.environ, "LMFORGE_KEEP_MEMORY": "1"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[:4] == ["True", "keep", "True", "bounded"]
+    kept, bounded, during, after = map(float, out[4:])
+    assert kept - bounded > 48  # switching to bounded returned the 64 MiB the heap was keeping
+    assert during - after > 48  # and a large buffer now goes back to the OS when freed
+
+
+def test_allocator_auto_bounds_memory_for_qlora_only():
+    from lmforge.adapt import apply_qlora
+    from lmforge.train.allocator import allocator_for
+
+    model = DecoderLM(get_preset("tiny-llama"))
+    assert allocator_for("auto", model) == "keep" and allocator_for("system", model) == "system"
+    apply_qlora(model, r=4, alpha=8, target_modules=["q_proj"])
+    assert allocator_for("auto", model) == "bounded" and allocator_for("keep", model) == "keep"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
 def test_keep_freed_memory_stops_refaulting_large_buffers():
     def run(env_value):

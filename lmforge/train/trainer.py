@@ -27,7 +27,7 @@ from torch import nn
 from lmforge.errors import ConfigError, LMForgeError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed
-from lmforge.train.allocator import keep_freed_memory
+from lmforge.train.allocator import allocator_for, apply_allocator
 from lmforge.train.batches import BatchSource
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_curves
 from lmforge.train.objectives import Objective
@@ -66,7 +66,10 @@ class TrainConfig:
     strategy: Literal["single", "ddp", "fsdp"] = "single"  # ddp / fsdp: launched by torchrun (distributed.py)
     global_batch: int | None = None  # sequences per optimizer step over all ranks; sets batch_size per rank
     dist_timeout: float = 600.0  # seconds a collective waits for a hung rank before the job fails
-    keep_memory: bool = True  # CPU: malloc keeps freed memory for the next step (allocator.py; ~10% faster)
+    keep_memory: bool = True  # CPU: false leaves malloc as it is (the same as allocator: system)
+    # CPU malloc setting (allocator.py): keep (freed memory stays for the next step; ~10% faster), bounded
+    # (blocks >= 2 MiB returned when freed: lower peak), system; auto: bounded for QLoRA (NF4 layers), else keep
+    allocator: Literal["auto", "keep", "bounded", "system"] = "auto"
     device: str = "auto"  # auto: this rank's GPU when CUDA is there, else the CPU; or cpu, cuda, cuda:N
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured once by a matmul benchmark and cached
     progress: bool = True  # tqdm progress bar
@@ -150,7 +153,7 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         if cfg.keep_memory and self.device.type == "cpu":
-            keep_freed_memory()
+            apply_allocator(allocator_for(cfg.allocator, model))
         if cfg.activation_checkpointing:
             if not hasattr(model, "activation_checkpointing"):
                 raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} has no per-block "
