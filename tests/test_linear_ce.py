@@ -57,6 +57,31 @@ def test_values_and_gradients_equal_the_plain_path(train_head, weights, chunk):
         assert gw1 is None and gb1 is None
 
 
+def test_only_counted_rows_reach_the_head(monkeypatch):
+    import types
+
+    from lmforge.models import linear_ce
+
+    rows = []
+    shim = types.SimpleNamespace(linear=lambda x, w, b=None: rows.append(x.shape[0]) or F.linear(x, w, b))
+    monkeypatch.setattr(linear_ce, "F", shim)
+    h, w, b, y, _ = _inputs(1, n=40)
+    y[:] = -100
+    y[[3, 17, 30]] = torch.tensor([5, 6, 7])  # an SFT batch: a few answer tokens among prompt and padding
+    hh = h.clone().requires_grad_()
+    nll, hit = linear_cross_entropy(hh, w, b, y)
+    nll.sum().backward()
+    assert sum(rows) == 3  # the 37 ignored rows were never multiplied by the head
+    ref, ref_hit = _plain(h, w, b, y)
+    assert (nll.detach() - ref).abs().max() <= TOL and torch.equal(hit, ref_hit)
+    assert torch.all(hh.grad[y == -100] == 0) and hh.grad[y != -100].abs().sum() > 0
+    y[:] = -100  # nothing counted: zeros, and a backward that works
+    hh.grad = None
+    nll, hit = linear_cross_entropy(hh, w, b, y)
+    nll.sum().backward()
+    assert not nll.detach().any() and not hit.any() and not hh.grad.any()
+
+
 def test_no_gradient_work_in_evaluation_and_mismatched_shapes_are_refused():
     h, w, b, y, _ = _inputs(1, bias=False)
     with torch.no_grad():

@@ -147,18 +147,18 @@ def finetune(config: str | None = None, method: Method | None = None, model: str
     result = run.trainer.fit(resume=resume)
     if result.exit_code or not run.dist.is_main:  # under torchrun, rank 0 alone reports
         return result.exit_code
-    report = final_report(run, result)
-    report["trainable"] = rep
+    extra = None
     if recipe.data.kind == "instructions":
         from lmforge.data.instruct import load_splits
-        from lmforge.llm import load
 
         test = load_splits(recipe.data.source, recipe.data.val_source, recipe.data.val_fraction,
                            recipe.train.seed)["test"][:recipe.data.max_sequences]
         if test:
-            llm = load(report["model_folder"])
-            report.setdefault("test", {}).update(choice_accuracy(llm.model, llm.tokenizer, test))
-        write_json(run.run_dir / "test_metrics.json", report)
+            def extra(llm):  # on the model the report is about, not a second copy of it
+                return choice_accuracy(llm.model, llm.tokenizer, test)
+    report = final_report(run, result, extra)
+    report["trainable"] = rep
+    write_json(run.run_dir / "test_metrics.json", report)
     print_report(report)
     if "choice_acc" in report.get("test", {}):
         print(f"test multiple-choice accuracy: {report['test']['choice_acc']:.3f} "
