@@ -98,6 +98,13 @@ def test_embed_cli(tmp_path, capsys):
     assert np.abs(np.array(rows[0]["embedding"]) - arr[0]).max() <= 1e-6
     assert main(["embed", "--texts", "x", "--out", str(tmp_path / "e.csv")]) == 2
     assert "npy or .jsonl" in capsys.readouterr().err
+    main(["embed", "--file", str(src), "--out", str(tmp_path / "b.npy"), "--dtype", "bfloat16"])
+    low = np.load(tmp_path / "b.npy")  # bf16 weights, float32 output: close to fp32, not equal
+    assert low.dtype == np.float32 and 0 < np.abs(low - arr).max() <= 1e-2
+    assert (low * arr).sum(1).min() >= 0.999
+    with pytest.raises(SystemExit) as e:  # argparse refuses a precision it does not offer
+        main(["embed", "--texts", "x", "--dtype", "float16", "--out", str(tmp_path / "h.npy")])
+    assert e.value.code == 2 and "bfloat16" in capsys.readouterr().err and not (tmp_path / "h.npy").exists()
 
 
 def test_minilm_folder_round_trip_is_exact(models, tmp_path):

@@ -63,7 +63,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
 
 def embed(texts: list[str] | None = None, model: str = "minilm", file: str | None = None,
           out: str = "embeddings.npy", batch_size: int = 32, pooling: Literal["mean", "cls"] = "mean",
-          normalize: bool = True, truncate: bool = False) -> str:
+          normalize: bool = True, truncate: bool = False, dtype: Literal["float32", "bfloat16"] = "float32") -> str:
     """Embed sentences with an encoder model and write them as .npy or JSONL.
 
     Args:
@@ -75,6 +75,8 @@ def embed(texts: list[str] | None = None, model: str = "minilm", file: str | Non
         pooling: mean over tokens, or the first ([CLS]) token.
         normalize: scale each embedding to unit length.
         truncate: cut inputs longer than the model's context instead of stopping with an error.
+        dtype: the weights' precision. bfloat16 is about 2x faster on CPUs with AMX (all-MiniLM-L6-v2 at batch
+            1, Xeon, bench/encode.py) and stays within ~3e-3 of float32 (cosine >= 0.9999); output is float32.
     """
     import lmforge
 
@@ -86,7 +88,7 @@ def embed(texts: list[str] | None = None, model: str = "minilm", file: str | Non
         items += _read_texts(Path(file))
     if not items:
         raise ConfigError("nothing to embed: give sentences with --texts or a file with --file")
-    llm = lmforge.load(model)
+    llm = lmforge.load(model, dtype=dtype)
     vecs = llm.embed(items, batch_size=batch_size, pooling=pooling, normalize=normalize, truncate=truncate,
                      progress=len(items) > 100)
     path.parent.mkdir(parents=True, exist_ok=True)
