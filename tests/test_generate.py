@@ -183,6 +183,17 @@ def test_blas_decode_matches_and_gives_the_threads_back():
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
 
 
+def test_blas_decode_is_never_chosen_for_quantized_models(monkeypatch):
+    from lmforge.infer.packed import blas_decode_for
+    from lmforge.quant import quantize
+
+    monkeypatch.setenv("LMFORGE_BLAS_DECODE", "1")  # the path forced on, as a non-Intel CPU would choose it
+    model = DecoderLM(get_preset("tiny-gpt2")).eval()
+    assert blas_decode_for(model) and blas_decode_for(model, 16) and not blas_decode_for(model, 17)
+    quantize(model, "int8")  # its layers multiply on PyTorch's threads, which blas_decode takes down to one
+    assert not blas_decode_for(model)
+
+
 def test_blas_decode_is_chosen_by_dtype_rows_and_setting(monkeypatch):
     from lmforge.infer import packed
 

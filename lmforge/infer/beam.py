@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.infer.packed import blas_decode, blas_decode_helps, pack_linears
+from lmforge.infer.packed import blas_decode, blas_decode_for, pack_linears
 from lmforge.infer.sampling import GenerationConfig, prepare_prompts
 from lmforge.models import DecoderLM
 
@@ -67,7 +67,7 @@ def beam_search(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
     fin_done = torch.zeros((B, nb), dtype=torch.bool, device=device)
     open_ = torch.ones((B, 1), dtype=torch.bool, device=device)  # may a prompt still improve its finished list
     top_nb = torch.arange(K, device=device) < nb
-    use_blas = blas_decode_helps(model.tok_emb.weight, B * nb)
+    use_blas = blas_decode_for(model, B * nb)
 
     for step in range(steps):
         V = logits.shape[-1]

@@ -37,6 +37,7 @@ from lmforge.errors import ConfigError, LMForgeError
 from lmforge.infer.generate import GenerationConfig, TextStream, sample_next
 from lmforge.infer.packed import blas_decode, blas_decode_helps, pack_linears
 from lmforge.infer.paged import BlockPool, PagedBatch, SeqBlocks
+from lmforge.quant import is_quantized
 
 
 class QueueFullError(LMForgeError):
@@ -178,6 +179,7 @@ class Engine:
         self.max_kv_tokens = (max_blocks - 1) * block_tokens
         self.device = p.device
         self._blas_weight = p  # decides, with a step's row count, whether the step runs under blas_decode
+        self._quantized = is_quantized(self.model)  # quantized layers use torch's threads: never under it
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
         self._calls: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = collections.deque()
@@ -428,7 +430,7 @@ class Engine:
         x = torch.tensor([tokens], dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
         # fp32 on the CPU: a step of a few rows is matrix-vector work, through numpy's BLAS where that is faster
-        with blas_decode(blas_decode_helps(self._blas_weight, batch.N)):
+        with blas_decode(not self._quantized and blas_decode_helps(self._blas_weight, batch.N)):
             h = self.model.hidden_states(x, cache=batch)[0]  # (N, C)
             logits = None
             if done:

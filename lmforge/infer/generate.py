@@ -17,7 +17,7 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.infer.beam import Hypothesis, beam_search
 from lmforge.infer.compiled import compiled_decode
-from lmforge.infer.packed import blas_decode, blas_decode_helps, pack_linears
+from lmforge.infer.packed import blas_decode, blas_decode_for, pack_linears
 from lmforge.infer.sampling import GenerationConfig, filter_logits, make_generator, prepare_prompts, sample_next
 from lmforge.infer.speculative import SpecStats, speculative_tokens
 from lmforge.models import DecoderLM
@@ -74,8 +74,7 @@ def iter_tokens(model: DecoderLM, prompts: list[list[int]], gen: GenerationConfi
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device) if gen.stop_at_eos else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    use_blas = (blas_decode_helps(model.tok_emb.weight, B)
-                and not getattr(model, "quantization", None))  # quantized layers use torch's threads
+    use_blas = blas_decode_for(model, B)
     cache = model.new_cache(B, max_len=T + steps)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
     compiled = compiled_decode(model) if gen.compile else None  # after an eager call: packed tables exist

@@ -172,6 +172,14 @@ def blas_decode_helps(weight: torch.Tensor, rows: int = 1) -> bool:
     return not _mkl_threads_gemv()
 
 
+def blas_decode_for(model: nn.Module, rows: int = 1) -> bool:
+    """`blas_decode_helps` for a model's decode step of `rows` rows: its weights as the embedding table's,
+    and no quantized layers (they compute on PyTorch's own threads, which `blas_decode` takes down to one)."""
+    from lmforge.quant import is_quantized
+
+    return blas_decode_helps(model.tok_emb.weight, rows) and not is_quantized(model)
+
+
 _blas = threading.local()
 
 

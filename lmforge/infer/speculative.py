@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.infer.packed import blas_decode, blas_decode_helps, pack_linears
+from lmforge.infer.packed import blas_decode, blas_decode_for, pack_linears
 from lmforge.infer.sampling import GenerationConfig, filter_logits, make_generator, prepare_prompts
 from lmforge.models import DecoderLM
 
@@ -81,7 +81,7 @@ class DraftModel:
         pack_linears(model)
         self.cache = model.new_cache(1, max_len=max_len)
         self.device = model.tok_emb.weight.device
-        self.blas = blas_decode_helps(model.tok_emb.weight)
+        self.blas = blas_decode_for(model)
         self.base = 0  # context length at the last proposal
 
     def _logits(self, tokens: list[int]) -> torch.Tensor:
@@ -178,7 +178,7 @@ def speculative_tokens(model: DecoderLM, prompt: list[int], gen: GenerationConfi
                else PromptLookup(gen.prompt_lookup))
     # OpenBLAS multiplies a few rows (a verify pass) slower than MKL on two threads: 2-11 rows of SmolLM2
     # fp32 took 88-108 ms through it against 40-84 ms without it, so only a single-row pass uses it
-    blas = blas_decode_helps(model.tok_emb.weight)
+    blas = blas_decode_for(model)
     if T > 1:  # every cache holds the context but its last token, which the next pass reads first
         model(ids[:, :-1].to(device), cache=cache, logits_to_keep=1)
     produced = 0
