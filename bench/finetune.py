@@ -84,9 +84,9 @@ def side(which: str, case: str, hf_dir: str, steps: int, batch: int, seq: int, t
 
     qlora = case.startswith("qlora")
     if which == "lmforge" and qlora:
-        from lmforge.train.allocator import bound_freed_memory
+        from lmforge.train.allocator import allocator_for, apply_allocator
 
-        bound_freed_memory()  # what `lmforge finetune --method qlora` does before loading (train.allocator auto)
+        apply_allocator(allocator_for("auto", nf4=True))  # what `lmforge finetune --method qlora` does before loading
     llm = lmforge.load("smollm2", dtype="float32", dequantize=not (which == "lmforge" and qlora))
     data = batches(llm.tokenizer, steps + 1, batch, seq)
     if which == "lmforge":

@@ -92,15 +92,17 @@ def bound_freed_memory(mmap_threshold: int = 2 << 20, trim_threshold: int = 32 <
     return True
 
 
-def allocator_for(setting: str, model: nn.Module | None = None) -> str:
-    """The malloc setting a run gets: `setting` itself, or for "auto" "bounded" when `model` holds NF4 layers
-    (QLoRA, whose point is memory) and "keep" otherwise."""
+def allocator_for(setting: str, model: nn.Module | None = None, nf4: bool | None = None) -> str:
+    """The malloc setting a run gets: `setting` itself, or for "auto" "bounded" when the model holds NF4 layers
+    (QLoRA, whose point is memory) and "keep" otherwise. `nf4` says so for a model not built yet; by default
+    `model` is looked through."""
     if setting != "auto":
         return setting
-    from lmforge.quant import NF4Linear
+    if nf4 is None:
+        from lmforge.quant import NF4Linear
 
-    quantized = model is not None and any(isinstance(m, NF4Linear) for m in model.modules())
-    return "bounded" if quantized else "keep"
+        nf4 = model is not None and any(isinstance(m, NF4Linear) for m in model.modules())
+    return "bounded" if nf4 else "keep"
 
 
 def apply_allocator(setting: str) -> bool:

@@ -129,11 +129,11 @@ def build_model(recipe: Recipe, run_dir: Path) -> tuple[nn.Module, Any]:
 
         # training needs float weights: a GGUF's quantized blocks are expanded; QLoRA takes them as they are
         # and re-quantizes to NF4 one layer at a time (the fp32 model is never whole in memory)
-        t = recipe.train
-        if recipe.adapter.method == "qlora" and t.keep_memory and t.allocator in ("auto", "bounded"):
-            from lmforge.train.allocator import bound_freed_memory
+        if recipe.adapter.method == "qlora" and recipe.train.keep_memory:
+            from lmforge.train.allocator import allocator_for, apply_allocator
 
-            bound_freed_memory()  # before loading: re-quantizing's temporaries go back to the OS, not the heap
+            # the Trainer's setting, in force before loading: re-quantizing's temporaries go back to the OS
+            apply_allocator(allocator_for(recipe.train.allocator, nf4=True))
         llm = load(recipe.model["source"], dtype=recipe.model.get("dtype"),
                    dequantize=recipe.adapter.method != "qlora" or recipe.adapter.path is not None)
         tok = llm.tokenizer
