@@ -502,6 +502,10 @@ def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
         tensors = {}
         for p in pickles:
             tensors.update(_load_pickle(p, allow_pickle))
+    if dtype is None and any(v.dtype == torch.bfloat16 for v in tensors.values()):
+        from lmforge.precision import load_dtype  # bf16 as stored, except where this CPU only emulates it
+
+        dtype = load_dtype(None, torch.bfloat16, device, what=f"{folder.name}: the weights")
     if meta is not None and meta.get("quantization"):
         from lmforge.quant.model import load_quantized_state, restore
 
@@ -552,7 +556,8 @@ def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, d
     Args:
         source: "preset:<name>" (random weights), a folder with config.json + model.safetensors,
             a .gguf file, or a short name such as "smollm2".
-        dtype: "float32", "bfloat16" or "float16" (default: as stored, float32 for presets).
+        dtype: "float32", "bfloat16" or "float16" (default: as stored, float32 for presets and .gguf files;
+            bf16-stored weights load as float32 where the CPU has no native bf16: `lmforge.precision`).
         device: where to put the weights.
         tokenizer: a folder or tokenizer.json to use instead of the model's own.
         allow_pickle: allow .bin/.pt weights (read with weights_only=True); off by default.
@@ -561,6 +566,10 @@ def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, d
     """
     dt = resolve_dtype(dtype)
     src = str(source)
+    if dt == torch.bfloat16:  # kept as asked; a one-line warning where this CPU only emulates bf16
+        from lmforge.precision import load_dtype
+
+        load_dtype(dt, dt, device, what=f"{src}: dtype")
     if src.startswith("preset:"):
         cfg = get_preset(src.removeprefix("preset:"))
         tok = None

@@ -300,8 +300,10 @@ def test_gguf_version_field_is_checked(tmp_path, good_file):
         lmforge.load(tmp_path / "v.gguf")
 
 
-def test_convert_cli(tmp_path, capsys):
+def test_convert_cli(tmp_path, capsys, monkeypatch):
     from lmforge.cli import main
+
+    monkeypatch.setenv("LMFORGE_BF16_NATIVE", "1")  # bf16 loads as stored where native (else fp32: test_precision)
 
     assert main(["convert", "preset:tiny-qwen2", str(tmp_path / "q.gguf"), "--dtype", "f32"]) == 0
     assert "GGUF file (f32)" in capsys.readouterr().out

@@ -97,7 +97,8 @@ def test_sharded_checkpoint(tmp_path, family):
     assert _diff(llm.model, ref, 300) <= 1e-4
 
 
-def test_bf16_folder_loads_as_stored_or_as_asked(tmp_path):
+def test_bf16_folder_loads_as_stored_or_as_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_BF16_NATIVE", "1")  # as stored where bf16 is native (else fp32: test_precision)
     ref = _hf_model("llama")
     with torch.no_grad():
         for p in ref.parameters():

@@ -184,7 +184,7 @@ def _recipe(tmp_path, **sections) -> Path:
     ("train.bach_size=4", "unknown field train.bach_size (did you mean train.batch_size?)"),
     ("model.n_layr=2", "did you mean model.n_layer"),
     ("model.preset=gpt9", "unknown preset 'gpt9'"),
-    ("train.dtype=fp8", "train.dtype must be one of ['float32', 'bfloat16']"),
+    ("train.dtype=fp8", "train.dtype must be one of ['float32', 'bfloat16', 'auto']"),
     ("optim.min_lr=1", "optim.min_lr must be in [0, optim.lr="),
     ("train.seq_len=64", "train.seq_len (64) exceeds the model's context"),
     ("tokenizer.path=/nonexistent/tok", "tokenizer.path /nonexistent/tok: no such tokenizer folder"),

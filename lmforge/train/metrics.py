@@ -106,7 +106,20 @@ def _cache_file() -> Path:
 
 def measure_peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 1536,
                        seconds: float = 0.4) -> float:
-    """Dense matmul FLOP/s of this machine at the current thread count (n x n x n, best of a short run)."""
+    """Dense matmul FLOP/s of this machine at the current thread count (n x n x n, best of a short run).
+
+    `n` shrinks (to 256 at least) where one product would take more than a tenth of `seconds`: an
+    emulated bf16 (AVX2) runs at ~1 GFLOP/s, where 1536^3 took 68 s to measure instead of ~1 s."""
+    probe = min(n, 256)
+    a = torch.randn(probe, probe, device=device, dtype=dtype)
+    a @ a  # kernel creation
+    t0 = time.perf_counter()
+    a @ a
+    if device != "cpu":
+        torch.cuda.synchronize()
+    rate = 2 * probe**3 / max(time.perf_counter() - t0, 1e-9)
+    while n > probe and 2 * n**3 / rate > seconds / 10:
+        n = max(probe, int(n / 1.5))
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):  # warm-up: oneDNN picks and caches its kernel
@@ -125,14 +138,38 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", 
 _PEAK: dict[str, float] = {}
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows. `platform.processor()` alone
+    is just "x86_64" (or "") on Linux, so every x86 machine sharing a home shared one cache entry."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")) and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _peak_key(dtype: torch.dtype, device: str) -> str:
+    """What a peak depends on: the CPU, its threads, torch, and the instruction set torch and oneDNN may
+    use (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA` can hold an AVX-512 machine to AVX2)."""
+    try:
+        isa = str(torch.backends.cpu.get_cpu_capability())
+    except Exception:
+        isa = "?"
+    isa += "/" + (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "")
+    return f"{_cpu_name()}|{isa}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}|{device}|{dtype}"
+
+
 def peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
     """Peak matmul FLOP/s for `dtype`: measured once per process, cached on disk as the best seen.
 
     A benchmark that shares the CPU with other work reads low, never high, so the cache keeps the
-    maximum over runs (per CPU, thread count and torch version) rather than the first measurement.
+    maximum over runs (per CPU model, instruction set, thread count and torch version) rather than the
+    first measurement.
     """
-    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}|" \
-          f"{torch.__version__}|{device}|{dtype}"
+    key = _peak_key(dtype, device)
     if key in _PEAK:
         return _PEAK[key]
     path = _cache_file()
@@ -149,3 +186,23 @@ def peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu") -> float
             pass  # read-only home: the in-process value still serves
     _PEAK[key] = best
     return best
+
+
+def train_peak_flops(dtype: str, device: str = "cpu") -> float:
+    """The peak to take MFU against for a run in `dtype` ("float32" or "bfloat16" autocast).
+
+    bf16 autocast runs matmuls in bf16 and the rest (softmax, norms, the loss, optimizer) in fp32, so
+    its peak is the faster of the two: where bf16 is only emulated (AVX2), a bf16 peak alone
+    (~0.5 GFLOP/s at 1536^3, 2 threads) sat below what the step's fp32 parts and smaller bf16 products
+    reach, and MFU read 381%."""
+    fp32 = peak_flops(torch.float32, device)
+    return max(fp32, peak_flops(torch.bfloat16, device)) if dtype == "bfloat16" else fp32
+
+
+def mfu_ratio(flops_per_token: float | None, tokens_per_s: float, peak: float | None) -> float:
+    """Model FLOPs utilization in [0, 1]: achieved FLOP/s over `peak`. A peak measured on one matmul
+    shape can sit below what a mix of shapes reaches (or a configured `train.peak_flops` be too low),
+    so the ratio is clamped: utilization past 100% is a mismeasured peak, not a faster machine."""
+    if not flops_per_token or not peak or peak <= 0:
+        return 0.0
+    return min(1.0, max(0.0, flops_per_token * tokens_per_s / peak))

@@ -28,10 +28,15 @@ QUICKSTART: dict[str, Any] = {
     "tokenizer": {"kind": "bpe", "vocab_size": 4096},
     "data": {"kind": "tokens", "source": "shakespeare"},
     "train": {"max_steps": 300, "batch_size": 16, "grad_accum": 1, "eval_every": 100, "eval_batches": 8,
-              "checkpoint_every": 100, "keep_last": 1, "dtype": "bfloat16", "log_every": 1, "seed": 1337},
+              "checkpoint_every": 100, "keep_last": 1, "dtype": "auto", "log_every": 1, "seed": 1337},
     "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 30, "weight_decay": 0.1, "beta2": 0.95, "grad_clip": 1.0},
     "run": {"dir": "runs/quickstart", "samples": 2, "sample_tokens": 80, "sample_prompt": "Romeo.\n"},
 }
+
+
+# Where the CPU has no native bf16 (lmforge.precision), quickstart trains in fp32, where a batch-16 step costs
+# ~1.4x (AVX-512) to ~2x (AVX2) a bf16 one: fewer than 300 steps would fit in 180 s. Batch 8 fits ~2x the steps.
+FP32_TRAIN: dict[str, Any] = {"batch_size": 8}
 
 
 def _seconds_per_step(tr, n: int = 3) -> float:
@@ -51,7 +56,7 @@ def _seconds_per_step(tr, n: int = 3) -> float:
 
 
 def quickstart(steps: int = 600, out: str = "runs/quickstart", time_budget: float = 180.0,
-               vocab_size: int = 4096, dtype: Literal["bfloat16", "float32"] = "bfloat16", threads: int = 0,
+               vocab_size: int = 4096, dtype: Literal["auto", "bfloat16", "float32"] = "auto", threads: int = 0,
                overwrite: bool = True, progress: bool = True, set_: list[str] | None = None) -> int:
     """Train a BPE tokenizer and a small decoder on the embedded Shakespeare corpus in a few minutes.
 
@@ -65,7 +70,9 @@ def quickstart(steps: int = 600, out: str = "runs/quickstart", time_budget: floa
         out: the run folder (tokenizer/, data/, checkpoints/, metrics.jsonl, curves.png, model/).
         time_budget: seconds of training (after tokenizer training and tokenization, ~10 s).
         vocab_size: BPE vocabulary size.
-        dtype: bfloat16 (autocast; about 2x faster on CPUs with AVX-512 BF16) or float32.
+        dtype: auto (bfloat16 where the CPU computes it natively, as measured: lmforge.precision; else
+            float32, with a note), bfloat16 (autocast; about 2x faster with AVX-512 BF16, many times slower
+            where the CPU only emulates it: kept, with a warning) or float32.
         threads: torch threads; 0 keeps torch's default (all cores).
         overwrite: start afresh when <out> already holds a run (its tokenizer and data are reused when they
             match); --no-overwrite resumes it instead.
@@ -73,14 +80,18 @@ def quickstart(steps: int = 600, out: str = "runs/quickstart", time_budget: floa
         set_: further recipe overrides as dotted key=value items (e.g. model.n_layer=4).
     """
     from lmforge.llm import load
+    from lmforge.precision import train_dtype
     from lmforge.train.commands import resolved_dict, samples, setup_run
     from lmforge.train.recipe import apply_overrides, dump_yaml, from_dict
 
     if time_budget <= 0 or steps < 1:
         raise ConfigError(f"--steps must be >= 1 and --time-budget > 0, got {steps} and {time_budget}")
     t_all = time.perf_counter()
+    dtype = train_dtype(dtype, what="quickstart --dtype")
     d = {k: dict(v) for k, v in QUICKSTART.items()}
     d["train"].update(max_steps=steps, dtype=dtype, threads=threads, progress=progress)
+    if dtype == "float32":  # no native bf16: steps cost ~1.4-2x more, so half the batch keeps >= 300 of them
+        d["train"].update(FP32_TRAIN)
     d["tokenizer"]["vocab_size"] = vocab_size
     d["run"]["dir"] = out
     recipe = from_dict(apply_overrides(d, set_ or []), "quickstart")

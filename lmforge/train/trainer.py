@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, LMForgeError
+from lmforge.precision import train_dtype
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed
 from lmforge.train.allocator import allocator_for, apply_allocator
 from lmforge.train.batches import BatchSource
-from lmforge.train.metrics import MetricsLog, peak_flops, plot_curves
+from lmforge.train.metrics import MetricsLog, mfu_ratio, plot_curves, train_peak_flops
 from lmforge.train.objectives import Objective
 from lmforge.train.optim import OptimConfig, build_optimizer, lr_at
 
@@ -60,7 +61,9 @@ class TrainConfig:
     log_every: int = 1  # steps between train rows in metrics.jsonl
     seed: int = 1337
     threads: int = 0  # torch intra-op threads; 0: torch's default. Resume with the same count for bit-identity
-    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast matmuls, fp32 master weights
+    # bfloat16: autocast matmuls, fp32 master weights (warns where the CPU only emulates bf16: many times slower);
+    # auto: bfloat16 where the CPU computes it natively, as measured (lmforge.precision), else float32
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     compile: bool = False  # torch.compile the model for training steps
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
     strategy: Literal["single", "ddp", "fsdp"] = "single"  # ddp / fsdp: launched by torchrun (distributed.py)
@@ -148,6 +151,7 @@ class Trainer:
         self.dist = distributed.init(cfg.strategy, cfg.device, cfg.dist_timeout)
         self.device = self.dist.device
         self.model = model.to(self.device)
+        cfg.dtype = train_dtype(cfg.dtype, self.device)  # auto -> a concrete dtype, for the run and its readers
         self.objective, self.data, self.tokenizer = objective, data, tokenizer
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if cfg.threads > 0:
@@ -398,8 +402,7 @@ class Trainer:
 
         peak = None
         if self.is_main:  # MFU per device: the global rate over world_size devices
-            peak = (cfg.peak_flops or peak_flops(torch.bfloat16 if self._amp else torch.float32,
-                                                 str(self.device))) * self.dist.world_size
+            peak = (cfg.peak_flops or train_peak_flops(cfg.dtype, str(self.device))) * self.dist.world_size
         flops_per_tok = None
         pbar = None
         if cfg.progress and self.is_main:
@@ -480,7 +483,7 @@ class Trainer:
                     tok_s, rate_tokens, rate_time = rate_tokens / rate_time, 0, 0.0
                 elif tok_s == 0.0:
                     tok_s = n_tok / dt
-                mfu = flops_per_tok * tok_s / peak if flops_per_tok and peak else 0.0
+                mfu = mfu_ratio(flops_per_tok, tok_s, peak)  # in [0, 1]
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     row = {"step": self.step, "split": "train", "loss": train_loss, "lr": lr,
                            "tokens": self.tokens_seen, "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4),
