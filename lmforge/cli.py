@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lmforge.serve.commands:serve", "serve a model: OpenAI-compatible HTTP API and a chat page"),
     "convert": ("lmforge.interop.commands:convert", "convert a model between lmforge, Hugging Face and GGUF"),
     "eval": ("lmforge.evaluate.commands:eval_", "evaluate a model (perplexity, bits per byte)"),
+    "env": ("lmforge.env:env", "what to paste into a bug report: the CPU, its kernels, the fast paths chosen"),
     "bench": ("lmforge.evaluate.complexity:bench",
               "measure block families' time/memory growth (complexity) or MoE routing overhead (moe)"),
 }

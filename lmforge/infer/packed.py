@@ -33,10 +33,96 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge import kernels
 
-def _can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and (weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and torch._C.has_mkl)))
+
+def _pack_kind(weight: torch.Tensor, many_rows: bool) -> str:
+    """"onednn", "fp32" (MKL) or "plain" for a weight: the packed kernel that passed its probe here."""
+    if weight.device.type != "cpu":
+        return "plain"
+    if weight.dtype == torch.bfloat16:
+        return "onednn" if kernels.fast("onednn_bf16") else "plain"
+    if weight.dtype != torch.float32:
+        return "plain"
+    if many_rows and kernels.fast("onednn_fp32"):  # the row count is only a hint to oneDNN
+        return "onednn"
+    return "fp32" if kernels.fast("mkl_fp32") else "plain"
+
+
+# ---- probes: each packed kernel against F.linear, on this machine ---------------------------------------
+
+def _linear_case(dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 256, generator=gen) / 16).to(dtype)
+    b = torch.randn(96, generator=gen).to(dtype)
+    x = torch.randn(5, 256, generator=gen).to(dtype)
+    return w, b, x
+
+
+def _rows(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn over one row (decode) and over the other rows (prefill): different kernels inside the libraries."""
+    return torch.cat([fn(x[:1]), fn(x[1:])])
+
+
+def _probe_onednn(dtype: torch.dtype) -> kernels.Choice:
+    path = "onednn_bf16" if dtype == torch.bfloat16 else "onednn_fp32"
+    w, b, x = _linear_case(dtype)
+    ref = torch.cat([F.linear(x, w, b), F.gelu(F.linear(x, w, b))])
+    tol = 2 * kernels.eps(dtype) if dtype == torch.bfloat16 else 64 * kernels.eps(dtype)
+
+    def fast():
+        if not torch.backends.mkldnn.is_available():
+            raise RuntimeError("this PyTorch build has no oneDNN")
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+        plain = _rows(lambda r: torch.ops.mkldnn._linear_pointwise(r, packed, b, "none", [None], ""), x)
+        gelu = _rows(lambda r: torch.ops.mkldnn._linear_pointwise(r, packed, b, "gelu", [], "none"), x)
+        return torch.cat([plain, gelu])
+
+    return kernels.compare(path, f"oneDNN prepacked {'bf16' if dtype == torch.bfloat16 else 'fp32'} linear", fast,
+                           ref, tol, "F.linear")
+
+
+def probe_onednn_bf16() -> kernels.Choice:
+    """Whether bf16 linears multiply from oneDNN-prepacked weights here (else plain `F.linear`)."""
+    return kernels.choose("onednn_bf16", lambda: _probe_onednn(torch.bfloat16))
+
+
+def probe_onednn_fp32() -> kernels.Choice:
+    """Whether fp32 linears packed for many rows use oneDNN's blocked layout here (else MKL / `F.linear`)."""
+    return kernels.choose("onednn_fp32", lambda: _probe_onednn(torch.float32))
+
+
+def _probe_mkl() -> kernels.Choice:
+    w, b, x = _linear_case(torch.float32)
+
+    def fast():
+        if not torch._C.has_mkl:
+            raise RuntimeError("this PyTorch build has no MKL")
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 1)
+        return _rows(lambda r: torch.ops.mkl._mkl_linear(r, packed, w, b, 1), x)
+
+    return kernels.compare("mkl_fp32", "MKL prepacked fp32 linear", fast, F.linear(x, w, b),
+                           64 * kernels.eps(torch.float32), "F.linear")
+
+
+def probe_mkl_fp32() -> kernels.Choice:
+    """Whether fp32 decode linears multiply from MKL-prepacked weights here (else plain `F.linear`)."""
+    return kernels.choose("mkl_fp32", _probe_mkl)
+
+
+def _probe_blas() -> kernels.Choice:
+    w, b, x = _linear_case(torch.float32)
+    if _openblas() is None:
+        return kernels.Choice("blas_decode", "PyTorch's own matmul", False, "numpy's OpenBLAS not found")
+    wn = w.numpy()
+    return kernels.compare("blas_decode", "numpy's OpenBLAS (fp32 decode)", lambda: _rows(
+        lambda r: _blas_linear(r, wn, b), x), F.linear(x, w, b), 64 * kernels.eps(torch.float32),
+        "PyTorch's own matmul")
+
+
+def probe_blas_decode() -> kernels.Choice:
+    """Whether fp32 decode steps may multiply through numpy's OpenBLAS here."""
+    return kernels.choose("blas_decode", _probe_blas)
 
 
 class PackedLinear(nn.Linear):
@@ -63,9 +149,10 @@ class PackedLinear(nn.Linear):
     def _repack(self, key: tuple) -> None:
         w = self.weight
         with torch.no_grad():
-            if not _can_pack(w):
+            kind = _pack_kind(w, self.many_rows)
+            if kind == "plain":
                 self._packed, self._kind = None, "plain"
-            elif w.dtype == torch.bfloat16 or self.many_rows:  # the row count is only a hint to oneDNN
+            elif kind == "onednn":
                 rows = 64 if self.many_rows else 1
                 self._packed, self._kind = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows), "onednn"
             else:
@@ -163,13 +250,14 @@ def _mkl_threads_gemv() -> bool:
 def blas_decode_helps(weight: torch.Tensor, rows: int = 1) -> bool:
     """Whether a decode step of `rows` rows over weights like `weight` should run under `blas_decode`:
     fp32 CPU weights, at most 16 rows, on a CPU where MKL's matrix-vector product is single-threaded.
-    `LMFORGE_BLAS_DECODE=1` / `=0` forces it on / off for fp32 CPU weights."""
+    `LMFORGE_BLAS_DECODE=1` / `=0` forces it on / off for fp32 CPU weights; on never overrides a failed
+    probe of the BLAS path."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or rows > _BLAS_MAX_ROWS:
         return False
     forced = os.environ.get("LMFORGE_BLAS_DECODE", "")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return not _mkl_threads_gemv()
+    if forced == "0" or not kernels.fast("blas_decode"):
+        return False
+    return forced == "1" or not _mkl_threads_gemv()
 
 
 def blas_decode_for(model: nn.Module, rows: int = 1) -> bool:

@@ -244,7 +244,8 @@ class DecoderLM(nn.Module):
         """The LM head on final hidden states (`hidden_states`' output, or rows picked from it)."""
         if self.config.embedding.tied_head_scale and self.config.tie_embeddings:
             x = x * self.config.d_model ** -0.5  # T5: the tied embedding's scale undone before the output layer
-        return self.lm_head(x)
+        exact = getattr(self.lm_head, "logits", None)  # a quantized head ranks its best tokens in fp32
+        return exact(x) if exact is not None else self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       cache: Cache | None = None, segment_ids: torch.Tensor | None = None,

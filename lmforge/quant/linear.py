@@ -16,23 +16,25 @@ fp32 `F.linear` 120 us, `aten._weight_int8pack_mm` 47 us with bf16 activations b
 dequantize-then-`F.linear` path for gradients (QLoRA, QAT) and for other devices.
 
 `_weight_int4pack_mm_for_cpu` computes (u - 8) * s + z for a 4-bit u, with a (K/g, N, 2) bf16 table of
-(s, z), from weights reordered by `_convert_weight_to_int4pack_for_cpu`: for N a multiple of 64, rows in
-blocks of 64 and, per input index k, 32 bytes whose low nibbles are rows 0-31 of the block and high
-nibbles rows 32-63. `pack_int4` / `unpack_int4` write and read that layout directly (tests check them
-against the torch op), so the stored bytes are the kernel's and nothing is held twice; N is padded to a
-multiple of 64 with zero rows. Q8Linear splits each int8 q into 16 h + l (h = q >> 4 in -8..7, l in 0..15)
-and multiplies twice with the 4-bit kernel: (h+8 - 8) * 16d and (l - 8) * d + 8d.
+(s, z), from weights in a byte layout that depends on the CPU build it runs (see `Int4Layout`, found by
+`probe_int4`). `pack_int4` / `unpack_int4` write and read that layout directly, so the stored bytes are the
+kernel's and nothing is held twice; N is padded to a multiple of 64 with zero rows. Q8Linear splits each
+int8 q into 16 h + l (h = q >> 4 in -8..7, l in 0..15) and multiplies twice with the 4-bit kernel:
+(h+8 - 8) * 16d and (l - 8) * d + 8d. Each fast kernel is used only after its probe passed on this machine
+(`lmforge.kernels`); otherwise the layer dequantizes and calls `F.linear`.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge import kernels
 from lmforge.errors import ConfigError
 
 GROUP_SIZES = (32, 64, 128)
@@ -42,57 +44,215 @@ def _rows64(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def pack_int4(q: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """(N, K) integers 0..15 -> (N64, K/2) uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
-    (N64 = N rounded up to a multiple of 64, padding rows zero).
+# ---- the 4-bit kernel's byte layout --------------------------------------------------------------------
+#
+# `_weight_int4pack_mm_for_cpu` reads weights in blocks of B rows; per block and input index k, B/2 bytes
+# whose byte j holds row lo[j] in its low nibble and row hi[j] in its high one. Its AVX-512 build has B = 64,
+# byte j = rows j | j+32; its AVX2 build B = 32, rows j | j+16; its generic build B = 32, rows 2j | 2j+1
+# (read off `_convert_weight_to_int4pack_for_cpu` under each ATEN_CPU_CAPABILITY, torch 2.13). Which one
+# runs is found on the running machine (`probe_int4`): the layout is read off the converter, then the kernel
+# must reproduce the dequantized reference from weights packed that way. Files always hold the AVX-512
+# layout (`CANONICAL`, what earlier files hold); a layer converts on load and save where the machine's
+# differs, so a file is the same bytes on every machine and memory holds one copy in the kernel's order.
+
+
+@dataclass(frozen=True)
+class Int4Layout:
+    """Rows `lo[j]` / `hi[j]` of each block of `block` rows share byte j (low / high nibble) per input."""
+
+    block: int
+    lo: tuple[int, ...]
+    hi: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        """A short description, e.g. "64-row blocks, rows j | j+32"."""
+        step = self.lo[1] - self.lo[0] if len(self.lo) > 1 else 1
+        pair = f"rows {'2j' if step == 2 else 'j'} | {'2j+1' if step == 2 else f'j+{self.hi[0] - self.lo[0]}'}"
+        return f"{self.block}-row blocks, {pair}"
+
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row of a block: (its byte j, 1 if in the high nibble)."""
+        byte, high = np.zeros(self.block, np.int64), np.zeros(self.block, np.int64)
+        byte[list(self.lo)], byte[list(self.hi)] = np.arange(self.block // 2), np.arange(self.block // 2)
+        high[list(self.hi)] = 1
+        return byte, high
+
+
+def _layout(block: int, lo, hi) -> Int4Layout:
+    return Int4Layout(block, tuple(int(i) for i in lo), tuple(int(i) for i in hi))
+
+
+CANONICAL = _layout(64, range(32), range(32, 64))
+KNOWN_LAYOUTS = (CANONICAL, _layout(32, range(16), range(16, 32)), _layout(32, range(0, 32, 2), range(1, 32, 2)))
+
+
+def pack_int4(q: torch.Tensor | np.ndarray, layout: Int4Layout | None = None) -> torch.Tensor:
+    """(N, K) integers 0..15 -> (N64, K/2) uint8 in `layout` (default: the one this machine's kernel reads;
+    N64 = N rounded up to a multiple of 64, padding rows zero).
 
     Done in numpy (torch's uint8 shifts, pad and transpose made loading SmolLM2's Q4_1 file take 4 s) into a
     buffer torch allocated, so that the result keeps torch's alignment (the packed kernels need it)."""
+    layout = layout or int4_layout()
     if isinstance(q, torch.Tensor):
         q = q.detach().cpu().numpy()
     N, K = q.shape
     if K % 2:
         raise ConfigError(f"4-bit packing needs an even input width, got {K}")
     q = q.astype(np.uint8, copy=False)
-    n64 = _rows64(N)
+    n64, B = _rows64(N), layout.block
     out = torch.empty(n64, K // 2, dtype=torch.uint8)
-    dst = out.numpy().reshape(-1, K, 32)  # (blk, k, i): byte i of input k is row i | row 32 + i << 4
-    full, rest = divmod(N, 64)
-    if full:
-        v = q[:full * 64].reshape(full, 2, 32, K)  # (blk, lo/hi, i, k)
-        dst[:full] = (v[:, 0] | (v[:, 1] << 4)).transpose(0, 2, 1)
-    if rest:  # the last block, padded with zero rows
-        tail = np.zeros((64, K), np.uint8)
-        tail[:rest] = q[full * 64:]
-        dst[full] = (tail[:32] | (tail[32:] << 4)).T
+    dst = out.numpy().reshape(-1, K, B // 2)  # (blk, k, j)
+    if N != n64:
+        q = np.concatenate([q, np.zeros((n64 - N, K), np.uint8)])
+    v = q.reshape(-1, B, K)  # (blk, row, k)
+    lo, hi = _index(layout.lo), _index(layout.hi)
+    dst[:] = (v[:, lo] | (v[:, hi] << 4)).transpose(0, 2, 1)
     return out
 
 
-def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+def _index(rows: tuple[int, ...]) -> slice | list[int]:
+    """A slice where the rows are evenly spaced (a view, no gather), else the list."""
+    step = rows[1] - rows[0]
+    if step > 0 and all(b - a == step for a, b in zip(rows, rows[1:], strict=False)):
+        return slice(rows[0], rows[-1] + 1, step)
+    return list(rows)
+
+
+def unpack_int4(packed: torch.Tensor, N: int, K: int, layout: Int4Layout | None = None) -> torch.Tensor:
     """Inverse of `pack_int4`: (N, K) uint8 values 0..15."""
-    p = packed.view(-1, K, 32).transpose(1, 2)  # (blk, 32, K)
-    return torch.stack([p & 0x0F, p >> 4], dim=1).reshape(-1, K)[:N]
+    layout = layout or int4_layout()
+    B = layout.block
+    p = packed.view(-1, K, B // 2).transpose(1, 2)  # (blk, j, K)
+    out = torch.empty(p.shape[0], B, K, dtype=torch.uint8)
+    out[:, _index(layout.lo)] = p & 0x0F
+    out[:, _index(layout.hi)] = p >> 4
+    return out.view(-1, K)[:N]
 
 
-def unpack_int4_rows(packed: torch.Tensor, rows: torch.Tensor, K: int) -> torch.Tensor:
+def unpack_int4_rows(packed: torch.Tensor, rows: torch.Tensor, K: int, layout: Int4Layout | None = None
+                     ) -> torch.Tensor:
     """Rows `rows` (any shape of indices) of `unpack_int4(packed, ...)`: (*rows.shape, K) uint8, read
     without unpacking the others (an embedding lookup in a quantized table)."""
+    layout = layout or int4_layout()
+    byte, high = (torch.from_numpy(a) for a in layout.positions())
     r = rows.reshape(-1)
-    blk, i = r // 64, r % 64
-    b = packed.view(-1, K, 32)[blk, :, i % 32]  # (n, K)
-    v = torch.where((i >= 32)[:, None], b >> 4, b & 0x0F)
+    blk, i = r // layout.block, r % layout.block
+    b = packed.view(-1, K, layout.block // 2)[blk, :, byte[i]]  # (n, K)
+    v = torch.where(high[i].bool()[:, None], b >> 4, b & 0x0F)
     return v.view(*rows.shape, K)
+
+
+def convert_int4(packed: torch.Tensor, N: int, K: int, src: Int4Layout, dst: Int4Layout) -> torch.Tensor:
+    """Packed 4-bit weights in layout `src` -> the same values in layout `dst` (the tensor itself if equal)."""
+    if src == dst:
+        return packed
+    return pack_int4(unpack_int4(packed, N, K, src), dst).to(packed.device)
+
+
+def _torch_int4_layout() -> Int4Layout | None:
+    """The layout `_convert_weight_to_int4pack_for_cpu` writes on this machine, read off three conversions of
+    a 64 x 64 matrix whose entries' 4-bit digits spell their row and column; None where the op is missing or
+    its output is not of the block form `Int4Layout` describes."""
+    N = K = 64
+    code = torch.arange(N)[:, None] * K + torch.arange(K)[None, :]  # 12 bits: row * 64 + k
+    lo = torch.zeros(N * K // 2, dtype=torch.long)
+    hi = torch.zeros_like(lo)
+    for d in range(3):
+        p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(((code >> 4 * d) & 15).to(torch.int32), 1)
+        if p.dtype != torch.uint8 or p.numel() != N * K // 2:
+            return None
+        p = p.reshape(-1).long()
+        lo |= (p & 15) << 4 * d
+        hi |= (p >> 4) << 4 * d
+    for B in (64, 32, 16):  # find the block size whose form fits, then check every byte against it
+        if lo[0] // K != 0 or (lo[:B // 2] % K != 0).any():
+            continue
+        cand = _layout(B, (lo[:B // 2] // K).tolist(), (hi[:B // 2] // K).tolist())
+        if sorted(cand.lo + cand.hi) != list(range(B)):
+            continue
+        idx = torch.arange(lo.numel())
+        blk, rest = idx // (K * B // 2), idx % (K * B // 2)
+        k, j = rest // (B // 2), rest % (B // 2)
+        rows_lo = blk * B + torch.tensor(cand.lo)[j]
+        rows_hi = blk * B + torch.tensor(cand.hi)[j]
+        if torch.equal(lo, rows_lo * K + k) and torch.equal(hi, rows_hi * K + k):
+            return cand
+    return None
+
+
+def _int4_case(N: int = 128, K: int = 64, g: int = 32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(N, K // g, generator=gen) * 0.02 + 0.005).half()
+    mn = (-8 * scale.float() + torch.randn(N, K // g, generator=gen) * 0.01).half()
+    w = (q.float().view(N, -1, g) * scale.float()[..., None] + mn.float()[..., None]).view(N, K)
+    x = torch.randn(5, K, generator=gen)
+    return q, scale, mn, w, x
+
+
+def _probe_int4() -> kernels.Choice:
+    q, scale, mn, w, x = _int4_case()
+    ref = F.linear(x, w)
+    g = 32
+    s = scale.float()
+    z = mn.float() + 8 * s
+    table = torch.stack([s, z], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+    tol = 2 * kernels.eps(torch.bfloat16)  # activations, table and output rounded to bf16 (measured: 0.3 eps)
+    try:
+        found = _torch_int4_layout()
+    except Exception:  # the converter is missing from this build: try the layouts we know
+        found = None
+    candidates = [found] if found else []
+    candidates += [lay for lay in KNOWN_LAYOUTS if lay != found]
+    first = None
+    for lay in candidates:
+        packed = pack_int4(q, lay)
+
+        def fast(packed=packed):  # one row (decode) and several (prefill) take different code paths
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            return torch.cat([mm(x[:1].bfloat16(), packed, g, table), mm(x[1:].bfloat16(), packed, g, table)]).float()
+
+        c = kernels.compare("int4", f"aten._weight_int4pack_mm_for_cpu, {lay.name}", fast, ref, tol,
+                            "reference: dequantize + F.linear", detail=lay)
+        if c.fast:
+            if found is None or lay != found:
+                c.reason += " (the converter's layout " + (found.name if found else "unknown") + " did not)"
+            return c
+        first = first or c
+        if "raised" in first.reason:  # the kernel itself is missing or refuses: no layout will help
+            break
+    first.detail = CANONICAL
+    return first
+
+
+def probe_int4() -> kernels.Choice:
+    """How 4-bit (and Q8_0) layers multiply here: torch's packed kernel in the layout that passed, or the
+    dequantized reference. Cached per process."""
+    return kernels.choose("int4", _probe_int4)
+
+
+def int4_layout() -> Int4Layout:
+    """The byte layout 4-bit weights are kept in, in memory, on this machine (the kernel's)."""
+    return probe_int4().detail
 
 
 class QuantLinear(nn.Module):
     """Shared part of the quantized linears: shape, frozen bias, the float fallback and the fast path."""
 
     method = ""
+    fast_path = ""  # the `lmforge.kernels` path whose probe must pass before `_matmul` is used
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bias_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
+        self._fast: bool | None = None  # the probe's verdict, read once per layer (a plain bool for compile)
+
+    def _use_fast(self) -> bool:
+        if self._fast is None:
+            self._fast = kernels.fast(self.fast_path)
+        return self._fast
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # pragma: no cover - abstract
         """The float weight (out_features, in_features) this layer multiplies by."""
@@ -103,7 +263,8 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or not x.is_floating_point():
+        if (x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or not x.is_floating_point()
+                or not self._use_fast()):
             b = self.bias.to(x.dtype) if self.bias is not None else None
             return F.linear(x, self.dequantize(x.dtype), b)
         shape, dtype = x.shape, x.dtype
@@ -114,6 +275,26 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
         return y.view(*shape[:-1], self.out_features)
+
+    def logits(self, x: torch.Tensor, top: int = 64) -> torch.Tensor:
+        """This layer as an LM head: `forward`, then each row's `top` highest outputs computed again in fp32
+        from the dequantized weight rows. The packed kernels round their output to bf16, 2^-8 relative: steps
+        of 0.125 at a logit of 25, coarser than the gap between a model's two best tokens often is (SmolLM2's
+        "The" and "L" after "What is the capital of France?" are 0.08 apart), so greedy decoding would pick
+        among ties that differ by CPU. Recomputed, the best tokens rank as the dequantized model ranks them."""
+        y = self(x)
+        rows_of = getattr(self, "dequantize_rows", None)
+        if y.dtype != torch.float32 or rows_of is None or (torch.is_grad_enabled() and x.requires_grad):
+            return y
+        flat_y, flat_x = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
+        k = min(top, self.out_features)
+        for i in range(0, flat_y.shape[0], 64):  # bounds the dequantized rows held at once
+            idx = flat_y[i:i + 64].topk(k, dim=-1).indices  # (m, k)
+            exact = torch.einsum("mkc,mc->mk", rows_of(idx), flat_x[i:i + 64])
+            if self.bias is not None:
+                exact = exact + self.bias.float()[idx]
+            flat_y[i:i + 64].scatter_(1, idx, exact)
+        return y
 
     def quant_info(self) -> dict:
         """What `lmforge.quant.quantize` records in the model folder to rebuild this layer."""
@@ -135,6 +316,7 @@ class Int8Linear(QuantLinear):
     """
 
     method = "int8"
+    fast_path = "int8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bias_dtype=torch.float32):
         super().__init__(in_features, out_features, bias, bias_dtype)
@@ -142,6 +324,7 @@ class Int8Linear(QuantLinear):
         self.register_buffer("scales", torch.zeros(out_features))
         self._bf16_scales: tuple | None = None
         self._w8a8: tuple | None = None  # (key, fbgemm packed weight or None when unavailable)
+        self._reduce_range = False  # 7-bit activations, where the probe found 8-bit ones overflow
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -172,7 +355,7 @@ class Int8Linear(QuantLinear):
         packed = self._packed_w8a8()
         if packed is None:
             return super().forward(x)
-        y = torch.ops.quantized.linear_dynamic(x.reshape(1, -1), packed)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(1, -1), packed, self._reduce_range)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -180,7 +363,9 @@ class Int8Linear(QuantLinear):
     def _packed_w8a8(self):
         key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version)
         if self._w8a8 is None or self._w8a8[0] != key:
-            self._w8a8 = (key, _fbgemm_pack(self.qweight, self.scales))
+            choice = probe_int8_integer()
+            self._reduce_range = bool(choice.detail)
+            self._w8a8 = (key, _fbgemm_pack(self.qweight, self.scales) if choice.fast else None)
         return self._w8a8[1]
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,6 +375,74 @@ class Int8Linear(QuantLinear):
         if self._bf16_scales is None or self._bf16_scales[0] != key:
             self._bf16_scales = (key, self.scales.to(torch.bfloat16))
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._bf16_scales[1])
+
+
+def _probe_int8() -> kernels.Choice:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (96, 64), generator=gen, dtype=torch.int8)
+    scales = torch.rand(96, generator=gen) * 0.02 + 0.001
+    x = torch.randn(5, 64, generator=gen)
+    ref = F.linear(x, q.float() * scales[:, None])
+    sb = scales.to(torch.bfloat16)
+
+    def fast():
+        mm = torch.ops.aten._weight_int8pack_mm
+        return torch.cat([mm(x[:1].bfloat16(), q, sb), mm(x[1:].bfloat16(), q, sb)]).float()
+
+    return kernels.compare("int8", "aten._weight_int8pack_mm (bf16 activations)", fast, ref,
+                           2 * kernels.eps(torch.bfloat16), "reference: dequantize + F.linear")
+
+
+def probe_int8() -> kernels.Choice:
+    """How int8 layers multiply several rows here: torch's int8 kernel, or the dequantized reference."""
+    return kernels.choose("int8", _probe_int8)
+
+
+def _simulated_w8a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, levels: int) -> torch.Tensor:
+    """What an exact integer GEMM gives for one row x quantized to `levels` + 1 levels (asymmetric, the range
+    widened to hold 0, round half to even) times int8 weights with per-row scales, in fp64."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    s = (hi - lo) / levels if hi > lo else 1.0
+    zp = min(max(round(-lo / s), 0), levels)
+    xq = (torch.round(x.double() / s) + zp).clamp(0, levels)
+    return ((xq - zp) * s) @ (q.double() * scales.double()[:, None]).T
+
+
+def _probe_int8_integer() -> kernels.Choice:
+    # A case that overflows 16-bit pair sums where a kernel keeps them (fbgemm's AVX2 path without VNNI):
+    # large positive activations (8-bit codes near 255) against weights of 127. 7-bit activations
+    # (`reduce_range`, 127 * 127 * 2 < 2^15) cannot overflow; the result is then an exact integer product,
+    # so the probe compares with its simulation to fp32 rounding.
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (64, 256), generator=gen, dtype=torch.int8)
+    q[:8] = 127
+    scales = torch.rand(64, generator=gen) * 0.01 + 0.001
+    x = torch.randn(1, 256, generator=gen)
+    x[0, :64] = 4.0
+    packed = _fbgemm_pack(q, scales)
+    if packed is None:
+        return kernels.Choice("int8_integer", "aten._weight_int8pack_mm (bf16 activations)", False,
+                              "this PyTorch build has no fbgemm int8 kernel")
+    tol = 64 * kernels.eps(torch.float32)
+    first = None
+    for reduce_range, levels in ((False, 255), (True, 127)):
+        ref = _simulated_w8a8(x, q, scales, levels).float()
+        name = f"fbgemm quantized::linear_dynamic, {8 - reduce_range}-bit activations"
+        c = kernels.compare("int8_integer", name,
+                            lambda rr=reduce_range: torch.ops.quantized.linear_dynamic(x, packed, rr), ref, tol,
+                            "aten._weight_int8pack_mm (bf16 activations)", detail=reduce_range)
+        if c.fast:
+            if first is not None:
+                c.reason += f"; 8-bit activations did not ({first.reason})"
+            return c
+        first = first or c
+    return first
+
+
+def probe_int8_integer() -> kernels.Choice:
+    """Whether one fp32 row multiplies int8 weights in integers here (fbgemm, with 8- or 7-bit activations:
+    `detail` is fbgemm's reduce_range), or takes the bf16-activation kernel."""
+    return kernels.choose("int8_integer", _probe_int8_integer)
 
 
 def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor):
@@ -211,6 +464,8 @@ class _Int4Kernel(QuantLinear):
     """Holds a lazily built (K/g, N64, 2) bf16 (scale, zero) table for `_weight_int4pack_mm_for_cpu`."""
 
     group_size = 32
+    fast_path = "int4"
+    packed_names: tuple[str, ...] = ()  # buffers in the 4-bit kernel's layout
 
     def _table(self, key: tuple, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         pad = _rows64(self.out_features) - self.out_features
@@ -231,6 +486,7 @@ class Int4Linear(_Int4Kernel):
     """
 
     method = "int4"
+    packed_names = ("qweight",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32,
                  bias_dtype=torch.float32):
@@ -307,6 +563,7 @@ class Q8Linear(_Int4Kernel):
     """
 
     method = "q8_0"
+    packed_names = ("qhi", "qlo")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bias_dtype=torch.float32):
         super().__init__(in_features, out_features, bias, bias_dtype)

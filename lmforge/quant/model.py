@@ -12,7 +12,19 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, FormatError
-from lmforge.quant.linear import GROUP_SIZES, Int4Linear, Int8Linear, Q8Linear, QuantEmbedding, QuantLinear, check_group
+from lmforge.quant.linear import (
+    CANONICAL,
+    GROUP_SIZES,
+    Int4Linear,
+    Int8Linear,
+    Q8Linear,
+    QuantEmbedding,
+    QuantLinear,
+    _Int4Kernel,
+    check_group,
+    convert_int4,
+    int4_layout,
+)
 from lmforge.quant.nf4 import NF4Linear
 
 METHODS = ("int8", "int4", "nf4", "q8_0")
@@ -138,13 +150,23 @@ def quant_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     shared = isinstance(getattr(model, "tok_emb", None), QuantEmbedding) and model.tok_emb.table is model.lm_head
     head = getattr(model, "lm_head", None)
     tied_float = isinstance(head, nn.Linear) and head.weight is getattr(model.tok_emb, "weight", None)
+    layouts = _packed_4bit(model)
     for k, v in model.state_dict().items():
         if (shared and k.startswith("tok_emb.table.")) or (tied_float and k == "lm_head.weight"):
             continue
         if dtype is not None and v.is_floating_point() and k not in keep:
             v = v.to(dtype)
+        if k in layouts:  # files hold one layout on every machine
+            v = convert_int4(v, *layouts[k], int4_layout(), CANONICAL)
         out[k] = v.detach().cpu().contiguous()
     return out
+
+
+def _packed_4bit(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """State-dict keys of buffers in the 4-bit kernel's byte layout -> the layer's (out, in) features."""
+    return {f"{name}.{b}": (m.out_features, m.in_features)
+            for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, _Int4Kernel)
+            for b in m.packed_names}
 
 
 def _quant_keys(model: nn.Module) -> set[str]:
@@ -170,12 +192,15 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], dty
     if missing or unexpected:
         raise FormatError(f"{source}: saved tensors do not match the quantized model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
-    cast = {}
+    cast, layouts = {}, _packed_4bit(model)
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise FormatError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         want = expected[k].dtype if k in keep or not v.is_floating_point() else (dtype or v.dtype)
         v = v.to(device=device, dtype=want)
+        if k in layouts and int4_layout() != CANONICAL:  # a fresh, aligned tensor in this machine's layout
+            cast[k] = convert_int4(v, *layouts[k], CANONICAL, int4_layout())
+            continue
         # the packed kernels read with aligned vector loads: give quantized storage its own fresh allocation
         # (a tensor read from safetensors can start anywhere; _weight_int8pack_mm crashed on one)
         cast[k] = v.clone() if k in keep else v
