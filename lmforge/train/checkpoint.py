@@ -32,6 +32,7 @@ import torch
 from lmforge.adapt.state import base_fingerprint, split_state, trainable_state
 from lmforge.errors import ConfigError, FormatError
 from lmforge.io import atomic_dir, write_json
+from lmforge.train import faults
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -187,6 +188,7 @@ def save_checkpoint(run_dir: str | Path, step: int, llm, optimizer: torch.optim.
             torch.save(objective_state, tmp / OBJECTIVE_FILE)
         torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        faults.reached("checkpoint_write")
         # state.json last: its presence with matching checksums is what "whole" means
         write_json(tmp / STATE_FILE, {**state, "step": step, "format_version": FORMAT_VERSION, "files": files,
                                       "complete": True})

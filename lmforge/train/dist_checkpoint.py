@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from lmforge.io import publish_dir, write_json
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import faults
 from lmforge.train.distributed import DistEnv
 
 FORMAT = "dcp"
@@ -76,6 +77,7 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
         write_meta(tmp)
         files = {name: ckpt._sha256(tmp / name) for name in sorted(os.listdir(tmp)) if (tmp / name).is_file()}
         files.update(shards)
+        faults.reached("checkpoint_write")
         write_json(tmp / ckpt.STATE_FILE, {**state, "step": step, "format_version": ckpt.FORMAT_VERSION,
                                            "format": FORMAT, "world_size": env.world_size,
                                            "strategy": env.strategy, "files": files, "complete": True})

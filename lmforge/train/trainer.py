@@ -27,7 +27,7 @@ from torch import nn
 from lmforge.errors import ConfigError, LMForgeError
 from lmforge.precision import train_dtype
 from lmforge.train import checkpoint as ckpt
-from lmforge.train import distributed
+from lmforge.train import distributed, faults
 from lmforge.train.allocator import allocator_for, apply_allocator
 from lmforge.train.batches import BatchSource
 from lmforge.train.metrics import MetricsLog, mfu_ratio, plot_curves, train_peak_flops
@@ -120,6 +120,7 @@ def evaluate(model: nn.Module, objective: Objective, batches, dtype: str = "floa
                 _, stats = objective.loss(model, batch)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+            faults.reached("validation")
     finally:
         model.train(was_training)
     return objective.summarize(totals) if totals else {}
@@ -230,6 +231,8 @@ class Trainer:
             # every layer at once while writing: 1,118 MB against the run's 816 MB (SmolLM2)
             qlora = self.base_source is not None and "nf4" in self.base_source
             path = self._llm().save(folder, base=self._base() if qlora else None)
+            if self.run_dir is not None and Path(folder) == self.run_dir / "model":
+                faults.reached("final_model")
             if len(self.heads):
                 ckpt.save_heads(path, self._head_tensors())
         distributed.barrier(self.dist)
@@ -258,30 +261,49 @@ class Trainer:
                         _, stats = self.objective.loss(self.model, batch)
                     for k, v in stats.items():
                         totals[k] = totals.get(k, 0.0) + (float(v) if i < n else 0.0)
+                    faults.reached("validation")
         finally:
             self.model.train(was_training)
         keys = sorted(totals)
         return self.objective.summarize(dict(zip(keys, distributed.all_sum(self.dist, [totals[k] for k in keys]))))
 
     def _state(self, elapsed: float) -> dict[str, Any]:
-        return {"rng": ckpt.rng_state(), "data": self.data.state_dict(), "best_val": self.best_val,
-                "best_step": self.best_step, "bad_evals": self.bad_evals, "tokens_seen": self.tokens_seen,
-                "elapsed": elapsed, "threads": torch.get_num_threads(),
-                "schedule": {"lr": lr_at(self.step, self.optim_cfg, self.cfg.max_steps),
-                             "max_steps": self.cfg.max_steps, **asdict(self.optim_cfg)}}
+        state = {"rng": ckpt.rng_state(), "data": self.data.state_dict(), "best_val": self.best_val,
+                 "best_step": self.best_step, "bad_evals": self.bad_evals, "tokens_seen": self.tokens_seen,
+                 "elapsed": elapsed, "threads": torch.get_num_threads(),
+                 "schedule": {"lr": lr_at(self.step, self.optim_cfg, self.cfg.max_steps),
+                              "max_steps": self.cfg.max_steps, **asdict(self.optim_cfg)}}
+        if self.dist.world_size > 1:  # every rank's own RNGs (one GPU each; ranks may draw differently)
+            import torch.distributed as dist
+
+            ranks: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(ranks, state["rng"])
+            state["rng_ranks"] = ranks
+        return state
+
+    def _saved_rng(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's RNG states in a checkpoint's state (rank 0's where it was written at another world size)."""
+        ranks = state.get("rng_ranks")
+        return ranks[self.dist.rank] if ranks and len(ranks) == self.dist.world_size else state["rng"]
 
     def save_checkpoint(self, elapsed: float = 0.0) -> Path | None:
         """Checkpoint the current step into `<run>/checkpoints/step-N/` (atomic; prunes to keep_last)."""
         if self.run_dir is None:
             return None
+        llm = None if self.dist.parallel else self._llm()
+        state = self._state(elapsed)  # the RNG states the next step must start from, whatever saving does
         if self.dist.parallel:  # sharded, every rank writes its part (dist_checkpoint.py)
             from lmforge.train import dist_checkpoint
 
-            return dist_checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, self._state(elapsed),
-                                        self.dist, self._write_meta, keep_last=self.cfg.keep_last)
-        return ckpt.save_checkpoint(self.run_dir, self.step, self._llm(), self.optimizer, self._state(elapsed),
-                                    keep_last=self.cfg.keep_last, heads=self._head_tensors(),
-                                    objective_state=self.objective.state_dict(), base=self._base())
+            path = dist_checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, state, self.dist,
+                                        self._write_meta, keep_last=self.cfg.keep_last)
+        else:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, llm, self.optimizer, state,
+                                        keep_last=self.cfg.keep_last, heads=self._head_tensors(),
+                                        objective_state=self.objective.state_dict(), base=self._base())
+        # a run that goes on continues from exactly the captured states, as one resumed from this checkpoint does
+        ckpt.set_rng_state(state["rng"])
+        return path
 
     def _base(self) -> dict[str, Any] | None:
         """The frozen base's source and fingerprint (hashed once: it does not change while training)."""
@@ -320,8 +342,7 @@ class Trainer:
                 self.heads.load_state_dict(ckpt.load_heads(c.path))
             ckpt.load_optimizer_state(c.path, self.optimizer)
             self.objective.load_state_dict(ckpt.load_objective_state(c.path, self.device))
-        self.data.load_state_dict(s["data"])
-        ckpt.set_rng_state(s["rng"])
+        self.data.load_state_dict(s["data"])  # the global RNGs (s["rng"]): set by fit, right before the loop
         self.step, self.best_val, self.best_step = int(s["step"]), s.get("best_val"), s.get("best_step")
         self.bad_evals, self.tokens_seen = int(s.get("bad_evals", 0)), int(s.get("tokens_seen", 0))
         if s.get("threads") and s["threads"] != torch.get_num_threads():
@@ -329,6 +350,11 @@ class Trainer:
                   f"{torch.get_num_threads()}; results will not be bit-identical (set train.threads)",
                   file=sys.stderr)
         return float(s.get("elapsed", 0.0))
+
+    def _own_rng(self):
+        """A context in which drawing random numbers leaves the global RNGs (CPU, and this run's GPU) as they were."""
+        cuda = self._device_type == "cuda"
+        return torch.random.fork_rng(devices=[self.device] if cuda else [], device_type="cuda")
 
     def _on_signal(self, signum, _frame) -> None:
         self._signal = signal.Signals(signum).name
@@ -394,15 +420,14 @@ class Trainer:
                 self.metrics.truncate_after(self.step)
             if self.is_main:
                 print(f"resumed from {start.path} (step {self.step})", file=sys.stderr)
-        else:
-            seed_everything(cfg.seed)
-            if self.metrics is not None:
-                self.metrics.reset()
+        elif self.metrics is not None:
+            self.metrics.reset()
         resumed_from = self.step if start else None
 
         peak = None
         if self.is_main:  # MFU per device: the global rate over world_size devices
-            peak = (cfg.peak_flops or train_peak_flops(cfg.dtype, str(self.device))) * self.dist.world_size
+            with self._own_rng():  # the benchmark draws random matrices, as many as the machine's speed says
+                peak = (cfg.peak_flops or train_peak_flops(cfg.dtype, str(self.device))) * self.dist.world_size
         flops_per_tok = None
         pbar = None
         if cfg.progress and self.is_main:
@@ -417,6 +442,13 @@ class Trainer:
         stopped, train_loss, tok_s, last_ckpt = "max_steps", None, 0.0, self.step if start else -1
         rate_tokens, rate_time = 0, 0.0
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # Every global RNG is set last, right before the first step, on every rank: what ran since the process
+        # started (building the model and data, the peak FLOP/s benchmark on rank 0 alone, ...) may have drawn
+        # from them, and a checkpoint's RNG states must be the ones the step after it starts from (issue 28).
+        if start:
+            ckpt.set_rng_state(self._saved_rng(start.state))
+        else:
+            seed_everything(cfg.seed)
 
         with self._signals():
             while True:
@@ -459,6 +491,7 @@ class Trainer:
                         (loss / cfg.grad_accum).backward()
                     loss_sum += loss.item()
                     n_tok += self.objective.tokens(batch)
+                faults.reached("step")
                 if self.dist.world_size > 1:  # the global batch's loss and tokens
                     loss_sum, n_tok = distributed.all_sum(self.dist, [loss_sum / self.dist.world_size, float(n_tok)])
                     n_tok = int(n_tok)
@@ -504,6 +537,7 @@ class Trainer:
                     stop_early = self._validate(pbar, elapsed)
                 if self.run_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint(elapsed0 + time.perf_counter() - t_start)
+                    faults.reached("checkpoint_published")
                     last_ckpt = self.step
                 if stop_early:
                     stopped = "early_stopping"
@@ -518,6 +552,7 @@ class Trainer:
         if self.run_dir is not None:
             if last_ckpt != self.step:
                 self.save_checkpoint(elapsed)
+                faults.reached("checkpoint_published")
             if not stopped.startswith("signal"):
                 self.save_model(self.run_dir / "model")
             if self.metrics is not None:
