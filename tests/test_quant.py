@@ -150,7 +150,9 @@ def test_int8_single_row_multiplies_in_integers_within_bound():
     if q._w8a8[1] is None:
         pytest.skip("this PyTorch build has no fbgemm int8 kernel")
     assert not torch.equal(y, bf16)  # really the integer path
-    # stated bound: 8-bit activations add ~0.6% relative error over the weights' own rounding
-    assert (y - deq).norm() / deq.norm() < 0.012
-    assert (y - ref).norm() / ref.norm() < 0.02
+    # stated bound: 8-bit activations add ~0.6% relative error over the weights' own rounding; 7-bit ones (where
+    # this machine's probe found 8-bit pair sums overflowing) twice that
+    bits = 7 if q._reduce_range else 8
+    assert (y - deq).norm() / deq.norm() < 0.012 * 2 ** (8 - bits)
+    assert (y - ref).norm() / ref.norm() < 0.02 * 2 ** (8 - bits)
     assert y.shape == (1, 1, 1536) and y.dtype == torch.float32
