@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_rel_close
 
 from lmforge.align.ppo import PPO, Rollouts, TokenCountReward, gae
 from lmforge.config import get_preset
@@ -22,8 +23,8 @@ def test_gae_matches_a_hand_computed_example():
     # row 2 (position 2 is padding, so the value after position 1 is 0): A1 = 3 - 2 = 1;
     #        A0 = 0.9 * 2 - 1 + 0.72 * 1 = 1.52
     want = torch.tensor([[0.12928, 0.374, 0.7], [0.0, 1.12, 1.0], [1.52, 1.0, 0.0]])
-    assert torch.allclose(adv, want, atol=1e-6)
-    assert torch.allclose(ret, (want + values) * mask, atol=1e-6)
+    assert_rel_close(adv, want, terms=3)  # 3 steps back: each advantage sums at most 3 discounted deltas
+    assert_rel_close(ret, (want + values) * mask, terms=3)
 
 
 def test_clipped_losses_by_hand():
@@ -44,7 +45,7 @@ def test_clipped_losses_by_hand():
     pg = torch.maximum(-adv * rho, -adv * rho.clamp(0.8, 1.2))[mask].mean()
     v_c = old_v + (values - old_v).clamp(-0.1, 0.1)
     vf = 0.5 * torch.maximum((values - ret) ** 2, (v_c - ret) ** 2)[mask].mean()
-    assert torch.allclose(loss, pg + 0.5 * vf, atol=1e-6)
+    assert_rel_close(loss, pg + 0.5 * vf, terms=10)
     assert stats["clipped"].item() == int((((rho - 1).abs() > 0.2) & mask).sum())
 
 
@@ -106,4 +107,4 @@ def test_backward_through_frozen_packed_layers():
         for n, p in m.named_parameters():
             p.requires_grad_(n == "tok_emb.weight")
         m(x).logsumexp(-1).sum().backward()
-    assert torch.allclose(a.tok_emb.weight.grad, b.tok_emb.weight.grad, atol=1e-5)
+    assert_rel_close(a.tok_emb.weight.grad, b.tok_emb.weight.grad, terms=256)

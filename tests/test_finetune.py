@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_rel_close
 from safetensors.torch import load_file
 
 from lmforge.cli import main
@@ -91,7 +92,7 @@ def test_adapter_run_resumes_bit_identically(tmp_path, tiny_source, method):
     assert not (ck / "model.safetensors").exists()
     ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert (load(ck).model(ids) - load(a / "model").model(ids)).abs().max() <= 1e-5
+        assert_rel_close(load(ck).model(ids), load(a / "model").model(ids), terms=256)
     # QLoRA's final model is adapter-only too (its NF4 base is rebuilt); LoRA's is whole
     assert (a / "model" / "model.safetensors").exists() == (method == "lora")
     if method == "lora":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_rel_close
 
 from lmforge.config import get_preset
 from lmforge.data.instruct import (
@@ -79,14 +80,14 @@ def test_packed_rows_compute_each_example_as_alone(tok):
         pos = 0
         for e in ex[:3]:
             alone = model(torch.tensor([e.ids]))[0]
-            assert (packed[pos:pos + len(e.ids)] - alone).abs().max().item() < 1e-5
+            assert_rel_close(packed[pos:pos + len(e.ids)], alone, terms=256)
             pos += len(e.ids)
         # the loss of the packed row is the loss of the examples, boundaries not counted
         obj = CausalLM()
         _, st_packed = obj.loss(model, {k: v[None] for k, v in row.items()})
         _, st_alone = obj.loss(model, collate(ex[:3], pad_id=0))
     assert st_packed["tokens"] == st_alone["tokens"]
-    assert abs(float(st_packed["nll"]) - float(st_alone["nll"])) < 1e-3
+    assert_rel_close(float(st_packed["nll"]), float(st_alone["nll"]))  # a sum of positive terms: their precision
 
 
 def test_batches_resume_exactly(tok):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_rel_close
 
 from lmforge.config import get_preset
 from lmforge.infer.generate import GenerationConfig, generate_ids
@@ -23,7 +24,7 @@ def test_cached_decode_equals_full_recompute():
         full = model(x)
         cache = model.new_cache(2)
         steps = [model(x[:, :7], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(7, 40)]
-    assert (full - torch.cat(steps, 1)).abs().max() <= 1e-5
+    assert_rel_close(torch.cat(steps, 1), full, terms=256)
 
 
 def test_the_mixer_is_the_lstm_recurrence():
@@ -42,7 +43,7 @@ def test_the_mixer_is_the_lstm_recurrence():
         ref.append(h)
     with torch.no_grad():
         y = mix._run(x, None, None)
-    assert (y[0] - torch.stack(ref)).abs().max() <= 1e-5
+    assert_rel_close(y[0], torch.stack(ref), terms=2 * 12 * C)  # 12 steps of 2 matmuls over C
 
 
 def test_left_padded_batch_generates_what_each_prompt_does_alone():

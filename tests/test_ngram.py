@@ -11,6 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import assert_rel_close
 
 import lmforge
 from lmforge.cli import main
@@ -21,6 +22,7 @@ from lmforge.tokenizers import CharTokenizer
 from lmforge.train.ngram import fit_ngram, ngram
 
 V, N = 6, 3  # token 5 never occurs in training: contexts holding it are unseen
+F64 = 2**12 * torch.finfo(torch.float64).eps  # ~1e-12 of the probabilities' scale: float64 formulas, chained per order
 
 
 def _corpus(n: int = 400) -> list[int]:
@@ -82,19 +84,20 @@ def test_matches_the_formulas_and_sums_to_one_exactly(method):
     model = NGramLM.fit(np.array(toks), V, order=N, method=method)
     ref = Reference(toks, method)
     for k in (1, 2, 3):
-        assert model.config.discounts[str(k)] == pytest.approx(ref.D[k], abs=1e-12)
+        assert_rel_close(model.config.discounts[str(k)], ref.D[k], F64)
     assert ref.D[3] != [0.5] * len(ref.D[3]) and ref.D[2] != [0.5] * len(ref.D[2])  # the formula, not the fallback
     probe = [0, 3, 3, 1, 5, 2, 4, 4, 0, 5, 5, 1, 2]  # seen and unseen contexts
     with torch.no_grad():
         p = model.probs(torch.tensor([probe]))[0]
-    assert (p.sum(-1) - 1).abs().max() <= 1e-12
+    assert_rel_close(p.sum(-1), torch.ones(len(probe), dtype=torch.float64), F64)
     assert (p > 0).all()
     for t in range(len(probe)):
         h = tuple(probe[max(0, t - N + 2):t + 1])
         want = torch.tensor([ref.p(w, h) for w in range(V)], dtype=torch.float64)
-        assert (p[t] - want).abs().max() <= 1e-12, (t, h)
+        assert_rel_close(p[t], want, F64, msg=f"{(t, h)}")
     logp = model(torch.tensor([probe]))
-    assert logp.dtype == torch.float32 and torch.allclose(logp.exp().double(), p.unsqueeze(0), atol=1e-6)
+    assert logp.dtype == torch.float32
+    assert_rel_close(logp.exp(), p.unsqueeze(0))
 
 
 def test_scored_by_the_perplexity_eval_saved_and_loaded(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import assert_rel_close, rel_tol
 
 import lmforge
 from lmforge.cli import main
@@ -32,7 +33,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not torc
                                 reason="torchrun on Linux with torch.distributed")
 
 K = 6  # optimizer steps of the compared runs
-TOL = 1e-5  # fp32: the all-reduce sums the ranks' gradients in another order than one process's batch mean
+# fp32, of each weight tensor's max-abs: the all-reduce sums the ranks' gradients in another order than one
+# process's batch mean; K steps of 4 x 32 tokens' gradients (measured on one CPU: 4.8e-6, DDP vs one process)
+TOL = rel_tol(terms=K * 4 * 32)
 
 
 def _recipe(folder: Path, **train) -> Path:
@@ -90,8 +93,9 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest difference of a tensor in `a` from its reference in `b`, relative to that tensor's max-abs."""
     assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(torch.finfo(b[k].dtype).tiny)).item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +123,7 @@ def test_ddp_matches_one_process_and_only_rank0_reports(ref):
     assert [x["step"] for x in rows if x["split"] == "train"] == list(range(1, K + 1))  # one writer
     assert rows[0]["tokens"] == 4 * 32  # the global batch's tokens
     diff = _max_diff(_weights(root / "ddp" / "model"), want)
-    print(f"ddp (2 ranks) vs one process after {K} steps: max |weight difference| {diff:.2e}")
+    print(f"ddp (2 ranks) vs one process after {K} steps: max |weight difference| / max |weight| {diff:.2e}")
     assert diff <= TOL
 
 
@@ -130,7 +134,7 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoint_resumes_in_one_proc
                       *_sets(root, "fsdp", "train.strategy=fsdp", "train.global_batch=4")])
     assert r.returncode == 0, _tail(r)
     diff = _max_diff(_weights(root / "fsdp" / "model"), want)
-    print(f"fsdp (2 ranks) vs one process after {K} steps: max |weight difference| {diff:.2e}")
+    print(f"fsdp (2 ranks) vs one process after {K} steps: max |weight difference| / max |weight| {diff:.2e}")
     assert diff <= TOL
     ck = root / "fsdp" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step-2", "step-4", "step-6"]  # no temp folder left
@@ -205,7 +209,7 @@ def test_killed_rank_fails_the_job_fast_and_resume_auto_recovers_in_two_processe
                                                                       "train.checkpoint_every=0")]) == 0
     diff = _max_diff(_weights(run / "model"), _weights(root / "straight" / "model"))
     print(f"killed at step > {last - 2}, resumed from <= step {last} in 2 ranks to step {end}: max |weight "
-          f"difference| to one uninterrupted process {diff:.2e}")
+          f"difference| / max |weight| to one uninterrupted process {diff:.2e}")
     assert diff <= TOL
 
 
@@ -311,8 +315,9 @@ def test_activation_checkpointing_same_numbers_less_memory():
     model.activation_checkpointing = True
     torch.manual_seed(7)
     loss1, g1, peak1, saved1 = _step(model, x, y)
-    assert abs(loss0 - loss1) <= 1e-6
-    assert max((g0[k] - g1[k]).abs().max().item() for k in g0) <= 1e-6
+    assert_rel_close(loss1, loss0, terms=256)
+    for k in g0:
+        assert_rel_close(g1[k], g0[k], terms=256, msg=k)
     # what autograd keeps for backward outside the checkpointed blocks, and the live-memory peak
     assert saved1 < saved0 / 2, (saved0, saved1)
     print(f"activation checkpointing: saved {saved0} -> {saved1} elements, peak {peak0} -> {peak1} bytes")

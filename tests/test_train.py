@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import assert_rel_close
 
 from lmforge.cli import main
 from lmforge.config import get_preset
@@ -88,7 +89,7 @@ def test_grad_accum_matches_one_big_batch():
             loss, _ = CausalLM().loss(model, {k: v[sl] for k, v in batch.items()})
             (loss / parts).backward()
         grads.append(model.tok_emb.weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert_rel_close(grads[1], grads[0], terms=8 * 16)  # 128 tokens' contributions, summed in 2 parts
 
 
 def test_schedule_warmup_then_cosine_to_min_lr():
