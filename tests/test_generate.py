@@ -136,6 +136,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
     assert s.push(6) == "" and s.stopped and s.text == "Hello \u20ac! "
 
 
+@pytest.mark.cpu_kernels
 def test_packed_linears_change_nothing_but_speed():
     from lmforge.infer.packed import PackedLinear, pack_linears
 
@@ -169,6 +170,7 @@ def test_packed_linears_change_nothing_but_speed():
         assert model.blocks[0].attn.qkv.weight.grad is not None
 
 
+@pytest.mark.cpu_kernels
 def test_blas_decode_matches_and_gives_the_threads_back():
     from lmforge.infer.packed import _openblas, blas_decode, pack_linears
 

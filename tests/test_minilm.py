@@ -47,6 +47,7 @@ def _reference(tok, ref, texts):
     return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
 
 
+@pytest.mark.cpu_kernels
 def test_embeddings_match_transformers(models):
     ours, tok, ref = models
     assert len(SENTENCES) >= 20
@@ -86,6 +87,7 @@ def test_folder_path_cls_pooling_and_errors(models):
         ours.generate("A man is", max_new_tokens=4)
 
 
+@pytest.mark.cpu_kernels
 def test_embed_cli(tmp_path, capsys):
     src = tmp_path / "in.txt"
     src.write_text("A man is eating food.\n\nA monkey is playing drums.\n", encoding="utf-8")

@@ -10,6 +10,8 @@ from lmforge.errors import ConfigError
 from lmforge.quant import Int4Linear, Int8Linear, Q8Linear, QuantEmbedding, is_quantized, quantize
 from lmforge.quant.linear import pack_int4, unpack_int4, unpack_int4_rows
 
+pytestmark = pytest.mark.cpu_kernels  # CI runs these again under each CPU capability it can force
+
 
 def _linear(i, o, seed=0, bias=True):
     torch.manual_seed(seed)

