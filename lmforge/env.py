@@ -109,7 +109,20 @@ def collect() -> dict[str, Any]:
         "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
         "precision": bf16_report(),
         "kernels": {path: c.as_dict() for path, c in kernels.probe_all().items()},
+        "fp32_decode": _decode_choice(),
     }
+
+
+def _decode_choice() -> dict[str, Any]:
+    """Which BLAS multiplies fp32 decode steps here, and the timings (measured once per machine) behind it."""
+    import torch
+
+    from lmforge import kernels
+    from lmforge.infer import packed
+
+    timing = kernels.remembered("gemv_fp32", packed._time_gemv)
+    blas = packed.blas_decode_helps(torch.zeros(1, 1))
+    return {**timing, "blas": "OpenBLAS (blas_decode)" if blas else "PyTorch's own"}
 
 
 def format_report(info: dict[str, Any]) -> str:
@@ -131,6 +144,9 @@ def format_report(info: dict[str, Any]) -> str:
     ]
     p = info["precision"]
     lines.append("- Precision: " + ", ".join(f"{k}={v}" for k, v in p.items()))
+    d = info["fp32_decode"]
+    lines.append(f"- fp32 decode BLAS: {d['blas']} (one row x 6 MB: PyTorch {d['torch_us']} us, "
+                 f"OpenBLAS {d['openblas_us']} us)")
     lines.append("- Kernels (fast path: what runs here, and why):")
     width = max(len(k) for k in info["kernels"]) if info["kernels"] else 0
     for path, c in info["kernels"].items():

@@ -18,11 +18,15 @@ with `register(path, "module:function")`, so that `lmforge env` can run them all
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
+import platform
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -170,3 +174,53 @@ def forget(path: str | None = None) -> None:
             _CHOICES.clear()
         else:
             _CHOICES.pop(path, None)
+
+
+# ---- speed decisions remembered per machine ---------------------------------------------------------------
+#
+# Where two correct paths differ only in speed and in rounding (MKL's or OpenBLAS's matrix-vector product), the
+# faster is measured once and remembered for the machine, so that every later process takes the same path.
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return line.partition(":")[2].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    """lmforge's cache folder: $LMFORGE_CACHE, else $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge."""
+    root = os.environ.get("LMFORGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmforge")
+    return Path(root)
+
+
+def remembered(name: str, measure: Callable[[], Any]) -> Any:
+    """`measure()`'s result for this machine (CPU model, cores, threads, torch version and CPU capability, and
+    `ONEDNN_MAX_CPU_ISA`): read from `cache_dir()/kernels.json` if measured before, else measured now and kept
+    there (a read-only cache folder only loses the keeping)."""
+    import torch
+
+    key = "|".join([name, cpu_model(), str(os.cpu_count()), str(torch.get_num_threads()), torch.__version__,
+                    torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "")])
+    path = cache_dir() / "kernels.json"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    value = cache[key] = measure()
+    try:
+        from lmforge.io import atomic_write_bytes
+
+        atomic_write_bytes(path, json.dumps(cache, indent=1).encode())
+    except OSError:
+        pass
+    return value

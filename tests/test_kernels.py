@@ -222,8 +222,27 @@ def test_env_reports_cpu_kernels_and_probes_as_text_and_json():
     assert set(info["kernels"]) == set(kernels.PROBES)
     for c in info["kernels"].values():
         assert {"kernel", "fast", "reason", "error", "tolerance", "exact", "ms"} <= set(c)
+    assert info["fp32_decode"]["blas"] and info["fp32_decode"]["torch_us"] > 0
     # the target is 2 s on an idle machine; a loaded CI machine gets slack, a hang does not
     assert wall < 30, wall
     text = subprocess.run([sys.executable, "-m", "lmforge", "env"], capture_output=True, text=True, timeout=120)
     assert text.returncode == 0 and "CPU capability" in text.stdout and "int4" in text.stdout
     assert np.isfinite(sum(c["ms"] for c in info["kernels"].values()))
+
+
+def test_speed_decisions_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"torch_us": 100.0, "openblas_us": 40.0}
+
+    assert kernels.remembered("gemv_fp32", measure) == {"torch_us": 100.0, "openblas_us": 40.0}
+    assert kernels.remembered("gemv_fp32", measure)["openblas_us"] == 40.0 and len(calls) == 1
+    saved = json.loads((tmp_path / "kernels.json").read_text())
+    assert len(saved) == 1 and next(iter(saved)).startswith("gemv_fp32|" + kernels.cpu_model())
+    monkeypatch.setattr(packed, "_MKL_THREADS_GEMV", None)
+    assert packed._mkl_threads_gemv() is False  # OpenBLAS measured faster here: decode lends it the threads
+    (tmp_path / "kernels.json").write_text("not json")  # a damaged cache is measured again, not fatal
+    assert kernels.remembered("gemv_fp32", measure) and len(calls) == 2

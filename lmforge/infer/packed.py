@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -231,20 +232,43 @@ _MKL_THREADS_GEMV: bool | None = None
 
 
 def _mkl_threads_gemv() -> bool:
-    """Whether MKL, as PyTorch calls it, spreads a matrix-vector product over its threads on this CPU.
+    """Whether PyTorch's own matrix-vector product (MKL) is about as fast here as numpy's OpenBLAS on the same
+    threads, so that decoding needs no `blas_decode`.
 
-    On Intel CPUs it does (2026-12-03, a Xeon with AMX: one token of SmolLM2 fp32 took 37.7 ms with MKL on
-    2 threads against 43.0 ms through OpenBLAS, and 2 rows 40 ms against 88 ms); on the AMD EPYC of
-    2026-11-23 it ran on one thread at 13-18 GB/s, half of OpenBLAS's two. Decided by the CPU vendor, not a
-    timing, so that a machine always takes the same path (the two BLAS round differently)."""
+    It differs by CPU: on the Xeon with AMX of 2026-12-03 MKL spread a product over its threads (one token of
+    SmolLM2 fp32: 37.7 ms against 43.0 through OpenBLAS), on the AMD EPYC of 2026-11-23 it ran on one thread at
+    13-18 GB/s, half of OpenBLAS's two. So it is measured (a 6 MB fp32 weight times one row, both ways,
+    interleaved, best of each), once per machine: the answer is kept in lmforge's cache folder by CPU model,
+    threads and torch version, so that a machine always takes the same path (the two BLAS round differently)."""
     global _MKL_THREADS_GEMV
     if _MKL_THREADS_GEMV is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                _MKL_THREADS_GEMV = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
-        except OSError:  # pragma: no cover - not Linux
-            _MKL_THREADS_GEMV = False
+        r = kernels.remembered("gemv_fp32", _time_gemv)
+        _MKL_THREADS_GEMV = not r["openblas_us"] < 0.85 * r["torch_us"]
     return _MKL_THREADS_GEMV
+
+
+def _time_gemv() -> dict:
+    """Microseconds of one fp32 row times a 1536 x 1024 weight: PyTorch's own product, and OpenBLAS's under
+    `blas_decode`."""
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(1536, 1024, generator=gen), torch.randn(1, 1024, generator=gen)
+    wn = w.numpy()
+    best = {"torch_us": float("inf"), "openblas_us": float("inf")}
+    if _openblas() is None:
+        return {"torch_us": 1.0, "openblas_us": float("inf")}
+    with torch.no_grad():
+        for _ in range(6):
+            t = time.perf_counter()
+            for _ in range(8):
+                F.linear(x, w)
+            best["torch_us"] = min(best["torch_us"], (time.perf_counter() - t) / 8 * 1e6)
+            with blas_decode():
+                _blas_linear(x, wn, None)  # wakes OpenBLAS's threads
+                t = time.perf_counter()
+                for _ in range(8):
+                    _blas_linear(x, wn, None)
+                best["openblas_us"] = min(best["openblas_us"], (time.perf_counter() - t) / 8 * 1e6)
+    return {k: round(v, 1) for k, v in best.items()}
 
 
 def blas_decode_helps(weight: torch.Tensor, rows: int = 1) -> bool:
