@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -71,11 +72,12 @@ class Int4Layout:
         pair = f"rows {'2j' if step == 2 else 'j'} | {'2j+1' if step == 2 else f'j+{self.hi[0] - self.lo[0]}'}"
         return f"{self.block}-row blocks, {pair}"
 
-    def positions(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per row of a block: (its byte j, 1 if in the high nibble)."""
-        byte, high = np.zeros(self.block, np.int64), np.zeros(self.block, np.int64)
-        byte[list(self.lo)], byte[list(self.hi)] = np.arange(self.block // 2), np.arange(self.block // 2)
-        high[list(self.hi)] = 1
+    @cached_property
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of a block: (its byte j, whether in the high nibble)."""
+        byte, high = torch.zeros(self.block, dtype=torch.long), torch.zeros(self.block, dtype=torch.bool)
+        byte[list(self.lo)], byte[list(self.hi)] = torch.arange(self.block // 2), torch.arange(self.block // 2)
+        high[list(self.hi)] = True
         return byte, high
 
 
@@ -135,11 +137,11 @@ def unpack_int4_rows(packed: torch.Tensor, rows: torch.Tensor, K: int, layout: I
     """Rows `rows` (any shape of indices) of `unpack_int4(packed, ...)`: (*rows.shape, K) uint8, read
     without unpacking the others (an embedding lookup in a quantized table)."""
     layout = layout or int4_layout()
-    byte, high = (torch.from_numpy(a) for a in layout.positions())
+    byte, high = layout.positions
     r = rows.reshape(-1)
     blk, i = r // layout.block, r % layout.block
     b = packed.view(-1, K, layout.block // 2)[blk, :, byte[i]]  # (n, K)
-    v = torch.where(high[i].bool()[:, None], b >> 4, b & 0x0F)
+    v = torch.where(high[i][:, None], b >> 4, b & 0x0F)
     return v.view(*rows.shape, K)
 
 
@@ -276,7 +278,7 @@ class QuantLinear(nn.Module):
             y = y + (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
         return y.view(*shape[:-1], self.out_features)
 
-    def logits(self, x: torch.Tensor, top: int = 64) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, top: int = 16) -> torch.Tensor:
         """This layer as an LM head: `forward`, then each row's `top` highest outputs computed again in fp32
         from the dequantized weight rows. The packed kernels round their output to bf16, 2^-8 relative: steps
         of 0.125 at a logit of 25, coarser than the gap between a model's two best tokens often is (SmolLM2's
