@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge import kernels
 from lmforge.io import atomic_write_bytes
 
 
@@ -99,9 +99,7 @@ def plot_curves(rows: list[dict[str, Any]], out: str | Path, title: str = "") ->
 # ---- peak FLOP/s, for MFU -----------------------------------------------------------------------
 
 def _cache_file() -> Path:
-    root = os.environ.get("LMFORGE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                           os.path.expanduser("~/.cache"), "lmforge")
-    return Path(root) / "peak_flops.json"
+    return kernels.cache_dir() / "peak_flops.json"
 
 
 def measure_peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 1536,
@@ -138,19 +136,6 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", 
 _PEAK: dict[str, float] = {}
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows. `platform.processor()` alone
-    is just "x86_64" (or "") on Linux, so every x86 machine sharing a home shared one cache entry."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "Model")) and ":" in line:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _peak_key(dtype: torch.dtype, device: str) -> str:
     """What a peak depends on: the CPU, its threads, torch, and the instruction set torch and oneDNN may
     use (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA` can hold an AVX-512 machine to AVX2)."""
@@ -159,7 +144,8 @@ def _peak_key(dtype: torch.dtype, device: str) -> str:
     except Exception:
         isa = "?"
     isa += "/" + (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "")
-    return f"{_cpu_name()}|{isa}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}|{device}|{dtype}"
+    return "|".join([kernels.cpu_model(), isa, str(os.cpu_count()), str(torch.get_num_threads()), torch.__version__,
+                     str(device), str(dtype)])
 
 
 def peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
