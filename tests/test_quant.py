@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import lmforge
+from lmforge import kernels
 from lmforge.cli import main
 from lmforge.errors import ConfigError
 from lmforge.quant import Int4Linear, Int8Linear, Q8Linear, QuantEmbedding, is_quantized, quantize
@@ -23,7 +24,8 @@ def _linear(i, o, seed=0, bias=True):
 @pytest.mark.parametrize("N,K", [(128, 96), (64, 32)])
 def test_pack_int4_is_torch_kernel_layout(N, K):
     q = torch.randint(0, 16, (N, K))
-    assert torch.equal(pack_int4(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+    if kernels.fast("int4"):  # where the kernel runs (else the layout is the canonical one, see test_kernels)
+        assert torch.equal(pack_int4(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
     assert torch.equal(unpack_int4(pack_int4(q), N, K), q.to(torch.uint8))
     rows = torch.tensor([[0, 33], [127 % N, 5]])
     assert torch.equal(unpack_int4_rows(pack_int4(q), rows, K), q.to(torch.uint8)[rows])
