@@ -249,3 +249,27 @@ def test_speed_decisions_are_measured_once_per_machine_and_kept(tmp_path, monkey
     assert packed._mkl_threads_gemv() is False  # OpenBLAS measured faster here: decode lends it the threads
     (tmp_path / "kernels.json").write_text("not json")  # a damaged cache is measured again, not fatal
     assert kernels.remembered("gemv_fp32", measure) and len(calls) == 2
+
+
+def test_many_rows_take_dequantize_where_it_measured_faster_than_the_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    calls = []
+
+    def timing(cls):
+        calls.append(cls)
+        return {"kernel_us": 900.0, "dequantize_us": 100.0}  # as PyTorch's generic int4 kernel measured
+
+    from lmforge.quant import linear
+
+    monkeypatch.setattr(linear, "_time_many_rows", timing)
+    layer = Int4Linear.from_linear(_linear(), 32)
+    x1, x20 = torch.randn(1, 256), torch.randn(20, 256)
+    with torch.no_grad():
+        ref = F.linear(x20, layer.dequantize(), layer.bias)
+        assert torch.equal(layer(x20), ref)  # many rows: dequantize + F.linear, bit for bit
+        one = layer(x1)  # one row (decode) still takes the kernel where its probe passed
+    if kernels.fast("int4"):
+        assert not torch.equal(one, F.linear(x1, layer.dequantize(), layer.bias))
+    assert calls == [Int4Linear]
+    Int4Linear.from_linear(_linear(seed=1), 32)(x20)  # measured once per machine, not per layer
+    assert calls == [Int4Linear]
