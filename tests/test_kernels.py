@@ -21,7 +21,7 @@ from lmforge.config import get_preset
 from lmforge.infer import packed
 from lmforge.models import DecoderLM
 from lmforge.quant import Int4Linear, Int8Linear, Q8Linear
-from lmforge.quant.linear import CANONICAL, KNOWN_LAYOUTS, int4_layout, pack_int4, unpack_int4, unpack_int4_rows
+from lmforge.quant.int4_layout import CANONICAL, KNOWN_LAYOUTS, int4_layout, pack_int4, unpack_int4, unpack_int4_rows
 
 pytestmark = pytest.mark.cpu_kernels
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, FormatError
+from lmforge.quant.int4_layout import CANONICAL, convert_int4, int4_layout
 from lmforge.quant.linear import (
-    CANONICAL,
     GROUP_SIZES,
     Int4Linear,
     Int8Linear,
@@ -22,8 +22,6 @@ from lmforge.quant.linear import (
     QuantLinear,
     _Int4Kernel,
     check_group,
-    convert_int4,
-    int4_layout,
 )
 from lmforge.quant.nf4 import NF4Linear
 
