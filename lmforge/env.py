@@ -25,15 +25,15 @@ ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL
 
 def cpu_info() -> dict[str, Any]:
     """CPU model, vendor, the ISA flags of `ISA_FLAGS` it has, and the cores this process may use."""
-    model, vendor, flags = platform.processor() or platform.machine(), "", set()
+    from lmforge.kernels import cpu_model
+
+    vendor, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
-                    model = value.strip()
-                elif key in ("vendor_id", "CPU implementer") and not vendor:
+                if key in ("vendor_id", "CPU implementer") and not vendor:
                     vendor = value.strip()
                 elif key in ("flags", "Features") and not flags:
                     flags = set(value.split())
@@ -43,7 +43,7 @@ def cpu_info() -> dict[str, Any]:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count()
-    return {"model": model, "vendor": vendor, "machine": platform.machine(), "cores": cores,
+    return {"model": cpu_model(), "vendor": vendor, "machine": platform.machine(), "cores": cores,
             "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
