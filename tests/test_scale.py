@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -243,7 +244,10 @@ def test_ranks_end_together_then_destroy_their_process_group(tmp_path):
     script.write_text(_END_TOGETHER)
     r = _torchrun(2, [sys.executable, str(script)], no_python=True, timeout=120)
     assert r.returncode == 0, _tail(r)
-    times = {(int(w[1]), w[2]): float(w[4]) for w in (x.split() for x in r.stdout.splitlines()) if w[0] == "rank"}
+    # each rank's lines, wherever torchrun's own output (blank lines, banners) falls between them
+    lines = re.finditer(r"rank (\d) (finishing|finished) at ([\d.]+)", r.stdout)
+    times = {(int(m[1]), m[2]): float(m[3]) for m in lines}
+    assert len(times) == 4, r.stdout
     assert "rank 0 finished" in r.stdout and "rank 1 finished" in r.stdout and "group True" not in r.stdout
     assert times[1, "finished"] >= times[0, "finishing"]  # rank 1 waited for the slow rank 0 before ending
     assert times[0, "finishing"] - times[1, "finishing"] > 1.0
