@@ -1,4 +1,4 @@
-"""The baselines table (issue 9): held-out perplexity and bits per byte of count-based n-grams, an LSTM,
+"""The baselines table: held-out perplexity and bits per byte of count-based n-grams, an LSTM,
 teenyGPT and the quickstart transformer, all scored by the one perplexity eval on the test split of the
 embedded corpus (Macbeth, The Tempest).
 

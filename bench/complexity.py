@@ -1,4 +1,6 @@
-"""Complexity study of the block families (seed 002's Table 1) and MoE routing overhead.
+"""Complexity study of the block families and MoE routing overhead. The study measures Table 1 of
+J. M. Tomczak's "Large Language Models" (Deep Generative Modeling blog, post 20; the table is adapted
+there from Peng et al. 2024).
 
 Same as `lmforge bench complexity` / `lmforge bench moe`; run it under the heavy lock:
     flock /tmp/lmforge-heavy.lock .venv/bin/python bench/complexity.py [--quick] [--out bench/results]
