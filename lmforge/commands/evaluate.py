@@ -56,7 +56,7 @@ def eval_(task: Literal["perplexity"], model: str | None = None, data: str | Non
 
 def bench(what: Literal["complexity", "moe", "decode"], out: str = "bench/results", quick: bool = False,
           d_model: int = 256, n_layer: int = 4) -> None:
-    """Measure the block families (seed 002's Table 1), MoE routing overhead, or Mamba vs dense decode.
+    """Measure the block families against their claimed complexities, MoE routing overhead, or Mamba vs dense decode.
 
     Args:
         what: "complexity" (training/decode time and memory vs length, fitted exponents, PNG, and the Mamba
