@@ -136,7 +136,7 @@ def part_merge(args) -> None:
 
 
 def part_align(args) -> None:
-    from lmforge.align.commands import align
+    from lmforge.commands.align import align
 
     m = args.method
     run = Path(args.out) / m
@@ -157,9 +157,9 @@ def part_align(args) -> None:
 def part_prefbase(args) -> None:
     """The untouched base model's preference accuracy on the test pairs: log p(chosen) > log p(rejected)."""
     import lmforge
-    from lmforge.align.commands import preference_records
     from lmforge.align.data import collate, tokenize_pairs
     from lmforge.align.logps import sequence_logps
+    from lmforge.align.recipe import preference_records
 
     llm = lmforge.load(args.base)
     tok = llm.tokenizer

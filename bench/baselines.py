@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Contention, emit, note  # noqa: E402
 
 import lmforge  # noqa: E402
+from lmforge.data.texts import read_texts  # noqa: E402
 from lmforge.evaluate import perplexity  # noqa: E402
-from lmforge.evaluate.commands import read_texts  # noqa: E402
 
 
 def _last_step(run: Path) -> int | None:
@@ -47,8 +47,7 @@ def _last_step(run: Path) -> int | None:
 
 
 def train(out: Path, steps: int) -> dict[str, dict]:
-    from lmforge.train.commands import pretrain
-    from lmforge.train.quickstart import quickstart
+    from lmforge.commands.train import pretrain, quickstart
 
     info = {}
     # a step budget, not a time budget: no time clock, so the same run gives the same model on any machine

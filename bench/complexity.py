@@ -17,7 +17,7 @@ try:  # `python -m bench.complexity` from the repo root, or `python bench/comple
 except ImportError:  # pragma: no cover
     import common
 
-from lmforge.evaluate.complexity import bench
+from lmforge.commands.evaluate import bench
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

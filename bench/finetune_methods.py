@@ -45,7 +45,7 @@ def base_row(seq: int) -> dict:
 
 
 def method_row(method: str, args, tmp: str) -> dict:
-    from lmforge.train.finetune import finetune
+    from lmforge.commands.train import finetune
 
     run = Path(tmp) / method
     sets = [f"run.dir={run}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",

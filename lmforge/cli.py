@@ -1,7 +1,7 @@
 """`lmforge <command>`: the command line, generated from typed Python functions.
 
-Each command is a plain function with type hints and a Google-style docstring, registered in
-`COMMANDS` as "module:function" so that `lmforge --help` imports nothing heavy. Parameters become
+Each command is a plain function with type hints and a Google-style docstring in `lmforge.commands`, registered
+in `COMMANDS` as "module:function" so that `lmforge --help` imports nothing heavy. Parameters become
 options (`--max-new-tokens`); a parameter without a default becomes a positional argument;
 `bool` becomes a `--flag/--no-flag` pair; `Literal[...]` becomes a choice; `list[str]` takes many
 values. The docstring's first paragraph is the command's help, its `Args:` lines the options' help.
@@ -23,27 +23,27 @@ from lmforge.errors import LMForgeError
 # name -> ("module:function", one-line help). The help is here, not read from the function, so that
 # `lmforge --help` lists every command without importing any of them. Keep the order of a model's life.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("lmforge.train.quickstart:quickstart",
+    "quickstart": ("lmforge.commands.train:quickstart",
                    "train a BPE tokenizer and a small GPT on the embedded corpus, then sample"),
-    "train-tokenizer": ("lmforge.tokenizers.commands:train_tokenizer", "train a tokenizer on a corpus"),
-    "prepare": ("lmforge.data.commands:prepare", "tokenize a corpus into memory-mapped token shards"),
-    "pretrain": ("lmforge.train.commands:pretrain", "pre-train a model from a YAML recipe"),
-    "ngram": ("lmforge.train.ngram:ngram", "fit a count-based n-gram LM (Kneser-Ney or backoff) as a baseline"),
-    "finetune": ("lmforge.train.finetune:finetune",
+    "train-tokenizer": ("lmforge.commands.tokenizer:train_tokenizer", "train a tokenizer on a corpus"),
+    "prepare": ("lmforge.commands.data:prepare", "tokenize a corpus into memory-mapped token shards"),
+    "pretrain": ("lmforge.commands.train:pretrain", "pre-train a model from a YAML recipe"),
+    "ngram": ("lmforge.commands.train:ngram", "fit a count-based n-gram LM (Kneser-Ney or backoff) as a baseline"),
+    "finetune": ("lmforge.commands.train:finetune",
                  "fine-tune a pretrained model on instructions: full, LoRA, DoRA, QLoRA, adapters, prefix/prompt"),
-    "align": ("lmforge.align.commands:align", "align with preferences: DPO, IPO, SimPO, ORPO, reward model, PPO"),
-    "merge": ("lmforge.adapt.merging:merge", "merge fine-tunes of one base (average, task arithmetic, TIES, DARE)"),
-    "distill": ("lmforge.compress.commands:distill", "distill a teacher into a smaller student of its tokenizer"),
-    "prune": ("lmforge.compress.commands:prune", "prune a model (magnitude, 2:4, attention heads, MLP channels)"),
-    "quantize": ("lmforge.quant.commands:quantize", "quantize a model's linear layers (int8, int4, nf4, q8_0)"),
-    "generate": ("lmforge.infer.commands:generate", "continue a prompt with a model"),
-    "chat": ("lmforge.infer.commands:chat", "chat with a model (its chat template), one turn or interactively"),
-    "embed": ("lmforge.infer.embed:embed", "sentence embeddings from an encoder (MiniLM), to .npy or JSONL"),
-    "serve": ("lmforge.serve.commands:serve", "serve a model: OpenAI-compatible HTTP API and a chat page"),
-    "convert": ("lmforge.interop.commands:convert", "convert a model between lmforge, Hugging Face and GGUF"),
-    "eval": ("lmforge.evaluate.commands:eval_", "evaluate a model (perplexity, bits per byte)"),
-    "env": ("lmforge.env:env", "what to paste into a bug report: the CPU, its kernels, the fast paths chosen"),
-    "bench": ("lmforge.evaluate.complexity:bench",
+    "align": ("lmforge.commands.align:align", "align with preferences: DPO, IPO, SimPO, ORPO, reward model, PPO"),
+    "merge": ("lmforge.commands.adapt:merge", "merge fine-tunes of one base (average, task arithmetic, TIES, DARE)"),
+    "distill": ("lmforge.commands.compress:distill", "distill a teacher into a smaller student of its tokenizer"),
+    "prune": ("lmforge.commands.compress:prune", "prune a model (magnitude, 2:4, attention heads, MLP channels)"),
+    "quantize": ("lmforge.commands.quant:quantize", "quantize a model's linear layers (int8, int4, nf4, q8_0)"),
+    "generate": ("lmforge.commands.infer:generate", "continue a prompt with a model"),
+    "chat": ("lmforge.commands.infer:chat", "chat with a model (its chat template), one turn or interactively"),
+    "embed": ("lmforge.commands.infer:embed", "sentence embeddings from an encoder (MiniLM), to .npy or JSONL"),
+    "serve": ("lmforge.commands.serve:serve", "serve a model: OpenAI-compatible HTTP API and a chat page"),
+    "convert": ("lmforge.commands.interop:convert", "convert a model between lmforge, Hugging Face and GGUF"),
+    "eval": ("lmforge.commands.evaluate:eval_", "evaluate a model (perplexity, bits per byte)"),
+    "env": ("lmforge.commands.env:env", "what to paste into a bug report: the CPU, its kernels, the fast paths chosen"),
+    "bench": ("lmforge.commands.evaluate:bench",
               "measure block families' time/memory growth (complexity) or MoE routing overhead (moe)"),
 }
 

@@ -1,4 +1,4 @@
-"""`lmforge env`: what a user pastes into a bug report.
+"""What a user pastes into a bug report (`lmforge env` prints it): `collect` gathers it, `format_report` words it.
 
 Modelled on `python -m torch.utils.collect_env` and `transformers env`: the CPU (model, ISA flags), PyTorch's
 CPU capability and libraries (oneDNN, MKL, OpenBLAS), threads, the precision this machine computes natively,
@@ -7,7 +7,6 @@ and for each fast kernel what was chosen here and whether its probe passed (`lmf
 
 from __future__ import annotations
 
-import json as _json
 import os
 import platform
 import re
@@ -153,17 +152,3 @@ def format_report(info: dict[str, Any]) -> str:
         mark = "ok  " if c["fast"] else "FALLBACK"
         lines.append(f"    {path:<{width}}  {mark:8s} {c['kernel']}: {c['reason']} ({c['ms']:.1f} ms)")
     return "\n".join(lines)
-
-
-def env(json: bool = False) -> str:
-    """Print what to paste into a bug report: CPU model and ISA flags, PyTorch's CPU capability, the oneDNN /
-    MKL / OpenBLAS versions, threads, native precision, and for each fast kernel the one chosen here and
-    whether its probe passed.
-
-    Args:
-        json: print the same as one JSON object.
-    """
-    info = collect()
-    out = _json.dumps(info, indent=1) if json else format_report(info)
-    print(out)
-    return out

@@ -102,6 +102,6 @@ def test_eval_cli_bad_input(tmp_path, llm, capsys):
         main(["eval", "bleu", "--model", "x", "--data", "y"])
     (tmp_path / "bad.bin").write_bytes(b"\xff\xfe")
     with pytest.raises(FormatError):
-        from lmforge.evaluate.commands import read_texts
+        from lmforge.data.texts import read_texts
 
         read_texts(str(tmp_path / "bad.bin"))

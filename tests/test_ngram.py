@@ -15,11 +15,12 @@ from conftest import assert_rel_close
 
 import lmforge
 from lmforge.cli import main
+from lmforge.commands.train import ngram
 from lmforge.errors import ConfigError, FormatError
 from lmforge.evaluate import perplexity
 from lmforge.models.ngram import NGramLM
 from lmforge.tokenizers import CharTokenizer
-from lmforge.train.ngram import fit_ngram, ngram
+from lmforge.train.ngram import fit_ngram
 
 V, N = 6, 3  # token 5 never occurs in training: contexts holding it are unseen
 F64 = 2**12 * torch.finfo(torch.float64).eps  # ~1e-12 of the probabilities' scale: float64 formulas, chained per order

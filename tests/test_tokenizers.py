@@ -10,6 +10,7 @@ import pytest
 import tokenizers
 from tokenizers import processors
 
+from lmforge.commands.tokenizer import train_tokenizer
 from lmforge.errors import ConfigError, FormatError
 from lmforge.tokenizers import (
     CHATML_TEMPLATE,
@@ -19,7 +20,6 @@ from lmforge.tokenizers import (
     load_tokenizer,
     train_bpe,
 )
-from lmforge.tokenizers.commands import train_tokenizer
 
 ASSETS = Path(__file__).parent / "assets" / "tokenizers"
 CORPUS = (ASSETS / "corpus.txt").read_text(encoding="utf-8")

@@ -314,23 +314,3 @@ def load_splits(source: str, val_source: str | None = None, val_fraction: float 
     n_val = int(len(rows) * val_fraction)
     return {"train": [rows[i] for i in sorted(perm[n_val:])], "val": [rows[i] for i in sorted(perm[:n_val])],
             "test": []}
-
-
-def instruction_data(recipe, tok, run_dir, seq_len: int):
-    """`data.kind: instructions` for the run builder: rendered, masked (and optionally packed) examples."""
-    from lmforge.train.run import RunData
-
-    dt, t = recipe.data, recipe.train
-    splits = {k: v[:dt.max_sequences] for k, v in load_splits(dt.source, dt.val_source, dt.val_fraction,
-                                                               t.seed).items()}
-    ex = {s: render_rows(tok, rows, seq_len + 1, dt.prompt_loss) for s, rows in splits.items()}
-    pad = pad_id_of(tok)
-    source = InstructionBatches(ex["train"], t.batch_size, pad, seq_len, seed=t.seed, val=ex["val"], pack=dt.pack)
-    test = ex["test"]
-    test_batches = (lambda: (collate(test[i:i + t.batch_size], pad) for i in range(0, len(test), t.batch_size))) \
-        if test else None
-    n_tok = sum(len(e.ids) for e in ex["train"])
-    return RunData(source, test_batches, None, {
-        "train_examples": len(ex["train"]), "val_examples": len(ex["val"]), "test_examples": len(test),
-        "train_tokens": n_tok, "learned_tokens": sum(sum(e.mask[1:]) for e in ex["train"]),
-        "steps_per_epoch": source.steps_per_epoch})

@@ -1,9 +1,9 @@
-"""The complexity study (seed 002's Table 1, "adapted from Peng et al. 2024"), by measurement.
+"""The complexity study: the block families' claimed complexities (a table adapted from Peng et al. 2024), measured.
 
 For each block family at matched parameter count (same d_model, vocab and width; layer counts set so
 the non-embedding parameters agree within ~10%): training time per token and activation memory vs
 sequence length, decode time per token and decode-state memory vs position, growth exponents fitted on
-log-log scales, the seed's stated complexities beside them, and log-log PNG plots.
+log-log scales, the claimed complexities (`SEED_CLAIMS`) beside them, and log-log PNG plots.
 
 Memory is counted exactly rather than read from the process: training memory is the bytes autograd saves
 for backward (a `saved_tensors_hooks` tally, unique storages once); decode memory is the cache's state
@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from lmforge.config import Config, get_preset
 from lmforge.models import DecoderLM
 
-# seed 002, Table 1: (training time, training memory, decode time per token, decode memory)
+# the claimed complexities, after Peng et al. 2024's table: (training time, training memory, decode time per token,
+# decode memory)
 SEED_CLAIMS = {
     "transformer": ("O(N^2)", "O(N)", "O(N)", "O(N)"),
     "linear": ("O(N)", "O(N)", "O(1)", "O(1)"),
@@ -33,7 +32,7 @@ SEED_CLAIMS = {
     "s4d": ("O(N log N)", "O(N)", "O(1)", "O(1)"),
     "retnet": ("O(N)", "O(N)", "O(1)", "O(1)"),
     "rwkv": ("O(N)", "O(N)", "O(1)", "O(1)"),
-    # not in the seed's table; the papers' own claims: Reformer (Kitaev et al. 2020) O(N log N) time and
+    # not in that table; the papers' own claims: Reformer (Kitaev et al. 2020) O(N log N) time and
     # O(N) memory with a growing key cache at decode; Transformer-XL (Dai et al. 2019) attends over one
     # segment plus a fixed memory, so a decode step and its state do not grow with position
     "lsh": ("O(N log N)", "O(N)", "O(N)", "O(N)"),
@@ -70,18 +69,6 @@ def family_configs(d_model: int = 256, n_layer: int = 4, vocab: int = 256, conte
                                                               "mlp.hidden": 4 * d_model - d_model // 3})
     return {"transformer": dense, "linear": linear, "mamba": mamba, "s4d": s4d, "retnet": retnet, "rwkv": rwkv,
             "lsh": lsh, "xl": xl}
-
-
-def moe_pair(d_model: int = 256, n_layer: int = 4, vocab: int = 256, n_experts: int = 8, top_k: int = 2
-             ) -> dict[str, Config]:
-    """A top-k MoE and the dense model with the same active parameters (MLP width = k x expert width)."""
-    h = 2 * d_model
-    base = get_preset("tiny-llama").replace(vocab_size=vocab, block_size=2048, d_model=d_model, n_layer=n_layer,
-                                            **{"attention.n_head": d_model // 64, "attention.n_kv_head": d_model // 64})
-    dense = base.replace(name="dense", **{"mlp.hidden": top_k * h})
-    moe = base.replace(name="moe", block="attention+moe", **{"mlp.hidden": h, "moe.n_experts": n_experts,
-                                                              "moe.top_k": top_k, "moe.hidden": h})
-    return {"dense": dense, "moe": moe}
 
 
 def saved_bytes(fn) -> tuple[int, object]:
@@ -230,8 +217,8 @@ def run_study(train_lengths=(256, 512, 1024, 2048, 4096, 8192), positions=(512, 
 
 
 def table(study: dict) -> str:
-    """A Markdown table: fitted exponents beside the seed's claims (claim -> expected exponent); families the
-    seed's table leaves out (LSH, XL) show their paper's claim."""
+    """A Markdown table: fitted exponents beside the claimed ones (claim -> expected exponent); families the
+    table leaves out (LSH, XL) show their paper's claim."""
     rows = ["| family | params (non-emb.) | training time | training memory | decode time/token | decode memory |",
             "|---|---|---|---|---|---|"]
     for name, fam in study["families"].items():
@@ -270,124 +257,3 @@ def plot(study: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
-
-
-MOE_SHAPES = ((128, 8, 64), (256, 4, 256))  # (d_model, batch, seq_len): the Trainer's run in `bench moe`, and larger
-
-
-def moe_throughput(shapes=MOE_SHAPES, steps: int = 6, log=print) -> dict:
-    """Training tokens/s (forward + backward + the Trainer's AdamW) of an MoE and the dense model with its
-    active parameters (`moe_pair`), at each (d_model, batch, seq_len) in `shapes`: steps alternate between
-    the two models (so load from other processes hits both alike), the best of `steps` after a warm-up."""
-    from lmforge.train.optim import OptimConfig, build_optimizer
-
-    out = {}
-    for d, batch, seq_len in shapes:
-        torch.manual_seed(0)
-        models = {name: DecoderLM(cfg) for name, cfg in moe_pair(d_model=d).items()}
-        opts = {name: build_optimizer(m, OptimConfig(lr=1e-4)) for name, m in models.items()}
-        x = torch.randint(0, 256, (batch, seq_len))
-        times = dict.fromkeys(models, math.inf)
-        for i in range(steps + 1):  # the first is a warm-up
-            for name, m in models.items():
-                t = time.perf_counter()
-                loss = m(x).float().logsumexp(-1).mean() + (m.aux_loss() if name == "moe" else 0)
-                loss.backward()
-                opts[name].step()
-                opts[name].zero_grad(set_to_none=True)
-                if i:
-                    times[name] = min(times[name], time.perf_counter() - t)
-        res = {name: {"tok_s": batch * seq_len / times[name], "active_flops_per_token": m.estimate_flops(seq_len),
-                      "params": m.num_params()} for name, m in models.items()}
-        res["ratio"] = res["moe"]["tok_s"] / res["dense"]["tok_s"]
-        out[f"d{d}-{batch}x{seq_len}"] = res
-        log(json.dumps({"moe_throughput": f"d{d}-{batch}x{seq_len}", **res}))
-    return out
-
-
-def moe_vs_dense(out: str | Path, steps: int = 150, batch: int = 8, seq_len: int = 64, d_model: int = 128,
-                 log=print) -> dict:
-    """Dense vs MoE at fixed compute on the embedded corpus (characters): the same active parameters per
-    token (dense MLP width = k x expert width), the same tokens, so the same training FLOPs; validation loss
-    curves and tokens/s side by side, written to `out`/moe_vs_dense.{json,png}."""
-    import numpy as np
-
-    from lmforge.data.corpus import corpus_works, read_work
-    from lmforge.tokenizers.char import CharTokenizer
-    from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
-
-    tok = CharTokenizer()
-    enc = lambda split, n: np.asarray(tok.encode(tok.normalize(  # noqa: E731
-        " ".join(read_work(w) for w in corpus_works(split))[:n]), add_special_tokens=False), dtype=np.uint16)
-    train, val = enc("train", 400_000), enc("val", 40_000)
-    out = Path(out)
-    res = {}
-    with tempfile.TemporaryDirectory(prefix="lmforge-moe-") as scratch:
-        for name, cfg in moe_pair(d_model=d_model, n_layer=4, vocab=tok.vocab_size).items():
-            torch.manual_seed(0)
-            model = DecoderLM(cfg.replace(block_size=seq_len))
-            run = Path(scratch) / name  # the runs are scratch: a second `lmforge bench moe` must not find them
-            tc = TrainConfig(max_steps=steps, batch_size=batch, progress=False, eval_every=max(steps // 10, 1),
-                             checkpoint_every=0, peak_flops=1e11)
-            tr = Trainer(model, CausalLM(), TokenWindows(train, batch, seq_len, val_tokens=val, eval_batches=4), tc,
-                         OptimConfig(lr=3e-3, warmup_steps=10, min_lr=3e-4), run_dir=run)
-            r = tr.fit(resume=None)
-            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-            curve = [(x["step"], x["loss"]) for x in rows if x.get("split") == "val"]
-            res[name] = {"tok_s": r.tokens_per_s, "val_curve": curve, "final_val": r.val.get("loss"),
-                         "active_flops_per_token": model.estimate_flops(seq_len), "params": model.num_params()}
-            log(json.dumps({"model": name, **{k: v for k, v in res[name].items() if k != "val_curve"}}))
-    res["tok_s_ratio"] = res["moe"]["tok_s"] / res["dense"]["tok_s"]
-    (out / "moe_vs_dense.json").write_text(json.dumps(res, indent=1))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in ("dense", "moe"):
-        ax.plot(*zip(*res[name]["val_curve"]), "o-", label=f"{name} ({res[name]['tok_s']:.0f} tok/s)")
-    ax.set_xlabel("step (same tokens, same active FLOPs)")
-    ax.set_ylabel("validation loss (nats/char)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "moe_vs_dense.png", dpi=90)
-    plt.close(fig)
-    return res
-
-
-def bench(what: Literal["complexity", "moe", "decode"], out: str = "bench/results", quick: bool = False,
-          d_model: int = 256, n_layer: int = 4) -> None:
-    """Measure the block families (seed 002's Table 1), MoE routing overhead, or Mamba vs dense decode.
-
-    Args:
-        what: "complexity" (training/decode time and memory vs length, fitted exponents, PNG, and the Mamba
-            vs dense decode comparison), "moe" (training tokens/s of an MoE vs the dense model with its
-            active parameters) or "decode" (only Mamba's decode step vs the dense transformer of about its
-            parameter count, at positions 512 and 4,096, best of 7 alternating rounds).
-        out: folder for complexity.json / complexity.png / complexity.md.
-        quick: fewer lengths (256..2048 training; decode at 512, 2048, 8192).
-        d_model: model width of every family.
-        n_layer: transformer layers (Mamba gets 2.5x as many, to match parameters).
-    """
-    from lmforge.errors import ConfigError
-    if what == "moe":
-        moe_throughput()
-        moe_vs_dense(out, steps=60 if quick else 150)
-        return
-    if what == "decode":
-        decode_vs_dense(d_model=d_model, n_layer=n_layer)
-        return
-    if what != "complexity":
-        raise ConfigError(f"unknown benchmark {what!r}; available: complexity, moe, decode")
-    kw = {"train_lengths": (256, 512, 1024, 2048), "positions": (512, 2048, 8192)} if quick else {}
-    moe = moe_throughput() if not quick else None
-    study = run_study(d_model=d_model, n_layer=n_layer, **kw)
-    study["decode_vs_dense"] = decode_vs_dense(d_model=d_model, n_layer=n_layer)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    study["moe"] = moe
-    (folder / "complexity.json").write_text(json.dumps(study, indent=1))
-    md = table(study)
-    (folder / "complexity.md").write_text(md + "\n")
-    plot(study, folder / "complexity.png")
-    print(md)
-    print(f"wrote {folder / 'complexity.json'}, {folder / 'complexity.png'}")

@@ -1,4 +1,4 @@
-"""Sentence embeddings from a bidirectional encoder (all-MiniLM-L6-v2, any BERT): Python and `lmforge embed`.
+"""Sentence embeddings from a bidirectional encoder (all-MiniLM-L6-v2, any BERT), as `LLM.embed` computes them.
 
 Texts are sorted by length and batched, so that a batch holds texts of similar length and little
 padding is computed; the output is in the input order.
@@ -6,17 +6,13 @@ padding is computed; the output is in the input order.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from lmforge.errors import ConfigError, FormatError
+from lmforge.errors import ConfigError
 from lmforge.infer.packed import pack_linears
 from lmforge.models.heads import pool
 from lmforge.tokenizers.wordpiece import encode_for_encoder
@@ -58,66 +54,4 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
             out[idx] = e.cpu().numpy()
             bar.update(len(idx))
     bar.close()
-    return out
-
-
-def embed(texts: list[str] | None = None, model: str = "minilm", file: str | None = None,
-          out: str = "embeddings.npy", batch_size: int = 32, pooling: Literal["mean", "cls"] = "mean",
-          normalize: bool = True, truncate: bool = False, dtype: Literal["float32", "bfloat16"] = "float32") -> str:
-    """Embed sentences with an encoder model and write them as .npy or JSONL.
-
-    Args:
-        texts: sentences to embed (--texts "first" "second"), or use --file.
-        model: model folder or short name (default: minilm, all-MiniLM-L6-v2).
-        file: a text file with one sentence per line, or a .jsonl file with a "text" field per line.
-        out: output path: .npy (an N x d float32 array) or .jsonl ({"text", "embedding"} per line).
-        batch_size: sentences per forward pass.
-        pooling: mean over tokens, or the first ([CLS]) token.
-        normalize: scale each embedding to unit length.
-        truncate: cut inputs longer than the model's context instead of stopping with an error.
-        dtype: the weights' precision. bfloat16 is about 2x faster on CPUs with AMX (all-MiniLM-L6-v2 at batch
-            1, Xeon, bench/encode.py) and stays within ~3e-3 of float32 (cosine >= 0.9999); output is float32.
-    """
-    import lmforge
-
-    path = Path(out)
-    if path.suffix not in (".npy", ".jsonl"):
-        raise ConfigError(f"--out must end in .npy or .jsonl, got {out!r}")
-    items = list(texts or [])
-    if file:
-        items += _read_texts(Path(file))
-    if not items:
-        raise ConfigError("nothing to embed: give sentences with --texts or a file with --file")
-    llm = lmforge.load(model, dtype=dtype)
-    vecs = llm.embed(items, batch_size=batch_size, pooling=pooling, normalize=normalize, truncate=truncate,
-                     progress=len(items) > 100)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".npy":
-        with open(tmp, "wb") as f:
-            np.save(f, vecs)
-    else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for t, v in zip(items, vecs):
-                f.write(json.dumps({"text": t, "embedding": [float(x) for x in v]}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    print(f"wrote {len(items)} embeddings of size {vecs.shape[1]} to {path}")
-    return str(path)
-
-
-def _read_texts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file; pass a text file with one sentence per line")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if path.suffix != ".jsonl":
-        return lines
-    out = []
-    for n, ln in enumerate(lines, 1):
-        try:
-            obj = json.loads(ln)
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}:{n}: not valid JSON ({e}); fix the line") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise FormatError(f"{path}:{n}: expected an object with a \"text\" string")
-        out.append(obj["text"])
     return out

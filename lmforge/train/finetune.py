@@ -1,4 +1,5 @@
-"""`lmforge finetune`: instruction fine-tuning of a pretrained model, in full or through an adapter.
+"""Instruction fine-tuning of a pretrained model, in full or through an adapter: the recipe `lmforge finetune` runs
+(`finetune_recipe`) and its multiple-choice score (`choice_accuracy`).
 
     lmforge finetune --method lora --model smollm2 --data shakespeare-instruct --set train.max_steps=200
     lmforge finetune --config recipes/smollm2-135m/lora.yaml --resume auto
@@ -13,8 +14,6 @@ set's speaker and work questions) the accuracy of picking the most likely option
 from __future__ import annotations
 
 import copy
-import json
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +21,6 @@ import torch
 import yaml
 
 from lmforge.errors import ConfigError, FormatError
-from lmforge.io import write_json
 from lmforge.train.objectives import IGNORE_INDEX, accepts_targets
 from lmforge.train.recipe import apply_overrides, from_dict
 
@@ -113,55 +111,3 @@ def finetune_recipe(config: str | None = None, method: str | None = None, model:
     elif not config:
         d["run"]["dir"] = f"runs/finetune-{d['adapter']['method']}"
     return from_dict(apply_overrides(d, set_ or []), config or "finetune defaults")
-
-
-def finetune(config: str | None = None, method: Method | None = None, model: str | None = None,
-             data: str | None = None, out: str | None = None, set_: list[str] | None = None,
-             resume: str = "none") -> int:
-    """Fine-tune a pretrained model on instructions: in full, or LoRA, DoRA, QLoRA, AdaLoRA, adapters, prefix/prompt.
-
-    Without --config the defaults are: SmolLM2-135M-Instruct, the built-in shakespeare-instruct set,
-    100 steps of batch 8 at up to 256 tokens, LoRA r=8 on q/k/v/o. Ctrl-C saves a checkpoint;
-    --resume auto continues bit-identically.
-
-    Args:
-        config: a recipe YAML, e.g. recipes/smollm2-135m/lora.yaml (sections as pretrain's, plus adapter).
-        method: full | lora | dora | qlora | adalora | adapter (Houlsby bottleneck) | prefix | prompt (prefix / prompt
-            tuning); sets adapter.method.
-        model: what to fine-tune: a model folder, .gguf file or short name (smollm2), with its tokenizer.
-        data: a built-in set (shakespeare-instruct) or a .jsonl file of messages / prompt-response lines.
-        out: the run folder (default runs/finetune-<method>).
-        set_: overrides as dotted key=value items, e.g. --set adapter.r=16 train.max_steps=50 optim.lr=1e-4
-        resume: "none" (fresh run), "auto" (newest whole checkpoint) or a checkpoints/step-N folder.
-    """
-    from lmforge.adapt import format_trainable, trainable_parameters
-    from lmforge.train.commands import final_report, print_report
-    from lmforge.train.run import build_run
-
-    recipe = finetune_recipe(config, method, model, data, out, set_)
-    run = build_run(recipe, resume)
-    rep = trainable_parameters(run.model)
-    print(f"{run.run_dir}: {recipe.adapter.method}, {format_trainable(rep)}; "
-          + ", ".join(f"{k} {v:,}" for k, v in run.info.items() if isinstance(v, int) and k != "trainable"),
-          file=sys.stderr, flush=True)
-    result = run.trainer.fit(resume=resume)
-    if result.exit_code or not run.dist.is_main:  # under torchrun, rank 0 alone reports
-        return result.exit_code
-    extra = None
-    if recipe.data.kind == "instructions":
-        from lmforge.data.instruct import load_splits
-
-        test = load_splits(recipe.data.source, recipe.data.val_source, recipe.data.val_fraction,
-                           recipe.train.seed)["test"][:recipe.data.max_sequences]
-        if test:
-            def extra(llm):  # on the model the report is about, not a second copy of it
-                return choice_accuracy(llm.model, llm.tokenizer, test)
-    report = final_report(run, result, extra)
-    report["trainable"] = rep
-    write_json(run.run_dir / "test_metrics.json", report)
-    print_report(report)
-    if "choice_acc" in report.get("test", {}):
-        print(f"test multiple-choice accuracy: {report['test']['choice_acc']:.3f} "
-              f"({int(report['test']['choice_n'])} questions)")
-    print(json.dumps({k: report[k] for k in ("step", "stopped", "val", "test", "trainable") if k in report}))
-    return 0

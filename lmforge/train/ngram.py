@@ -11,13 +11,8 @@ and a transformer of one tokenizer are compared on the same held-out split by `l
 
 from __future__ import annotations
 
-import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Literal
-
-from lmforge.errors import ConfigError
 
 
 def train_tokens(tokenizer, data: str = "shakespeare", data_dir: str | Path | None = None):
@@ -61,35 +56,3 @@ def fit_ngram(tokenizer, data: str = "shakespeare", order: int = 3, method: str 
     model = NGramLM.fit(tokens, tok.vocab_size, order=order, method=method, block_size=block_size,
                         name=f"{method}-{order}gram", **ids)
     return LLM(model, tok, f"ngram:{data}")
-
-
-def ngram(tokenizer: str, output: str = "runs/ngram", data: str = "shakespeare", order: int = 3,
-          method: Literal["kneser_ney", "backoff"] = "kneser_ney", data_dir: str | None = None) -> int:
-    """Fit an n-gram LM (Kneser-Ney or backoff) on a corpus's train split and save it as a model folder.
-
-    Score it like any model: lmforge eval perplexity --model OUTPUT --data shakespeare
-
-    Examples:
-    lmforge ngram runs/quickstart/model --output runs/ngram-kn4 --order 4
-    lmforge ngram runs/quickstart/model --output runs/ngram-bo4 --order 4 --method backoff
-
-    Args:
-        tokenizer: a model folder or tokenizer.json whose tokenizer to count with (use the transformer's to
-          compare perplexity per token).
-        output: the model folder to write (config.json, ngram.safetensors, tokenizer.json).
-        data: "shakespeare" (its train split) or a .txt/.md/.jsonl file or folder.
-        order: n of the n-grams (3: trigrams).
-        method: kneser_ney (interpolated modified Kneser-Ney) or backoff (absolute-discount backoff).
-        data_dir: a folder prepared with this tokenizer (e.g. runs/quickstart/data) to count instead of --data.
-    """
-    if not Path(tokenizer).exists():
-        raise ConfigError(f"tokenizer {tokenizer}: no such folder or file; pass a model folder (e.g. "
-                          "runs/quickstart/model after lmforge quickstart) or a tokenizer.json")
-    t0 = time.perf_counter()
-    llm = fit_ngram(tokenizer, data, order, method, data_dir)
-    llm.save(output)
-    cfg = llm.config
-    print(f"{cfg.name}: {llm.model.num_params():,} n-grams from {cfg.train_tokens:,} tokens in "
-          f"{time.perf_counter() - t0:.1f}s -> {output}", file=sys.stderr)
-    print(f"score it: lmforge eval perplexity --model {output} --data {data}", file=sys.stderr)
-    return 0

@@ -9,7 +9,7 @@ dataclasses'):
                 char (teenyGPT)
     data:       kind: tokens (random windows of prepared shards) | passages (teenyGPT's padded lines) |
                 stream (consecutive segments of contiguous streams, for segment_lm: Transformer-XL) |
-                instructions (chat / prompt-response JSONL for fine-tuning), see `lmforge.train.run.DATA_KINDS`;
+                instructions (chat / prompt-response JSONL for fine-tuning), see `DATA_KINDS`;
                 path (a prepared folder) or source (an embedded corpus / file, prepared into the run)
     train:      `TrainConfig` (loop, evaluation, checkpoints, dtype, threads)
     optim:      `OptimConfig` (AdamW, schedule, clipping)
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from lmforge.config import Config, get_preset
 from lmforge.errors import ConfigError, FormatError
 from lmforge.train.optim import OptimConfig
 from lmforge.train.trainer import TrainConfig
+from lmforge.train.typed import coerce
 
 
 @dataclass
@@ -54,11 +54,23 @@ class TokenizerConfig:
     sentinels: int = 100  # unigram: <extra_id_0..N-1> tokens for span corruption (T5: 100)
 
 
+# data.kind -> "module:function" building its `lmforge.train.run.RunData` (imported only when a run uses it)
+DATA_KINDS: dict[str, str] = {
+    "tokens": "lmforge.train.run:token_data",
+    "passages": "lmforge.train.run:passage_data",
+    "stream": "lmforge.train.segments:stream_data",
+    "instructions": "lmforge.train.run:instruction_data",
+    "genre": "lmforge.train.classify:genre_data_kind",
+    "preferences": "lmforge.align.recipe:preference_data",
+    "prompts": "lmforge.align.recipe:prompt_data",
+}
+
+
 @dataclass
 class DataConfig:
     """Where batches come from."""
 
-    kind: str = "tokens"  # tokens | passages | instructions (lmforge.train.run.DATA_KINDS)
+    kind: str = "tokens"  # tokens | passages | instructions (DATA_KINDS)
     path: str | None = None  # tokens: a prepared folder (manifest.json, train.bin, val.bin); null: prepare `source`
     source: str = "shakespeare"  # embedded corpus name, or a .txt/.md/.jsonl file or folder; instructions: a
     # built-in set (shakespeare-instruct) or a .jsonl file
@@ -162,68 +174,6 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def coerce(value: Any, tp, name: str) -> Any:
-    """`value` checked against the annotation `tp` (int -> float and numeric strings like '1e-3' accepted)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, name)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{name} must be one of {list(typing.get_args(tp))}, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif origin is dict:
-        if isinstance(value, dict):
-            return value
-    elif origin is list:
-        if isinstance(value, str):  # one item given on the command line: --set adapter.target_modules=q_proj
-            value = [value]
-        if isinstance(value, list):
-            (item,) = typing.get_args(tp) or (Any,)
-            return [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    elif isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
 def _section(cls, d: Any, name: str):
     if d is None:
         d = {}
@@ -312,9 +262,8 @@ def _need(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def validate(r: Recipe) -> Recipe:
-    """Check values, ranges, cross-field consistency and that named files exist. Returns `r`."""
-    t, o, tk, dt = r.train, r.optim, r.tokenizer, r.data
+def _check_train(t: TrainConfig) -> None:
+    """The `train` section's values and ranges, and that its objective exists."""
     for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
         _need(getattr(t, name) >= 1, f"train.{name} must be a positive integer, got {getattr(t, name)}")
     for name in ("eval_every", "patience", "checkpoint_every", "keep_last", "threads"):
@@ -335,6 +284,11 @@ def validate(r: Recipe) -> Recipe:
     from lmforge.train.objectives import OBJECTIVES
 
     _need(t.objective in OBJECTIVES, f"train.objective must be one of {list(OBJECTIVES)}, got {t.objective!r}")
+
+
+def _check_optim_and_run(r: Recipe) -> None:
+    """The `optim` and `run` sections' values and ranges."""
+    o = r.optim
     _need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _need(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
@@ -346,7 +300,9 @@ def validate(r: Recipe) -> Recipe:
     _need(r.run.samples >= 0 and r.run.sample_tokens >= 1, "run.samples must be >= 0 and run.sample_tokens >= 1")
     _need(bool(r.run.dir), "run.dir must name the run folder")
 
-    # files
+
+def _check_tokenizer(tk: TokenizerConfig) -> None:
+    """A named tokenizer exists; a BPE to train has room for its bytes."""
     if tk.path is not None:
         p = Path(tk.path)
         _need(p.is_dir() and (p / "tokenizer.json").is_file() or p.is_file(),
@@ -355,8 +311,11 @@ def validate(r: Recipe) -> Recipe:
     else:
         _need(tk.kind == "char" or tk.vocab_size >= 300, f"tokenizer.vocab_size must be >= 300 for byte-level BPE "
               f"(256 bytes + special tokens), got {tk.vocab_size}")
-    from lmforge.train.run import DATA_KINDS
 
+
+def _check_data(r: Recipe) -> None:
+    """The data kind exists and fits the objective; its files exist and its limits fit the batch."""
+    t, dt = r.train, r.data
     _need(dt.kind in DATA_KINDS, f"data.kind must be one of {list(DATA_KINDS)}, got {dt.kind!r}")
     _need((t.objective == "segment_lm") == (dt.kind == "stream"),
           "train.objective: segment_lm and data.kind: stream go together (segment recurrence reads consecutive "
@@ -387,7 +346,11 @@ def validate(r: Recipe) -> Recipe:
         _need(dt.val_source is None or Path(dt.val_source).is_file(), f"data.val_source {dt.val_source}: no such "
               "file; give a .jsonl file or null")
         _need(0 <= dt.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {dt.val_fraction}")
-    a = r.adapter
+
+
+def _check_adapter(r: Recipe) -> None:
+    """The `adapter` section's values and their fit with the data's packing."""
+    a, dt = r.adapter, r.data
     _need(a.r >= 1 and a.alpha > 0 and 0 <= a.dropout < 1, f"adapter.r must be >= 1, adapter.alpha > 0 and "
           f"adapter.dropout in [0, 1), got r={a.r}, alpha={a.alpha}, dropout={a.dropout}")
     _need(a.target_r is None or 1 <= a.target_r <= a.r, f"adapter.target_r must be in [1, adapter.r={a.r}] or "
@@ -398,10 +361,11 @@ def validate(r: Recipe) -> Recipe:
           f"{a.method} (virtual tokens would sit in front of a whole packed row); set data.pack: false")
     _need(a.method == "full" or bool(a.target_modules) or a.path is not None,
           "adapter.target_modules is empty; name the layers to adapt, e.g. [q_proj, v_proj]")
-    if r.model.get("source"):
-        return r  # the architecture comes with the weights; checked when the run is built
 
-    # model: resolves (preset name, field names, shapes) with the vocabulary the run will have
+
+def _check_model(r: Recipe) -> None:
+    """The model resolves (preset name, field names, shapes) with the vocabulary the run will have."""
+    t, tk, dt = r.train, r.tokenizer, r.data
     cfg = r.model_config(vocab_size=29 if tk.path is None and tk.kind == "char" else None)
     seq = t.seq_len or cfg.block_size
     _need(seq <= cfg.block_size, f"train.seq_len ({seq}) exceeds the model's context model.block_size "
@@ -412,6 +376,18 @@ def validate(r: Recipe) -> Recipe:
     if "vocab_size" in _flatten(r.model) and tk.path is None and tk.kind == "bpe":
         _need(cfg.vocab_size >= tk.vocab_size, f"model.vocab_size ({cfg.vocab_size}) is smaller than "
               f"tokenizer.vocab_size ({tk.vocab_size}); drop model.vocab_size to follow the tokenizer")
+
+
+def validate(r: Recipe) -> Recipe:
+    """Check values, ranges, cross-field consistency and that named files exist. Returns `r`."""
+    _check_train(r.train)
+    _check_optim_and_run(r)
+    _check_tokenizer(r.tokenizer)
+    _check_data(r)
+    _check_adapter(r)
+    if r.model.get("source"):
+        return r  # the architecture comes with the weights; checked when the run is built
+    _check_model(r)
     return r
 
 

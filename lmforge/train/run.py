@@ -10,9 +10,9 @@ builds these pieces itself. In order:
    `tokenizer.path`, trained BPE or teenyGPT's chars); `model.source` loads a pretrained model with
    `lmforge.load` (a model folder, .gguf or short name such as smollm2) and its own tokenizer
    (unless `tokenizer.path` names another);
-3. data (`build_data`): `DATA_KINDS[data.kind]` -> a `RunData` (the training `BatchSource`, the test
-   split's batches, facts for the log). A new kind is one entry, "module:function", with the signature
-   `fn(recipe, tokenizer, run_dir, seq_len) -> RunData`;
+3. data (`build_data`): `DATA_KINDS[data.kind]` (`lmforge.train.recipe`) -> a `RunData` (the training
+   `BatchSource`, the test split's batches, facts for the log). A new kind is one entry, "module:function",
+   with the signature `fn(recipe, tokenizer, run_dir, seq_len) -> RunData`;
 4. config.yaml: the resolved recipe (what reproduces the run);
 5. model preparation: the recipe's `adapter` section (LoRA, DoRA, ... as module swaps, `lmforge.adapt`),
    then the caller's `prepare_model(model) -> model`, if any;
@@ -42,19 +42,8 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed
 from lmforge.train.batches import BatchSource, PaddedSequences, TokenWindows, padded_batches
 from lmforge.train.objectives import Objective, build_objective
-from lmforge.train.recipe import Recipe, dump_yaml
+from lmforge.train.recipe import DATA_KINDS, Recipe, dump_yaml
 from lmforge.train.trainer import Trainer
-
-# data.kind -> "module:function" building its RunData (imported only when used)
-DATA_KINDS: dict[str, str] = {
-    "tokens": "lmforge.train.run:token_data",
-    "passages": "lmforge.train.run:passage_data",
-    "stream": "lmforge.train.segments:stream_data",
-    "instructions": "lmforge.data.instruct:instruction_data",
-    "genre": "lmforge.train.classify:genre_data_kind",
-    "preferences": "lmforge.align.commands:preference_data",
-    "prompts": "lmforge.align.commands:prompt_data",
-}
 
 
 @dataclass
@@ -218,6 +207,27 @@ def passage_data(recipe: Recipe, tok, run_dir: Path, seq_len: int) -> RunData:
                                                 "val_sequences": len(seqs["val"]),
                                                 "test_sequences": len(seqs["test"]),
                                                 "steps_per_epoch": source.steps_per_epoch})
+
+
+def instruction_data(recipe: Recipe, tok, run_dir: Path, seq_len: int) -> RunData:
+    """`data.kind: instructions`: rendered, masked (and optionally packed) examples of chat / prompt-response
+    JSONL (`lmforge.data.instruct`)."""
+    from lmforge.data.instruct import InstructionBatches, collate, load_splits, pad_id_of, render_rows
+
+    dt, t = recipe.data, recipe.train
+    splits = {k: v[:dt.max_sequences] for k, v in load_splits(dt.source, dt.val_source, dt.val_fraction,
+                                                               t.seed).items()}
+    ex = {s: render_rows(tok, rows, seq_len + 1, dt.prompt_loss) for s, rows in splits.items()}
+    pad = pad_id_of(tok)
+    source = InstructionBatches(ex["train"], t.batch_size, pad, seq_len, seed=t.seed, val=ex["val"], pack=dt.pack)
+    test = ex["test"]
+    test_batches = (lambda: (collate(test[i:i + t.batch_size], pad) for i in range(0, len(test), t.batch_size))) \
+        if test else None
+    n_tok = sum(len(e.ids) for e in ex["train"])
+    return RunData(source, test_batches, None, {
+        "train_examples": len(ex["train"]), "val_examples": len(ex["val"]), "test_examples": len(test),
+        "train_tokens": n_tok, "learned_tokens": sum(sum(e.mask[1:]) for e in ex["train"]),
+        "steps_per_epoch": source.steps_per_epoch})
 
 
 def build_data(recipe: Recipe, tok, run_dir: Path, seq_len: int) -> RunData:

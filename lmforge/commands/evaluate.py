@@ -1,4 +1,4 @@
-"""CLI command for evaluation: `lmforge eval TASK --model M --data D`."""
+"""The evaluation stage's commands: `lmforge eval TASK --model M --data D` and `lmforge bench WHAT`."""
 
 from __future__ import annotations
 
@@ -6,23 +6,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from lmforge.data.texts import read_texts
 from lmforge.errors import ConfigError
 
 TASKS = ("perplexity",)
-
-
-def read_texts(data: str, split: str = "test", text_field: str = "text") -> list[str]:
-    """Documents named by a `--data` value: a .txt/.md/.jsonl file or a folder of them, an embedded corpus
-    ("shakespeare", documents of `split`) or one work of it ("shakespeare:macbeth")."""
-    from lmforge.data import corpus_works, iter_documents, read_work
-
-    name, _, work = data.partition(":")
-    if work and not Path(data).exists():
-        if name != "shakespeare":
-            raise ConfigError(f"--data {data!r}: only the embedded corpus 'shakespeare' has named works")
-        return [read_work(work)] if work not in ("train", "val", "test", "all") else \
-            [read_work(w) for w in corpus_works(work)]
-    return list(iter_documents(data, split, text_field))
 
 
 def eval_(task: Literal["perplexity"], model: str | None = None, data: str | None = None, split: str = "test",
@@ -65,3 +52,44 @@ def eval_(task: Literal["perplexity"], model: str | None = None, data: str | Non
 
         write_json(output, record)
     return 0
+
+
+def bench(what: Literal["complexity", "moe", "decode"], out: str = "bench/results", quick: bool = False,
+          d_model: int = 256, n_layer: int = 4) -> None:
+    """Measure the block families against their claimed complexities, MoE routing overhead, or Mamba vs dense decode.
+
+    Args:
+        what: "complexity" (training/decode time and memory vs length, fitted exponents, PNG, and the Mamba
+            vs dense decode comparison), "moe" (training tokens/s of an MoE vs the dense model with its
+            active parameters) or "decode" (only Mamba's decode step vs the dense transformer of about its
+            parameter count, at positions 512 and 4,096, best of 7 alternating rounds).
+        out: folder for complexity.json / complexity.png / complexity.md.
+        quick: fewer lengths (256..2048 training; decode at 512, 2048, 8192).
+        d_model: model width of every family.
+        n_layer: transformer layers (Mamba gets 2.5x as many, to match parameters).
+    """
+    from lmforge.evaluate.complexity import decode_vs_dense, plot, run_study, table
+    from lmforge.evaluate.moe import moe_throughput, moe_vs_dense
+
+    if what == "moe":
+        moe_throughput()
+        moe_vs_dense(out, steps=60 if quick else 150)
+        return
+    if what == "decode":
+        decode_vs_dense(d_model=d_model, n_layer=n_layer)
+        return
+    if what != "complexity":
+        raise ConfigError(f"unknown benchmark {what!r}; available: complexity, moe, decode")
+    kw = {"train_lengths": (256, 512, 1024, 2048), "positions": (512, 2048, 8192)} if quick else {}
+    moe = moe_throughput() if not quick else None
+    study = run_study(d_model=d_model, n_layer=n_layer, **kw)
+    study["decode_vs_dense"] = decode_vs_dense(d_model=d_model, n_layer=n_layer)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    study["moe"] = moe
+    (folder / "complexity.json").write_text(json.dumps(study, indent=1))
+    md = table(study)
+    (folder / "complexity.md").write_text(md + "\n")
+    plot(study, folder / "complexity.png")
+    print(md)
+    print(f"wrote {folder / 'complexity.json'}, {folder / 'complexity.png'}")

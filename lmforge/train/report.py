@@ -1,33 +1,18 @@
-"""`lmforge pretrain`: a YAML recipe -> the run builder (`lmforge.train.run`) -> the one `Trainer` -> a run folder.
+"""A training run's report: test-split metrics and samples of the model it leaves (test_metrics.json).
 
-    lmforge pretrain --config recipes/gpt2-124m/pretrain.yaml --set train.max_steps=10 model.n_layer=2
-    lmforge pretrain --config recipes/teenygpt.yaml --resume auto
-
-The run folder (`run.dir`) gets config.yaml (the resolved recipe: re-running it reproduces the run),
-tokenizer/ and data/ (when the recipe builds them), checkpoints/step-N/, metrics.jsonl, curves.png,
-model/ (final weights), best/ (lowest validation loss, with early stopping) and test_metrics.json.
+`final_report` scores the run's model (the best one when early stopping kept one) on the test split the
+data kind gave, adds samples at two temperatures, and writes test_metrics.json; `print_report` words it.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
-from lmforge.errors import ConfigError
 from lmforge.io import write_json
 from lmforge.train.objectives import CausalLM
-from lmforge.train.recipe import load_recipe
-from lmforge.train.run import Run, build_run, resolved_dict  # noqa: F401  (resolved_dict: quickstart's)
+from lmforge.train.run import Run
 from lmforge.train.trainer import TrainResult, evaluate
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-setup_run = build_run  # the name quickstart and older callers use
 
 
 def samples(llm, n: int, max_new_tokens: int, prompt: str = "", seed: int = 0,
@@ -101,32 +86,3 @@ def print_report(report: dict[str, Any]) -> None:
     for temp, texts in (report.get("samples") or {}).items():
         for s in texts:
             print(f"sample (temperature {temp}): {s!r}")
-
-
-def pretrain(config: str | None = None, set_: list[str] | None = None, resume: str = "none") -> int:
-    """Pre-train a model from a YAML recipe (model preset, tokenizer, data, train/optim settings, run folder).
-
-    The recipe and overrides are validated before any work starts. Ctrl-C / SIGTERM save a checkpoint and
-    exit (code 130 / 143); `--resume auto` continues from the newest whole checkpoint, bit-identically.
-
-    Args:
-        config: the recipe YAML, e.g. recipes/gpt2-124m/pretrain.yaml.
-        set_: overrides as dotted key=value items, e.g. --set train.max_steps=10 model.n_layer=2 optim.lr=1e-3
-        resume: "none" (fresh run; refuses a run folder with checkpoints), "auto" (newest whole checkpoint)
-            or a checkpoints/step-N folder.
-    """
-    if not config:
-        raise ConfigError("pass --config with a recipe, e.g. --config recipes/gpt2-124m/pretrain.yaml")
-    recipe = load_recipe(config, set_ or [])
-    run = build_run(recipe, resume)
-    if run.dist.is_main:
-        _log(f"{run.run_dir}: {run.info['params']:,} parameters, "
-             + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in run.info.items()
-                         if k != "params"))
-    result = run.trainer.fit(resume=resume)
-    if result.exit_code or not run.dist.is_main:  # rank 0 alone reports
-        return result.exit_code
-    report = final_report(run, result)
-    print_report(report)
-    print(json.dumps({k: report[k] for k in ("step", "stopped", "val", "test") if k in report}))
-    return 0

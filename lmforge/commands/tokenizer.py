@@ -1,18 +1,9 @@
-"""CLI commands of the tokenizer stage (`lmforge train-tokenizer`)."""
+"""The tokenizer stage's command: `lmforge train-tokenizer`."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-
-
-def iter_training_texts(data: list[str]) -> Iterator[str]:
-    """Documents from each item: "shakespeare" (the embedded corpus' training works), a text file, a .jsonl
-    file (the "text" field of each line) or a folder (every .txt/.md/.jsonl inside, in sorted order)."""
-    from lmforge.data import iter_documents
-
-    for item in data:
-        yield from iter_documents(item, split="train")
 
 
 def train_tokenizer(data: list[str], out: str = "runs/tokenizer", vocab_size: int = 4096,
@@ -32,6 +23,7 @@ def train_tokenizer(data: list[str], out: str = "runs/tokenizer", vocab_size: in
         kind: bpe, unigram or wordpiece.
         sentinels: unigram: number of <extra_id_N> tokens for span corruption.
     """
+    from lmforge.data.texts import iter_texts
     from lmforge.errors import ConfigError
     from lmforge.tokenizers.train import TRAINABLE_KINDS, train_tokenizer_kind
 
@@ -42,7 +34,7 @@ def train_tokenizer(data: list[str], out: str = "runs/tokenizer", vocab_size: in
     stats = {"docs": 0, "chars": 0}
 
     def texts() -> Iterator[str]:
-        for t in iter_training_texts(data):
+        for t in (doc for item in data for doc in iter_texts(item, split="train")):
             stats["docs"] += 1
             stats["chars"] += len(t)
             yield t
