@@ -105,7 +105,7 @@ def part_distill(args) -> None:
 
 def part_merge(args) -> None:
     import lmforge
-    from lmforge.adapt.merging import merge_models
+    from lmforge.compress.merging import merge_models
     from lmforge.evaluate.perplexity import perplexity
     from lmforge.train import CausalLM, OptimConfig, TrainConfig, Trainer
 

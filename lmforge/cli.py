@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("lmforge.commands.train:finetune",
                  "fine-tune a pretrained model on instructions: full, LoRA, DoRA, QLoRA, adapters, prefix/prompt"),
     "align": ("lmforge.commands.align:align", "align with preferences: DPO, IPO, SimPO, ORPO, reward model, PPO"),
-    "merge": ("lmforge.commands.adapt:merge", "merge fine-tunes of one base (average, task arithmetic, TIES, DARE)"),
+    "merge": ("lmforge.commands.merge:merge", "merge fine-tunes of one base (average, task arithmetic, TIES, DARE)"),
     "distill": ("lmforge.commands.compress:distill", "distill a teacher into a smaller student of its tokenizer"),
     "prune": ("lmforge.commands.compress:prune", "prune a model (magnitude, 2:4, attention heads, MLP channels)"),
     "quantize": ("lmforge.commands.quant:quantize", "quantize a model's linear layers (int8, int4, nf4, q8_0)"),

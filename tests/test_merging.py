@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import assert_rel_close
 
-from lmforge.adapt.merging import dare, elect_and_merge, merge_models, merge_state_dicts, merge_tensors, trim
 from lmforge.cli import main
+from lmforge.compress.merging import dare, elect_and_merge, merge_models, merge_state_dicts, merge_tensors, trim
 from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.llm import LLM, load
@@ -121,7 +121,7 @@ def test_cli_merge_refuses_different_architectures(tmp_path, capsys):
 def test_lora_fine_tunes_merge_as_whole_weights():
     """A LoRA fine-tune enters a merge with its adapters folded in (the plain model's keys)."""
     from lmforge.adapt import apply_lora
-    from lmforge.adapt.merging import _plain_state
+    from lmforge.compress.merging import _plain_state
     from lmforge.llm import build
 
     torch.manual_seed(0)

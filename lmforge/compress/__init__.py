@@ -1,5 +1,6 @@
-"""Making a model smaller without quantisation: pruning (unstructured, 2:4, heads, MLP channels) and
-knowledge distillation into a smaller student, with before / after reports."""
+"""Transforming trained models without quantisation: pruning (unstructured, 2:4, heads, MLP channels),
+knowledge distillation into a smaller student, with before / after reports, and merging fine-tunes of one
+base (`lmforge.compress.merging`)."""
 
 from lmforge.compress.prune import (
     head_importance,

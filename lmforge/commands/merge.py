@@ -1,10 +1,10 @@
-"""The adaptation stage's command: `lmforge merge` (fine-tunes of one base into one model, no training)."""
+"""`lmforge merge`: fine-tunes of one base into one model, no training (`lmforge.compress.merging`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lmforge.adapt.merging import Method, merge_models
+from lmforge.compress.merging import Method, merge_models
 
 
 def merge(models: list[str], out: str = "runs/merged", base: str | None = None, method: Method = "ties",
