@@ -18,8 +18,20 @@ from tqdm import tqdm
 
 from lmforge.errors import ConfigError, FormatError
 from lmforge.infer.packed import pack_linears
+from lmforge.loading import NO_TOKENIZER, load_model
 from lmforge.models.heads import pool
+from lmforge.models.ngram import NGramLM
 from lmforge.tokenizers.wordpiece import encode_for_encoder
+
+
+def encoder_tokenizer(model, tokenizer):
+    """`tokenizer`, after checking that `model` is a bidirectional encoder and that it has one (ConfigError)."""
+    if isinstance(model, NGramLM) or model.config.attention.causal:
+        raise ConfigError(f"{model.config.name!r} is a causal decoder; embed() needs a bidirectional encoder "
+                          "such as lmforge.load('minilm')")
+    if tokenizer is None:
+        raise ConfigError(NO_TOKENIZER)
+    return tokenizer
 
 
 def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32, pooling: str = "mean",
@@ -78,8 +90,6 @@ def embed(texts: list[str] | None = None, model: str = "minilm", file: str | Non
         dtype: the weights' precision. bfloat16 is about 2x faster on CPUs with AMX (all-MiniLM-L6-v2 at batch
             1, Xeon, bench/encode.py) and stays within ~3e-3 of float32 (cosine >= 0.9999); output is float32.
     """
-    import lmforge
-
     path = Path(out)
     if path.suffix not in (".npy", ".jsonl"):
         raise ConfigError(f"--out must end in .npy or .jsonl, got {out!r}")
@@ -88,9 +98,9 @@ def embed(texts: list[str] | None = None, model: str = "minilm", file: str | Non
         items += _read_texts(Path(file))
     if not items:
         raise ConfigError("nothing to embed: give sentences with --texts or a file with --file")
-    llm = lmforge.load(model, dtype=dtype)
-    vecs = llm.embed(items, batch_size=batch_size, pooling=pooling, normalize=normalize, truncate=truncate,
-                     progress=len(items) > 100)
+    encoder, tok, _ = load_model(model, dtype=dtype)
+    vecs = embed_texts(encoder, encoder_tokenizer(encoder, tok), items, batch_size=batch_size, pooling=pooling,
+                       normalize=normalize, truncate=truncate, progress=len(items) > 100)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".npy":
