@@ -32,7 +32,7 @@ import lmforge
 from lmforge.config import Config, get_preset
 from lmforge.infer.generate import GenerationConfig, iter_tokens
 from lmforge.interop.hf import from_hf_state_dict, to_hf_config
-from lmforge.llm import build
+from lmforge.loading import build
 
 CASES = ["gpt2-fp32-b1", "gpt2-bf16-b1", "gpt2-fp32-b8", "gpt2-bf16-b8", "smollm2-fp32-b1", "smollm2-bf16-b1"]
 SIDES = ("lmforge", "hf", "hf_static")

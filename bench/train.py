@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover
 
 from lmforge.config import get_preset
 from lmforge.interop.hf import from_hf_state_dict, to_hf_config
-from lmforge.llm import build
+from lmforge.loading import build
 
 PRESETS = {"gpt2": "gpt2-124m", "llama": "llama-110m"}
 CASES = [f"{m}-{d}" for m in PRESETS for d in ("fp32", "bf16", "bf16pure")]

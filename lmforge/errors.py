@@ -15,3 +15,8 @@ class ConfigError(LMForgeError):
 
 class FormatError(LMForgeError):
     """A file is missing, truncated, corrupt or of an unsupported kind."""
+
+
+# The one message for a model loaded without a tokenizer, wherever text has to be encoded.
+NO_TOKENIZER = ("this model has no tokenizer (a bare preset); load a model folder, or pass tokenizer=<folder> "
+                "to lmforge.load")

@@ -2,41 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 
-from lmforge import __version__
-from lmforge.config import Config, get_preset
-from lmforge.errors import ConfigError, FormatError
+from lmforge.config import Config
+from lmforge.errors import NO_TOKENIZER, ConfigError
 from lmforge.infer.generate import GenerationConfig, TextStream, beam_search, generate_ids, iter_tokens, prepare_prompts
 from lmforge.interop import hf
 from lmforge.io import atomic_dir, write_json
-from lmforge.models import DecoderLM, make_model
-from lmforge.models.decoder import tied_key
-from lmforge.models.ngram import MODEL_TYPE as NGRAM_TYPE
+from lmforge.loading import check_tokenizer, load_model, resolve_dtype
+from lmforge.models import DecoderLM
+from lmforge.models.build import empty_model
 from lmforge.models.ngram import NGramLM
+from lmforge.version import __version__
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 # Tokens that end an assistant turn in common chat templates, besides the tokenizer's EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 class LLM:
@@ -59,10 +45,7 @@ class LLM:
 
     @tokenizer.setter
     def tokenizer(self, tok) -> None:
-        if tok is not None and tok.vocab_size > self.model.config.vocab_size:
-            raise ConfigError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's "
-                              f"({self.model.config.vocab_size}); use a matching tokenizer or a model with "
-                              "vocab_size >= the tokenizer's")
+        check_tokenizer(self.model, tok)
         self._tokenizer = tok
 
     @property
@@ -81,8 +64,7 @@ class LLM:
     # ---- generation ----------------------------------------------------------------------------
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ConfigError("this model has no tokenizer (a bare preset); load a model folder, or pass "
-                              "tokenizer=<folder> to lmforge.load")
+            raise ConfigError(NO_TOKENIZER)
         return self.tokenizer
 
     def _need_decoder(self, what: str) -> None:
@@ -102,13 +84,11 @@ class LLM:
         norm, so a dot product is a cosine similarity. Inputs longer than the context (or `max_length`)
         are an error unless `truncate`.
         """
-        from lmforge.infer.embed import embed_texts
+        from lmforge.infer.embed import embed_texts, encoder_tokenizer
 
-        if isinstance(self.model, NGramLM) or self.config.attention.causal:
-            raise ConfigError(f"{self.config.name!r} is a causal decoder; embed() needs a bidirectional encoder "
-                              "such as lmforge.load('minilm')")
-        return embed_texts(self.model, self._need_tokenizer(), texts, batch_size=batch_size, pooling=pooling,
-                           normalize=normalize, max_length=max_length, truncate=truncate, progress=progress)
+        return embed_texts(self.model, encoder_tokenizer(self.model, self.tokenizer), texts, batch_size=batch_size,
+                           pooling=pooling, normalize=normalize, max_length=max_length, truncate=truncate,
+                           progress=progress)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a prompt as generation sees it (the tokenizer's BOS included where it adds one)."""
@@ -372,183 +352,6 @@ class LLM:
         return Path(folder)
 
 
-# ---- loading --------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _no_init() -> Iterator[None]:
-    """Build modules without random initialisation: their weights are about to be replaced.
-
-    Initialising SmolLM2-135M's weights takes ~3 s on 2 cores, building without it ~0.05 s. Buffers that
-    are computed rather than loaded (RoPE tables) are still built normally.
-    """
-    names = ("uniform_", "normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
-             "trunc_normal_", "zeros_", "ones_", "constant_")
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda t, *a, **k: t)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-
-
-def empty_model(cfg: Config, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> DecoderLM:
-    """A `DecoderLM` whose parameters are allocated but not initialised, for a loader to fill in place.
-
-    Computed buffers (RoPE tables) are real. Tied weights stay tied.
-    """
-    with _no_init(), torch.device(device):
-        model = make_model(cfg, init_weights=False)
-    if dtype is not None:
-        for p in model.parameters():  # swap storage instead of converting uninitialised memory
-            p.data = torch.empty(p.shape, dtype=dtype, device=p.device)
-    return model.to(dtype=dtype) if dtype is not None else model
-
-
-def build(cfg: Config, state_dict: dict[str, torch.Tensor] | None, source: str,
-          dtype: torch.dtype | None = None, device: str | torch.device = "cpu", assign: bool = False) -> DecoderLM:
-    """A `DecoderLM` for `cfg` holding `state_dict`, checked tensor by tensor before anything loads.
-
-    With `assign=True` the model takes the given tensors as its parameters instead of copying them (for
-    loaders that own freshly read tensors: no second copy of the weights, no time spent initialising).
-    """
-    if state_dict is None:
-        model = make_model(cfg, init_weights=True)
-        return model.to(device=device, dtype=dtype) if dtype else model.to(device)
-    with _no_init():
-        model = make_model(cfg, init_weights=False)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        raise FormatError(f"{source}: weights do not match the config: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-    for k, v in expected.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise FormatError(f"{source}: tensor {k!r} has shape {tuple(state_dict[k].shape)}, "
-                              f"the config needs {tuple(v.shape)}")
-    if not assign:
-        model.load_state_dict(state_dict)
-        return model.to(device=device, dtype=dtype) if dtype else model.to(device)
-    # One floating dtype for all weights: the requested one, else the embedding's as stored.
-    dtype = dtype or state_dict["tok_emb.weight"].dtype
-    cast = {}
-    for k, v in state_dict.items():
-        want = dtype if v.is_floating_point() else v.dtype
-        cast[k] = v.to(device=device, dtype=want).contiguous()  # no copy when already right
-    model.load_state_dict(cast, assign=True)
-    if cfg.tie_embeddings:  # assign gives each key its own Parameter: tie them again
-        model.tie_weights()
-    return model.to(device=device, dtype=dtype)  # the buffers; parameters are already there
-
-
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    files = [folder / "model.safetensors"]
-    if index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise FormatError(f"{index}: not a valid safetensors index ({e})") from e
-        files = [folder / s for s in shards]
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        if not f.exists():
-            raise FormatError(f"{folder}: missing weights file {f.name}")
-        try:
-            out.update(load_file(str(f)))
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-            raise FormatError(f"{f}: cannot read safetensors file ({e}); the file is truncated or corrupt") from e
-    return out
-
-
-def _load_folder(folder: Path, dtype, device, allow_pickle: bool) -> LLM:
-    from lmforge.tokenizers import load_tokenizer
-
-    meta_path, cfg_path = folder / "lmforge.json", folder / "config.json"
-    try:
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
-        config_json = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-    except ValueError as e:
-        raise FormatError(f"{folder}: config file is not valid JSON ({e})") from e
-    if config_json is not None and config_json.get("model_type") == NGRAM_TYPE:
-        tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
-        return LLM(NGramLM.load(folder), tok, str(folder))
-    if meta is not None:
-        cfg = Config.from_dict(meta["config"])
-        layout = meta.get("weights_layout", "native")
-    elif config_json is not None:
-        cfg, layout = hf.from_hf_config(config_json, str(cfg_path)), "hf"
-    else:
-        raise FormatError(f"{folder}: no config.json or lmforge.json; not a model folder")
-    has_weights = (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
-    if meta is not None and meta.get("base") and not has_weights:  # adapters only: the base from its source
-        from lmforge.adapt.state import check_fingerprint, load_base
-
-        llm = _with_adapters(folder, load_base(folder, meta["base"], cfg, dtype, device))
-        check_fingerprint(folder, meta["base"], llm.model)
-        return llm
-    if has_weights:
-        tensors = _read_safetensors(folder)
-    elif layout == "dcp":  # a ddp/fsdp run's sharded checkpoint
-        from lmforge.interop.dcp import read_model_tensors
-
-        tensors, layout = read_model_tensors(folder), "native"
-    else:
-        pickles = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-        if not pickles:
-            raise FormatError(f"{folder}: no model.safetensors found")
-        tensors = {}
-        for p in pickles:
-            tensors.update(_load_pickle(p, allow_pickle))
-    if dtype is None and any(v.dtype == torch.bfloat16 for v in tensors.values()):
-        from lmforge.precision import load_dtype  # bf16 as stored, except where this CPU only emulates it
-
-        dtype = load_dtype(None, torch.bfloat16, device, what=f"{folder.name}: the weights")
-    if meta is not None and meta.get("quantization"):
-        from lmforge.quant.model import load_quantized_state, restore
-
-        model = load_quantized_state(restore(empty_model(cfg), meta["quantization"]), tensors, dtype, device,
-                                     str(folder))
-        tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
-        return LLM(model, tok, str(folder))
-    sd = hf.from_hf_state_dict(cfg, tensors, str(folder)) if layout == "hf" else dict(tensors)
-    if layout != "hf" and tied_key(cfg):
-        sd[tied_key(cfg)] = sd.get("tok_emb.weight")
-    return _with_adapters(folder, build(cfg, sd, str(folder), dtype, device, assign=True))
-
-
-def _with_adapters(folder: Path, model: nn.Module) -> LLM:
-    """The folder's adapters (if any) put on `model`, with the folder's tokenizer."""
-    from lmforge.tokenizers import load_tokenizer
-
-    if (folder / "adapter_config.json").is_file():  # a fine-tuned model saved as base + adapter
-        from lmforge.adapt import load_adapter
-
-        load_adapter(model, folder)
-    elif (folder / "lmforge_adapter.json").is_file():  # base + lmforge-format adapters (bottleneck)
-        from lmforge.adapt.bottleneck import load_native_adapter
-
-        load_native_adapter(model, folder)
-    tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
-    return LLM(model, tok, str(folder))
-
-
-def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    if not allow_pickle:
-        raise FormatError(f"{path}: refusing to read a pickle file ({path.suffix}): unpickling can run code. "
-                          "Convert it to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust it; "
-                          "it is then read with weights_only=True")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FormatError(f"{path}: cannot load with weights_only=True ({e})") from e
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FormatError(f"{path}: expected a dict of tensors")
-    return obj
-
-
 def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
          tokenizer: str | os.PathLike | None = None, allow_pickle: bool = False, dequantize: bool = False) -> LLM:
     """Load a model from a preset, a model folder (lmforge or Hugging Face), a .gguf file or a short name.
@@ -564,46 +367,6 @@ def load(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None, d
         dequantize: expand a GGUF file's Q8_0/Q4_0/Q4_1 linears to float (`dtype`) instead of running
             them quantized (the default on the CPU).
     """
-    dt = resolve_dtype(dtype)
-    src = str(source)
-    if dt == torch.bfloat16:  # kept as asked; a one-line warning where this CPU only emulates bf16
-        from lmforge.precision import load_dtype
-
-        load_dtype(dt, dt, device, what=f"{src}: dtype")
-    if src.startswith("preset:"):
-        cfg = get_preset(src.removeprefix("preset:"))
-        tok = None
-        if cfg.name == "teenygpt" or cfg.name == "tiny-teenygpt":
-            from lmforge.tokenizers import CharTokenizer
-
-            tok = CharTokenizer()
-        llm = LLM(build(cfg, None, src, dt, device), tok, src)
-    else:
-        path = Path(src).expanduser()
-        if not path.exists():
-            from lmforge.interop import registry
-
-            resolved = registry.resolve(src)
-            if resolved is None:
-                raise FormatError(f"{src}: no such file or folder, and not a preset (use 'preset:<name>') "
-                                  f"or a known short name ({', '.join(registry.SHORT_NAMES)})")
-            path = resolved
-        if path.is_dir():
-            llm = _load_folder(path, dt, device, allow_pickle)
-        elif path.suffix == ".gguf":
-            from lmforge.interop import gguf as gguf_io
-
-            llm = gguf_io.load_gguf(path, dtype=dt, device=device, dequantize=dequantize)
-        elif path.suffix in (".bin", ".pt", ".pth"):
-            raise FormatError(f"{path}: a bare pickle file has no config; put it in a model folder with "
-                              "config.json (pickles also need allow_pickle=True)")
-        elif path.name == "tokenizer.json":
-            raise FormatError(f"{path}: this is a tokenizer, not a model")
-        else:
-            raise FormatError(f"{path}: unknown model format; expected a model folder, a .gguf file or "
-                              "'preset:<name>'")
-    if tokenizer is not None:
-        from lmforge.tokenizers import load_tokenizer
-
-        llm.tokenizer = load_tokenizer(tokenizer)
-    return llm
+    model, tok, where = load_model(source, dtype=dtype, device=device, tokenizer=tokenizer,
+                                   allow_pickle=allow_pickle, dequantize=dequantize)
+    return LLM(model, tok, where)

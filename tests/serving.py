@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmforge.config import get_preset
-from lmforge.llm import LLM, build
+from lmforge.llm import LLM
+from lmforge.loading import build
 
 
 def have_smollm2() -> bool:

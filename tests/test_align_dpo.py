@@ -13,7 +13,7 @@ from lmforge.align import DPO, Pair, PreferencePairs, collate, sequence_logps, t
 from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.interop import hf
-from lmforge.llm import build
+from lmforge.loading import build
 from lmforge.models import DecoderLM
 from lmforge.train import OptimConfig, TrainConfig, Trainer
 from lmforge.train.objectives import build_objective

@@ -9,7 +9,7 @@ from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import GenerationConfig, beam_search, generate_ids, iter_tokens
 from lmforge.interop import hf
-from lmforge.llm import build
+from lmforge.loading import build
 
 PROMPTS = [[5, 17, 99, 3, 45], [8, 9]]  # run as one left-padded batch on our side
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import lmforge
 from lmforge.errors import ConfigError, FormatError
 from lmforge.interop import hf
-from lmforge.llm import LLM, build
+from lmforge.llm import LLM
+from lmforge.loading import build
 from lmforge.models.heads import (
     SentenceEmbeddingHead,
     SequenceClassificationHead,

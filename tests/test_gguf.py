@@ -17,7 +17,9 @@ from lmforge.config import get_preset
 from lmforge.errors import ConfigError, FormatError
 from lmforge.interop import gguf as gg
 from lmforge.interop.gguf_file import GGUFFile, dequantize
-from lmforge.llm import LLM, build
+from lmforge.interop.gguf_layout import permute, unpermute, unpermute_index
+from lmforge.llm import LLM
+from lmforge.loading import build
 from lmforge.tokenizers import train_bpe
 
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
@@ -177,8 +179,8 @@ def test_tokenizer_smaller_than_the_model_is_padded(tmp_path, tokenizer):
 
 def test_unpermute_inverts_permute():
     w = torch.randn(4 * 16, 8)
-    assert torch.equal(gg._unpermute(gg._permute(w, 4), 4), w)
-    assert torch.equal(w[torch.from_numpy(gg._unpermute_index(64, 4))], gg._unpermute(w, 4))
+    assert torch.equal(unpermute(permute(w, 4), 4), w)
+    assert torch.equal(w[torch.from_numpy(unpermute_index(64, 4))], unpermute(w, 4))
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 import lmforge
 from lmforge.config import get_preset
 from lmforge.errors import FormatError
-from lmforge.llm import LLM, build
+from lmforge.llm import LLM
+from lmforge.loading import build
 from lmforge.tokenizers import train_bpe
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2")

@@ -10,7 +10,7 @@ import torch
 import lmforge
 from lmforge import LLM, get_preset
 from lmforge.errors import ConfigError, FormatError
-from lmforge.llm import build
+from lmforge.loading import build
 from lmforge.tokenizers import train_bpe
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "

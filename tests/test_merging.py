@@ -122,7 +122,7 @@ def test_lora_fine_tunes_merge_as_whole_weights():
     """A LoRA fine-tune enters a merge with its adapters folded in (the plain model's keys)."""
     from lmforge.adapt import apply_lora
     from lmforge.compress.merging import _plain_state
-    from lmforge.llm import build
+    from lmforge.loading import build
 
     torch.manual_seed(0)
     base = DecoderLM(get_preset("tiny-llama")).eval()

@@ -12,7 +12,7 @@ from conftest import assert_rel_close
 from lmforge.config import get_preset
 from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.interop import hf
-from lmforge.llm import build
+from lmforge.loading import build
 
 
 def _configs():

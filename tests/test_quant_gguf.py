@@ -11,6 +11,7 @@ from gguf import quants
 import lmforge
 from lmforge.interop import gguf as gg
 from lmforge.interop.gguf_file import GGUFFile, Q
+from lmforge.interop.gguf_layout import unpermute
 from lmforge.quant import Int4Linear, Q8Linear, QuantEmbedding
 
 pytestmark = pytest.mark.cpu_kernels  # CI runs these again under each CPU capability it can force
@@ -27,7 +28,7 @@ def native():
 def _reference(f: GGUFFile, name: str, heads: int | None) -> torch.Tensor:
     t = f.tensors[name]
     w = torch.from_numpy(quants.dequantize(f.raw(name), t.qtype).reshape(t.shape).astype(np.float32))
-    return gg._unpermute(w, heads) if heads else w
+    return unpermute(w, heads) if heads else w
 
 
 def test_smollm2_loads_quantized_and_blocks_decode_bit_exactly(native):

@@ -8,7 +8,7 @@ from lmforge import LLM, get_preset
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import GenerationConfig, SpecStats, filter_logits, generate_ids, iter_tokens
 from lmforge.infer.speculative import PromptLookup, _verify
-from lmforge.llm import build
+from lmforge.loading import build
 from lmforge.models import DecoderLM
 from lmforge.tokenizers import train_bpe
 

@@ -81,33 +81,6 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_base(folder: Path, ref: dict, cfg, dtype, device) -> nn.Module:
-    """The base an adapter-only folder names (`lmforge.json` `base.source`; NF4 again for QLoRA), checked
-    against the folder's config. `check_fingerprint` compares it, once adapted, with the recorded one."""
-    from lmforge.errors import FormatError
-    from lmforge.llm import load  # the loader calls this for adapter-only folders: imported when used
-
-    src = ref.get("source")
-    if not src:
-        raise FormatError(f"{folder}: lmforge.json's base names no source and the folder has no model.safetensors")
-    nf4 = ref.get("nf4")  # QLoRA: the adapters were trained on the NF4-quantized base
-    try:
-        model = load(src, dtype=dtype or ref.get("dtype"), device=device, dequantize=not nf4).model
-    except FormatError as e:
-        raise FormatError(f"{folder}: holds adapters only; its base {src!r} cannot be loaded ({e}). Put the base "
-                          "back where it was, or load a full model folder") from None
-    theirs, ours = model.config.to_dict(), cfg.to_dict()
-    diff = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k) and k != "name")
-    if diff:
-        raise FormatError(f"{folder}: holds adapters only, and its base {src!r} is now a different model "
-                          f"(config differs in {', '.join(diff[:5])}); load it with the base it was trained on")
-    if nf4:
-        from lmforge.adapt.qlora import quantize_base
-
-        quantize_base(model, blocksize=int(nf4["blocksize"]), double_quant=bool(nf4["double_quant"]))
-    return model
-
-
 def check_fingerprint(folder: Path, ref: dict, model: nn.Module) -> None:
     """FormatError when `model` (base from `ref["source"]`, adapters put back) is not the model whose
     frozen tensors `ref["fingerprint"]` describes: the base changed since the folder was written."""

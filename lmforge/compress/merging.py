@@ -155,7 +155,8 @@ def _plain_state(llm) -> dict[str, torch.Tensor]:
 def merge_models(models: Sequence, base=None, method: Method = "ties", weights: Sequence[float] | None = None,
                  density: float = 1.0, scale: float = 1.0, seed: int = 0):
     """Merge `LLM`s (or model folders) of one base into a new `LLM` with the first model's tokenizer."""
-    from lmforge.llm import LLM, build, load
+    from lmforge.llm import LLM, load
+    from lmforge.loading import build
 
     llms = [load(m) if isinstance(m, (str, Path)) else m for m in models]
     base_llm = load(base) if isinstance(base, (str, Path)) else base

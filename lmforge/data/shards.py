@@ -182,9 +182,9 @@ def _source_fingerprint(source: str) -> dict[str, Any]:
 
 def _lmforge_version() -> str:
     try:
-        import lmforge
+        from lmforge.version import __version__
 
-        return str(getattr(lmforge, "__version__", "unknown"))
+        return str(__version__)
     except Exception:  # a half-written package must not stop data preparation
         return "unknown"
 

@@ -12,10 +12,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lmforge.errors import ConfigError
+from lmforge.errors import NO_TOKENIZER, ConfigError
 from lmforge.infer.packed import pack_linears
 from lmforge.models.heads import pool
+from lmforge.models.ngram import NGramLM
 from lmforge.tokenizers.wordpiece import encode_for_encoder
+
+
+def encoder_tokenizer(model, tokenizer):
+    """`tokenizer`, after checking that `model` is a bidirectional encoder and that it has one (ConfigError)."""
+    if isinstance(model, NGramLM) or model.config.attention.causal:
+        raise ConfigError(f"{model.config.name!r} is a causal decoder; embed() needs a bidirectional encoder "
+                          "such as lmforge.load('minilm')")
+    if tokenizer is None:
+        raise ConfigError(NO_TOKENIZER)
+    return tokenizer
 
 
 def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32, pooling: str = "mean",

@@ -1,14 +1,7 @@
-"""GGUF, llama.cpp's one-file format: load a .gguf into lmforge and export lmforge models to one.
+"""GGUF, llama.cpp's one-file format: load a .gguf into lmforge (writing one: gguf_export.py).
 
-Reading goes through `gguf_file.GGUFFile` (a fast header parser and vectorised dequantization).
-
-llama.cpp's converter permutes the rows of the Q and K projections of `llama` models so that its
-RoPE can rotate adjacent pairs (x0, x1), (x2, x3), ...; our model (like transformers) rotates the
-two halves of each head. `_unpermute` undoes it on load, `_permute` redoes it on export. `qwen2`
-files are not permuted (llama.cpp runs them with the half-rotation, "NEOX", RoPE).
-
-Writing uses `gguf.GGUFWriter`; Mistral is written as `llama` (as llama.cpp's converter does) with
-its sliding window in `llama.attention.sliding_window`.
+Reading goes through `gguf_file.GGUFFile` (a fast header parser and vectorised dequantization); llama.cpp's
+Q/K row order is undone while the weights are read (gguf_layout.py).
 """
 
 from __future__ import annotations
@@ -16,40 +9,32 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFWriter, quants
-from gguf.constants import LlamaFileType, TokenType
+from gguf.constants import TokenType
+from torch import nn
 
 from lmforge.config import AttentionConfig, Config, MLPConfig, NormConfig, PositionConfig
 from lmforge.errors import ConfigError, FormatError
-from lmforge.interop import hf
-from lmforge.interop.gguf_file import READ_TYPES, GGUFFile, Q, TensorInfo, dequantize
+from lmforge.interop.gguf_export import EXPORT_TYPES, save_gguf  # `lmforge.interop.gguf.save_gguf`, as documented
+from lmforge.interop.gguf_file import READ_TYPES, GGUFFile, TensorInfo, dequantize
+from lmforge.interop.gguf_layout import (
+    ARCHS,
+    LLAMA3_REGEX,
+    QWEN2_REGEX,
+    fused_rows,
+    permuted_heads,
+    tensor_names,
+    unpermute_index,
+)
+from lmforge.models.build import empty_model
 
 __all__ = ["ARCHS", "EXPORT_TYPES", "READ_TYPES", "GGUFFile", "TensorInfo", "config_from_gguf", "dequantize",
            "load_gguf", "load_weights", "save_gguf", "tokenizer_from_gguf"]
 
-# Types we write.
-EXPORT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
-_FILE_TYPE = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
-              Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1}
-ARCHS = ("llama", "qwen2", "gpt2")  # llama covers Llama 1-3, Mistral, SmolLM, TinyLlama
-_FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
-
 # ---- GGUF metadata -> Config ---------------------------------------------------------------------
-
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's Q/K row order (convert_hf_to_gguf.py `LlamaModel.permute`): per head, interleave halves."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Inverse of `_permute`: llama.cpp's interleaved rows back to the rotate-half layout."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
 
 def config_from_gguf(f: GGUFFile) -> Config:
     """Our `Config` for a GGUF file's metadata (architectures llama, qwen2, gpt2)."""
@@ -130,58 +115,6 @@ def _tied(f: GGUFFile) -> bool:
 
 # ---- tensors ------------------------------------------------------------------------------------
 
-def _names(cfg: Config) -> dict[str, str | tuple[str, ...]]:
-    """Our key -> GGUF tensor name (or the names concatenated into it, in row order)."""
-    out: dict[str, str | tuple[str, ...]] = {"tok_emb.weight": "token_embd.weight",
-                                             "norm_f.weight": "output_norm.weight"}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = "output.weight"
-    gpt2 = cfg.family == "gpt2"
-    if gpt2:
-        out["pos_emb.weight"] = "position_embd.weight"
-        out["norm_f.bias"] = "output_norm.bias"
-    for i in range(cfg.n_layer):
-        p, b = f"blocks.{i}.", f"blk.{i}."
-        out[p + "norm_1.weight"], out[p + "norm_2.weight"] = b + "attn_norm.weight", b + "ffn_norm.weight"
-        out[p + "attn.proj.weight"], out[p + "mlp.proj.weight"] = b + "attn_output.weight", b + "ffn_down.weight"
-        if gpt2:
-            out[p + "attn.qkv.weight"], out[p + "mlp.fc.weight"] = b + "attn_qkv.weight", b + "ffn_up.weight"
-            for ours, theirs in (("norm_1", "attn_norm"), ("norm_2", "ffn_norm"), ("attn.qkv", "attn_qkv"),
-                                 ("attn.proj", "attn_output"), ("mlp.fc", "ffn_up"), ("mlp.proj", "ffn_down")):
-                out[p + ours + ".bias"] = b + theirs + ".bias"
-        else:
-            out[p + "attn.qkv.weight"] = tuple(b + f"attn_{x}.weight" for x in "qkv")
-            out[p + "mlp.fc.weight"] = (b + "ffn_gate.weight", b + "ffn_up.weight")
-            if cfg.attention.qkv_bias:
-                out[p + "attn.qkv.bias"] = tuple(b + f"attn_{x}.bias" for x in "qkv")
-    return out
-
-
-def _permuted(cfg: Config, gguf_name: str) -> int | None:
-    """Heads to (un)permute a llama-arch Q or K tensor by, else None."""
-    if _FAMILY_ARCH.get(cfg.family) != "llama":
-        return None
-    if ".attn_q." in gguf_name:
-        return cfg.n_head
-    if ".attn_k." in gguf_name:
-        return cfg.n_kv_head
-    return None
-
-
-def _parts(cfg: Config, ours: str, rows: int) -> list[int]:
-    """Row counts of the GGUF tensors fused into our tensor `ours` (Q/K/V or gate/up)."""
-    if ".attn.qkv." in ours and cfg.family != "gpt2":
-        return [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
-    if ".mlp.fc." in ours and cfg.mlp.activation in ("swiglu", "geglu"):
-        return [rows // 2, rows // 2]
-    return [rows]
-
-
-def _unpermute_index(rows: int, n_head: int) -> np.ndarray:
-    """Row order that undoes llama.cpp's Q/K permutation: `w[index]` equals `_unpermute(w, n_head)`."""
-    return np.arange(rows).reshape(n_head, rows // n_head // 2, 2).transpose(0, 2, 1).reshape(-1)
-
-
 def load_weights(model, f: GGUFFile, skip: frozenset[str] = frozenset()) -> None:
     """Fill `model` (a `DecoderLM` built from `config_from_gguf(f)`) with the file's weights, in place.
 
@@ -194,12 +127,12 @@ def load_weights(model, f: GGUFFile, skip: frozenset[str] = frozenset()) -> None
     cfg: Config = model.config
     params = model.state_dict()
     plan = {}
-    for ours, theirs in _names(cfg).items():
+    for ours, theirs in tensor_names(cfg).items():
         if ours in skip:
             continue
         names = theirs if isinstance(theirs, tuple) else (theirs,)
         want = tuple(params[ours].shape)
-        for name, rows in zip(names, _parts(cfg, ours, want[0])):
+        for name, rows in zip(names, fused_rows(cfg, ours, want[0])):
             t = f.tensors.get(name)
             if t is None:
                 raise FormatError(f"{f.path}: missing tensor {name!r}")
@@ -218,13 +151,13 @@ def load_weights(model, f: GGUFFile, skip: frozenset[str] = frozenset()) -> None
         r = 0
         for name in plan[ours]:
             t = f.tensors[name]
-            n, heads = t.shape[0], _permuted(cfg, name)
+            n, heads = t.shape[0], permuted_heads(cfg, name)
             if heads and len(t.shape) == 2:
-                dequantize(f.rows(name)[_unpermute_index(n, heads)], t.qtype, t.shape, out[r:r + n])
+                dequantize(f.rows(name)[unpermute_index(n, heads)], t.qtype, t.shape, out[r:r + n])
             else:
                 f.tensor(name, out[r:r + n])
                 if heads:  # a 1-D bias
-                    out[r:r + n] = out[r:r + n][_unpermute_index(n, heads)]
+                    out[r:r + n] = out[r:r + n][unpermute_index(n, heads)]
             r += n
         if not direct:
             dst.copy_(torch.from_numpy(out))
@@ -238,17 +171,13 @@ def load_weights(model, f: GGUFFile, skip: frozenset[str] = frozenset()) -> None
 
 _GPT2 = dict(pre_tokenizer_regex=None)
 _DIGITS = dict(pre_tokenizer_regex=None, individual_digits=True)  # "\p{N}", then GPT-2's regex
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-           r"\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-          r"\s*[\r\n]+|\s+(?!\S)|\s+")
 # tokenizer.ggml.pre -> how to split text before BPE, as llama.cpp's llama-vocab.cpp does for that name.
 PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     **{k: _GPT2 for k in ("default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion", "phi-2")},
     **{k: _DIGITS for k in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")},
-    **{k: dict(pre_tokenizer_regex=_LLAMA3, ignore_merges=True)
+    **{k: dict(pre_tokenizer_regex=LLAMA3_REGEX, ignore_merges=True)
        for k in ("llama3", "llama-bpe", "llama-v3", "falcon3", "dbrx", "smaug-bpe")},
-    **{k: dict(pre_tokenizer_regex=_QWEN2) for k in ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez")},
+    **{k: dict(pre_tokenizer_regex=QWEN2_REGEX) for k in ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez")},
 }
 
 
@@ -303,55 +232,17 @@ def tokenizer_from_gguf(f: GGUFFile):
         **PRE_TOKENIZERS.get(pre, _GPT2))
 
 
-def _tokenizer_fields(tok) -> dict[str, Any] | None:
-    """tokenizer.ggml.* values for a byte-level BPE tokenizer, or None if GGUF's keys cannot express it."""
-    import json
-
-    try:
-        j = json.loads(tok.tokenizer.to_str())
-    except AttributeError:  # not an HFTokenizer (teenyGPT's characters)
-        return None
-    model, pre = j.get("model") or {}, j.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or (j.get("decoder") or {}).get("type") != "ByteLevel" or j.get("normalizer"):
-        return None
-    seq = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in seq]
-    name = None
-    if seq[-1].get("add_prefix_space"):
-        return None
-    if kinds == ["ByteLevel"] and seq[0].get("use_regex", True):
-        name = "gpt-2"  # llama.cpp knows GPT-2's pre-tokenizer by this name, not "gpt2"
-    elif kinds == ["Digits", "ByteLevel"] and seq[0].get("individual_digits") and seq[1].get("use_regex", True):
-        name = "smollm"
-    elif kinds == ["Split", "ByteLevel"]:
-        regex = (seq[0].get("pattern") or {}).get("Regex")
-        name = {_LLAMA3: "llama-bpe", _QWEN2: "qwen2"}.get(regex)
-    if name is None or (name == "llama-bpe") != bool(model.get("ignore_merges")):
-        return None
-    vocab = tok.tokenizer.get_vocab(with_added_tokens=True)
-    tokens = [""] * tok.vocab_size
-    for t, i in vocab.items():
-        tokens[i] = t
-    if "" in tokens:  # holes in the id range
-        return None
-    specials = set(tok.special_tokens)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "merges": merges, "pre": name,
-            "types": [TokenType.CONTROL if t in specials else TokenType.NORMAL for t in tokens]}
-
-
-# ---- load and save ------------------------------------------------------------------------------
+# ---- load ---------------------------------------------------------------------------------------
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-              dequantize: bool = False):
-    """Load a .gguf file as an `LLM`: config from its metadata, tokenizer from its vocabulary and merges.
+              dequantize: bool = False) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a .gguf file: config from its metadata, tokenizer from its vocabulary and merges.
 
     Linears stored as Q8_0, Q4_0 or Q4_1 load into lmforge's quantized layers as they are (on the CPU,
     unless `dequantize`); everything else is dequantized to `dtype` (default float32), which is also the
     dtype the quantized layers compute in. The file is checked before weights are read.
     """
     from lmforge.interop import gguf_quant
-    from lmforge.llm import LLM, empty_model
     from lmforge.quant.model import restore
 
     f = GGUFFile(path)
@@ -361,138 +252,13 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, device:
         raise FormatError(f"{f.path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                           f"{cfg.vocab_size} embeddings")
     model = empty_model(cfg, dtype or torch.float32, device)
-    names = _names(cfg)
-    plan = {} if dequantize or torch.device(device).type != "cpu" else gguf_quant.native_plan(cfg, f, names, _permuted)
+    names = tensor_names(cfg)
+    plan = {} if dequantize or torch.device(device).type != "cpu" else \
+        gguf_quant.native_plan(cfg, f, names, permuted_heads)
     skip = {k for k, v in names.items() if (v if isinstance(v, tuple) else (v,)) in [p for p, _ in plan.values()]}
     if plan:
         restore(model, {"method": "gguf", "layers": gguf_quant.layer_infos(plan)})
     with torch.no_grad():
         load_weights(model, f, frozenset(skip))
-        gguf_quant.fill(model, f, plan, _permuted, _unpermute_index)
-    return LLM(model, tok, str(f.path))
-
-
-def save_gguf(llm, path: str | os.PathLike, qtype: str = "f16") -> Path:
-    """Write `llm` as a GGUF file that llama.cpp, `gguf.GGUFReader` and `lmforge.load` read.
-
-    qtype: "f32" (exact), "f16", "bf16", "q8_0", "q4_0" or "q4_1" for the 2-D float weights; norms and
-    biases stay F32, and a matrix whose rows are not a multiple of 32 falls back to F16 for the block types
-    (as llama.cpp does). Layers of a quantized model keep their own GGUF type (see gguf_quant.py). The file
-    is written beside its target and renamed into place.
-    """
-    if qtype.lower() not in EXPORT_TYPES:
-        raise ConfigError(f"cannot export GGUF as {qtype!r}; supported: {', '.join(EXPORT_TYPES)}")
-    want = EXPORT_TYPES[qtype.lower()]
-    cfg: Config = llm.config
-    arch = _FAMILY_ARCH.get(cfg.family)
-    why = hf.exportable(cfg) if arch else f"family {cfg.family!r} has no GGUF layout"
-    if why:
-        raise ConfigError(f"cannot export {cfg.name!r} to GGUF: {why} (supported families: "
-                          f"{', '.join(_FAMILY_ARCH)})")
-    sc = cfg.position.rope_scaling
-    if sc and (sc.get("type") or sc.get("rope_type")) != "linear":
-        raise ConfigError(f"cannot export {cfg.name!r} to GGUF: RoPE scaling {sc} is not supported (linear is)")
-    path = Path(path)
-    if path.suffix != ".gguf":
-        raise ConfigError(f"{path}: a GGUF file name must end in .gguf")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        from lmforge.interop import gguf_quant
-
-        quant = gguf_quant.quantized_layers(llm.model)  # our key -> (GGUF rows, type): written as they are
-        w = GGUFWriter(str(tmp), arch)
-        _write_metadata(w, llm, arch, gguf_quant.file_type(quant, want))
-        sd = {k: v.detach().float().cpu() for k, v in llm.model.state_dict().items()}
-        for ours, theirs in _names(cfg).items():
-            names = theirs if isinstance(theirs, tuple) else (theirs,)
-            raw, qt = quant.get(ours, (None, None))
-            full = sd[ours] if raw is None else torch.from_numpy(raw)
-            sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim] \
-                if len(names) == 3 else [full.shape[0] // len(names)] * len(names)
-            for name, part in zip(names, full.split(sizes)):
-                heads = _permuted(cfg, name)
-                part = (_permute(part, heads) if heads else part).contiguous().numpy()
-                if raw is None:
-                    _add_tensor(w, name, part, want)
-                else:
-                    w.add_tensor(name, part, raw_dtype=qt)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _add_tensor(w: GGUFWriter, name: str, a: np.ndarray, want: Q) -> None:
-    if a.ndim < 2 or want == Q.F32:
-        w.add_tensor(name, a.astype(np.float32))
-    elif want == Q.F16 or (want in (Q.Q8_0, Q.Q4_0, Q.Q4_1) and a.shape[-1] % 32):
-        w.add_tensor(name, a.astype(np.float16))
-    else:
-        w.add_tensor(name, quants.quantize(a, want), raw_dtype=want)
-
-
-def _write_metadata(w: GGUFWriter, llm, arch: str, want: Q) -> None:
-    cfg: Config = llm.config
-    w.add_name(cfg.name)
-    w.add_file_type(_FILE_TYPE[want])
-    w.add_context_length(cfg.block_size)
-    w.add_embedding_length(cfg.d_model)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.mlp.hidden)
-    w.add_head_count(cfg.n_head)
-    w.add_vocab_size(cfg.vocab_size)
-    if arch == "gpt2":
-        w.add_layer_norm_eps(cfg.norm.eps)
-    else:
-        w.add_head_count_kv(cfg.n_kv_head)
-        w.add_layer_norm_rms_eps(cfg.norm.eps)
-        w.add_rope_freq_base(cfg.position.rope_theta)
-        w.add_rope_dimension_count(cfg.head_dim)
-        if cfg.head_dim * cfg.n_head != cfg.d_model:
-            w.add_key_length(cfg.head_dim)
-            w.add_value_length(cfg.head_dim)
-        if cfg.position.rope_scaling:
-            w.add_string(f"{arch}.rope.scaling.type", "linear")
-            w.add_rope_scaling_factor(float(cfg.position.rope_scaling["factor"]))
-        if cfg.attention.sliding_window:
-            w.add_sliding_window(cfg.attention.sliding_window)
-    for key, value in (("bos", cfg.bos_id), ("eos", cfg.eos_id), ("pad", cfg.pad_id)):
-        tok_value = getattr(llm.tokenizer, f"{key}_id", None) if llm.tokenizer is not None else None
-        v = tok_value if tok_value is not None else value
-        if v is not None:
-            {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "pad": w.add_pad_token_id}[key](v)
-    tok = llm.tokenizer
-    if tok is None:
-        return
-    fields = _tokenizer_fields(tok)
-    if fields is not None and len(fields["tokens"]) < cfg.vocab_size:  # llama.cpp wants one entry per row
-        pad = range(len(fields["tokens"]), cfg.vocab_size)
-        fields["tokens"] += [f"[PAD{i}]" for i in pad]
-        fields["types"] += [TokenType.UNUSED] * len(pad)
-    if fields is None or len(fields["tokens"]) > cfg.vocab_size:
-        import json
-
-        tok_json, tok_config = tok._to_json()  # the tokenizer's own files, for lmforge to read back
-        w.add_string("lmforge.tokenizer_json", json.dumps(tok_json, ensure_ascii=False))
-        w.add_string("lmforge.tokenizer_config_json", json.dumps(tok_config, ensure_ascii=False))
-    else:
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(fields["pre"])
-        w.add_token_list(fields["tokens"])
-        w.add_token_types(fields["types"])
-        w.add_token_merges(fields["merges"])
-        unk = getattr(tok, "unk_token", None)
-        if unk is not None and tok.token_to_id(unk) is not None:
-            w.add_unk_token_id(tok.token_to_id(unk))
-        w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
-        w.add_add_eos_token(bool(getattr(tok, "add_eos_token", False)))
-    if tok.chat_template:
-        w.add_chat_template(tok.chat_template)
+        gguf_quant.fill(model, f, plan, permuted_heads, unpermute_index)
+    return model, tok

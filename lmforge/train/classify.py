@@ -259,11 +259,11 @@ def genre_task(model: str = "minilm", steps: int = 300, batch_size: int = 32, lr
     Returns test accuracy and macro-F1, the majority-class baseline's (the train split's most common kind),
     and the numbers of passages and plays.
     """
-    import lmforge
+    from lmforge.llm import load
     from lmforge.train.optim import OptimConfig
     from lmforge.train.trainer import TrainConfig, Trainer
 
-    llm = lmforge.load(model)
+    llm = load(model)
     if llm.config.attention.causal or llm.tokenizer is None:
         raise ConfigError(f"{model!r}: the genre task needs an encoder with its tokenizer (e.g. minilm)")
     data = genre_data(per_play)
