@@ -7,8 +7,9 @@
 
 __version__ = "0.1.0"
 
-from lmforge.config import Config, get_preset, list_presets  # noqa: E402
+from lmforge.config import Config  # noqa: E402
 from lmforge.llm import LLM, load  # noqa: E402
+from lmforge.presets import get_preset, list_presets  # noqa: E402
 
 __all__ = ["Config", "LLM", "get_preset", "list_presets", "load", "serve", "__version__"]
 

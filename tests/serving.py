@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from lmforge.config import get_preset
 from lmforge.llm import LLM, build
+from lmforge.presets import get_preset
 
 
 def have_smollm2() -> bool:

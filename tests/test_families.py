@@ -9,12 +9,13 @@ import torch
 from conftest import assert_rel_close
 
 import lmforge
-from lmforge.config import CHANNEL_MIXERS, TOKEN_MIXERS, get_preset
+from lmforge.config import CHANNEL_MIXERS, TOKEN_MIXERS
 from lmforge.data.corpus import corpus_works, read_work
 from lmforge.errors import ConfigError
 from lmforge.llm import LLM
 from lmforge.models import DecoderLM
 from lmforge.models.mixers import channel_mixers, token_mixers
+from lmforge.presets import get_preset
 from lmforge.tokenizers.char import CharTokenizer
 from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
 

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_rel_close
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.models import DecoderLM
 from lmforge.models.mixers import MixerContext
 from lmforge.models.mixers.lsh import hash_vectors, lsh_attention, lsh_attention_exact
+from lmforge.presets import get_preset
 
 
 def full_shared_qk_attention(qk, v):

@@ -11,12 +11,12 @@ import transformers
 from conftest import assert_rel_close
 from hf_parity import assert_hf_round_trip
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.interop import hf
 from lmforge.llm import build
 from lmforge.models import DecoderLM
 from lmforge.models.mixers.moe import MoE
+from lmforge.presets import get_preset
 from lmforge.train import CausalLM
 
 

@@ -8,11 +8,11 @@ import transformers
 from conftest import assert_rel_close
 from hf_parity import assert_hf_round_trip
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.interop import hf
 from lmforge.models import DecoderLM
 from lmforge.models.mixers.mamba import selective_scan
+from lmforge.presets import get_preset
 
 
 def test_chunked_scan_equals_the_step_by_step_recurrence():

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import assert_rel_close
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.train import OptimConfig, TrainConfig, Trainer
 from lmforge.train.segments import SegmentLM, StreamSegments
 

@@ -22,8 +22,9 @@ from typing import Literal
 
 import torch
 
-from lmforge.config import Config, get_preset
+from lmforge.config import Config
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 
 # seed 002, Table 1: (training time, training memory, decode time per token, decode memory)
 SEED_CLAIMS = {

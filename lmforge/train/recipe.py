@@ -35,8 +35,9 @@ import yaml
 
 from lmforge.adapt.config import AdapterConfig
 from lmforge.align.config import AlignConfig
-from lmforge.config import Config, get_preset
+from lmforge.config import Config
 from lmforge.errors import ConfigError, FormatError
+from lmforge.presets import get_preset
 from lmforge.train.optim import OptimConfig
 from lmforge.train.trainer import TrainConfig
 
