@@ -1,7 +1,7 @@
-"""Model configuration: one `Config` grouped into sub-configs, and a table of named presets.
+"""Model configuration: one `Config` grouped into sub-configs, and the names of the block parts.
 
-Every decoder family lmforge serves (teenyGPT, GPT-2, Llama, Mistral, Qwen2, Falcon, SmolLM2) is one
-`Config`; `lmforge.models.DecoderLM` reads nothing else. Each preset cites where its numbers come from.
+Every family lmforge serves (teenyGPT, GPT-2, Llama, Mistral, Qwen2, Falcon, SmolLM2, the block families,
+the encoders) is one `Config`; `lmforge.models` reads nothing else. The named presets are in `lmforge.presets`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,25 @@ from lmforge.errors import ConfigError
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
-# Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv", "lstm", "lsh_attention",
-                "xl_attention")
-CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
+# Block parts by config name: the "module:Class" implementing each, which `lmforge.models.mixers` imports on
+# first use (this module imports no model code). A new mixer is its module and one line here.
+TOKEN_MIXERS: dict[str, str] = {
+    "attention": "lmforge.models.mixers.attention:Attention",
+    "mamba": "lmforge.models.mixers.mamba:Mamba",
+    "s4d": "lmforge.models.mixers.s4d:S4D",
+    "linear_attention": "lmforge.models.mixers.linear_attention:LinearAttention",
+    "retention": "lmforge.models.mixers.retention:Retention",
+    "rwkv": "lmforge.models.mixers.rwkv:RWKVTimeMix",
+    "lstm": "lmforge.models.mixers.lstm:LSTM",
+    "lsh_attention": "lmforge.models.mixers.lsh:LSHAttention",
+    "xl_attention": "lmforge.models.mixers.xl:XLAttention",
+}
+CHANNEL_MIXERS: dict[str, str | None] = {  # "none": the block has no channel mixer (Mamba's)
+    "mlp": "lmforge.models.layers:MLP",
+    "moe": "lmforge.models.mixers.moe:MoE",
+    "rwkv": "lmforge.models.mixers.rwkv:RWKVChannelMix",
+    "none": None,
+}
 POSITION_KINDS = ("learned", "rope", "none", "sinusoidal", "relative")
 
 
@@ -215,7 +230,11 @@ class Config:
 
     # ---- validation and (de)serialisation -----------------------------------------------------
     def validate(self) -> Config:
-        """Check that the numbers fit together; raise `ConfigError` naming the field otherwise."""
+        """Check that the numbers fit together; raise `ConfigError` naming the field otherwise.
+
+        The settings one mixer alone reads (`moe`, `ssm`, `lsh`, `xl`, ...) are checked by that mixer's `check`
+        (`lmforge.models.mixers.check_mixers`), which runs when a model is built.
+        """
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -273,51 +292,6 @@ class Config:
                  f"{where}: unknown channel mixer {channel!r}; valid: {', '.join(CHANNEL_MIXERS)}")
         need(not (self.parallel_residual and any(c == "none" for _, c in self.layer_mixers())),
              "parallel_residual needs a channel mixer in every layer")
-        if self.uses("moe"):
-            m = self.moe
-            need(isinstance(m.n_experts, int) and m.n_experts > 0, f"moe.n_experts must be positive, got {m.n_experts}")
-            need(isinstance(m.top_k, int) and 0 < m.top_k <= m.n_experts,
-                 f"moe.top_k must be in 1..moe.n_experts ({m.n_experts}), got {m.top_k}")
-            need(m.hidden is None or m.hidden > 0, "moe.hidden must be positive")
-            need(m.n_shared >= 0, "moe.n_shared must be >= 0")
-            need(m.capacity_factor is None or m.capacity_factor > 0,
-                 f"moe.capacity_factor must be positive (or null for no limit), got {m.capacity_factor}")
-        for i, (token, channel) in enumerate(self.layer_mixers()):
-            need((token == "rwkv") == (channel == "rwkv"),
-                 f"layer {i}: RWKV's time-mix and channel-mix share one decode state; use 'rwkv+rwkv'")
-        for kind in ("linear_attention", "retention"):
-            need(not self.uses(kind) or self.n_kv_head == self.n_head,
-                 f"{kind} has no grouped KV heads: set attention.n_kv_head = attention.n_head")
-        if self.uses("s4d"):
-            need(self.ssm.d_state % 2 == 0 and self.ssm.d_state > 0,
-                 f"ssm.d_state must be a positive even number for s4d (conjugate pairs), got {self.ssm.d_state}")
-        if self.uses("mamba"):
-            s = self.ssm
-            for f in ("d_state", "d_conv", "expand"):
-                need(isinstance(getattr(s, f), int) and getattr(s, f) > 0, f"ssm.{f} must be a positive integer")
-            need(s.d_conv >= 2, "ssm.d_conv must be >= 2")
-            need(s.dt_rank is None or s.dt_rank > 0, "ssm.dt_rank must be positive")
-        if self.uses("lsh_attention"):
-            h = self.lsh
-            need(isinstance(h.n_buckets, int) and (h.n_buckets == 1 or (h.n_buckets >= 2 and h.n_buckets % 2 == 0)),
-                 f"lsh.n_buckets must be 1 or a positive even number (random rotations give n_buckets/2 "
-                 f"directions and their negatives), got {h.n_buckets!r}")
-            need(isinstance(h.n_hashes, int) and h.n_hashes > 0, f"lsh.n_hashes must be positive, got {h.n_hashes!r}")
-            need(isinstance(h.chunk_len, int) and h.chunk_len > 0,
-                 f"lsh.chunk_len must be positive, got {h.chunk_len!r}")
-            need(self.block_size % h.chunk_len == 0,
-                 f"block_size ({self.block_size}) must be a multiple of lsh.chunk_len ({h.chunk_len}): "
-                 "full-length sequences are cut into whole chunks")
-            need(self.n_kv_head == self.n_head,
-                 "lsh_attention shares queries and keys (one qk per head): set attention.n_kv_head = attention.n_head")
-            need(self.attention.sliding_window is None,
-                 "lsh_attention has no sliding window: unset attention.sliding_window")
-        if self.uses("xl_attention"):
-            need(isinstance(self.xl.mem_len, int) and self.xl.mem_len >= 0,
-                 f"xl.mem_len must be a non-negative integer, got {self.xl.mem_len!r}")
-            need(self.n_kv_head == self.n_head,
-                 "xl_attention has no grouped KV heads: set attention.n_kv_head = attention.n_head")
-            need(self.attention.causal, "xl_attention is causal: set attention.causal = true")
         for f in ("embed_dropout", "resid_dropout"):
             need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
         return self
