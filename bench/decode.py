@@ -29,10 +29,11 @@ except ImportError:  # pragma: no cover
     import common
 
 import lmforge
-from lmforge.config import Config, get_preset
+from lmforge.config import Config
 from lmforge.infer.generate import GenerationConfig, iter_tokens
 from lmforge.interop.hf import from_hf_state_dict, to_hf_config
 from lmforge.loading import build
+from lmforge.presets import get_preset
 
 CASES = ["gpt2-fp32-b1", "gpt2-bf16-b1", "gpt2-fp32-b8", "gpt2-bf16-b8", "smollm2-fp32-b1", "smollm2-bf16-b1"]
 SIDES = ("lmforge", "hf", "hf_static")

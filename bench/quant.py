@@ -128,8 +128,8 @@ def run(case: str, args) -> dict:
 
 
 def _ternary(args) -> dict:
-    from lmforge.config import get_preset
     from lmforge.models import DecoderLM
+    from lmforge.presets import get_preset
     from lmforge.quant.ternary import pack_model
 
     cfg = get_preset("smollm2-135m")

@@ -58,8 +58,8 @@ def worker(case: str, warmup: int, steps: int) -> None:
 
     import torch.distributed as dist
 
-    from lmforge.config import get_preset
     from lmforge.models import DecoderLM
+    from lmforge.presets import get_preset
     from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
     from lmforge.train.distributed import resolve_batch
 

@@ -35,9 +35,9 @@ try:  # `python -m bench.train` from the repo root, or `python bench/train.py`
 except ImportError:  # pragma: no cover
     import common
 
-from lmforge.config import get_preset
 from lmforge.interop.hf import from_hf_state_dict, to_hf_config
 from lmforge.loading import build
+from lmforge.presets import get_preset
 
 PRESETS = {"gpt2": "gpt2-124m", "llama": "llama-110m"}
 CASES = [f"{m}-{d}" for m in PRESETS for d in ("fp32", "bf16", "bf16pure")]

@@ -5,8 +5,9 @@
     print(llm.generate("to be or not", max_new_tokens=40, temperature=0.8, seed=0))
 """
 
-from lmforge.config import Config, get_preset, list_presets
+from lmforge.config import Config
 from lmforge.llm import LLM, load
+from lmforge.presets import get_preset, list_presets
 from lmforge.version import __version__
 
 __all__ = ["Config", "LLM", "get_preset", "list_presets", "load", "serve", "__version__"]

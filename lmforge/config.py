@@ -1,13 +1,12 @@
-"""Model configuration: one `Config` grouped into sub-configs, and a table of named presets.
+"""Model configuration: one `Config` grouped into sub-configs, and the names of the block parts.
 
-Every decoder family lmforge serves (teenyGPT, GPT-2, Llama, Mistral, Qwen2, Falcon, SmolLM2) is one
-`Config`; `lmforge.models.DecoderLM` reads nothing else. Each preset cites where its numbers come from.
+Every family lmforge serves (teenyGPT, GPT-2, Llama, Mistral, Qwen2, Falcon, SmolLM2, the block families,
+the encoders) is one `Config`; `lmforge.models` reads nothing else. The named presets are in `lmforge.presets`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,10 +14,25 @@ from lmforge.errors import ConfigError
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 GATED = ("swiglu", "geglu")
-# Block parts by config name; `lmforge.models.mixers` maps each to its module (a test keeps them equal).
-TOKEN_MIXERS = ("attention", "mamba", "s4d", "linear_attention", "retention", "rwkv", "lstm", "lsh_attention",
-                "xl_attention")
-CHANNEL_MIXERS = ("mlp", "moe", "rwkv", "none")
+# Block parts by config name: the "module:Class" implementing each, which `lmforge.models.mixers` imports on
+# first use (this module imports no model code). A new mixer is its module and one line here.
+TOKEN_MIXERS: dict[str, str] = {
+    "attention": "lmforge.models.mixers.attention:Attention",
+    "mamba": "lmforge.models.mixers.mamba:Mamba",
+    "s4d": "lmforge.models.mixers.s4d:S4D",
+    "linear_attention": "lmforge.models.mixers.linear_attention:LinearAttention",
+    "retention": "lmforge.models.mixers.retention:Retention",
+    "rwkv": "lmforge.models.mixers.rwkv:RWKVTimeMix",
+    "lstm": "lmforge.models.mixers.lstm:LSTM",
+    "lsh_attention": "lmforge.models.mixers.lsh:LSHAttention",
+    "xl_attention": "lmforge.models.mixers.xl:XLAttention",
+}
+CHANNEL_MIXERS: dict[str, str | None] = {  # "none": the block has no channel mixer (Mamba's)
+    "mlp": "lmforge.models.layers:MLP",
+    "moe": "lmforge.models.mixers.moe:MoE",
+    "rwkv": "lmforge.models.mixers.rwkv:RWKVChannelMix",
+    "none": None,
+}
 POSITION_KINDS = ("learned", "rope", "none", "sinusoidal", "relative")
 
 
@@ -216,7 +230,11 @@ class Config:
 
     # ---- validation and (de)serialisation -----------------------------------------------------
     def validate(self) -> Config:
-        """Check that the numbers fit together; raise `ConfigError` naming the field otherwise."""
+        """Check that the numbers fit together; raise `ConfigError` naming the field otherwise.
+
+        The settings one mixer alone reads (`moe`, `ssm`, `lsh`, `xl`, ...) are checked by that mixer's `check`
+        (`lmforge.models.mixers.check_mixers`), which runs when a model is built.
+        """
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -274,51 +292,6 @@ class Config:
                  f"{where}: unknown channel mixer {channel!r}; valid: {', '.join(CHANNEL_MIXERS)}")
         need(not (self.parallel_residual and any(c == "none" for _, c in self.layer_mixers())),
              "parallel_residual needs a channel mixer in every layer")
-        if self.uses("moe"):
-            m = self.moe
-            need(isinstance(m.n_experts, int) and m.n_experts > 0, f"moe.n_experts must be positive, got {m.n_experts}")
-            need(isinstance(m.top_k, int) and 0 < m.top_k <= m.n_experts,
-                 f"moe.top_k must be in 1..moe.n_experts ({m.n_experts}), got {m.top_k}")
-            need(m.hidden is None or m.hidden > 0, "moe.hidden must be positive")
-            need(m.n_shared >= 0, "moe.n_shared must be >= 0")
-            need(m.capacity_factor is None or m.capacity_factor > 0,
-                 f"moe.capacity_factor must be positive (or null for no limit), got {m.capacity_factor}")
-        for i, (token, channel) in enumerate(self.layer_mixers()):
-            need((token == "rwkv") == (channel == "rwkv"),
-                 f"layer {i}: RWKV's time-mix and channel-mix share one decode state; use 'rwkv+rwkv'")
-        for kind in ("linear_attention", "retention"):
-            need(not self.uses(kind) or self.n_kv_head == self.n_head,
-                 f"{kind} has no grouped KV heads: set attention.n_kv_head = attention.n_head")
-        if self.uses("s4d"):
-            need(self.ssm.d_state % 2 == 0 and self.ssm.d_state > 0,
-                 f"ssm.d_state must be a positive even number for s4d (conjugate pairs), got {self.ssm.d_state}")
-        if self.uses("mamba"):
-            s = self.ssm
-            for f in ("d_state", "d_conv", "expand"):
-                need(isinstance(getattr(s, f), int) and getattr(s, f) > 0, f"ssm.{f} must be a positive integer")
-            need(s.d_conv >= 2, "ssm.d_conv must be >= 2")
-            need(s.dt_rank is None or s.dt_rank > 0, "ssm.dt_rank must be positive")
-        if self.uses("lsh_attention"):
-            h = self.lsh
-            need(isinstance(h.n_buckets, int) and (h.n_buckets == 1 or (h.n_buckets >= 2 and h.n_buckets % 2 == 0)),
-                 f"lsh.n_buckets must be 1 or a positive even number (random rotations give n_buckets/2 "
-                 f"directions and their negatives), got {h.n_buckets!r}")
-            need(isinstance(h.n_hashes, int) and h.n_hashes > 0, f"lsh.n_hashes must be positive, got {h.n_hashes!r}")
-            need(isinstance(h.chunk_len, int) and h.chunk_len > 0,
-                 f"lsh.chunk_len must be positive, got {h.chunk_len!r}")
-            need(self.block_size % h.chunk_len == 0,
-                 f"block_size ({self.block_size}) must be a multiple of lsh.chunk_len ({h.chunk_len}): "
-                 "full-length sequences are cut into whole chunks")
-            need(self.n_kv_head == self.n_head,
-                 "lsh_attention shares queries and keys (one qk per head): set attention.n_kv_head = attention.n_head")
-            need(self.attention.sliding_window is None,
-                 "lsh_attention has no sliding window: unset attention.sliding_window")
-        if self.uses("xl_attention"):
-            need(isinstance(self.xl.mem_len, int) and self.xl.mem_len >= 0,
-                 f"xl.mem_len must be a non-negative integer, got {self.xl.mem_len!r}")
-            need(self.n_kv_head == self.n_head,
-                 "xl_attention has no grouped KV heads: set attention.n_kv_head = attention.n_head")
-            need(self.attention.causal, "xl_attention is causal: set attention.causal = true")
         for f in ("embed_dropout", "resid_dropout"):
             need(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1)")
         return self
@@ -366,156 +339,3 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
 _SUBCONFIGS = {"attention": AttentionConfig, "mlp": MLPConfig, "norm": NormConfig, "position": PositionConfig,
                "embedding": EmbeddingConfig, "moe": MoEConfig, "ssm": SSMConfig, "lsh": LSHConfig,
                "xl": XLConfig}
-
-
-# ================================================================================================
-# Presets. Each function returns a fresh Config; the comment says where the numbers come from.
-# ================================================================================================
-
-def _teenygpt() -> Config:
-    # Tomczak, "LLMs" (Deep Generative Modeling blog, post 20) and its teenygpt_example notebook:
-    # char vocab 29 (pad, a-z, space, BOS), 150 tokens, D=32, 8 heads, 4 post-LN blocks,
-    # MLP width 128 x D = 4096 with GELU, learned positions, dropout 0.1 on the embedding sum,
-    # untied output layer, biases everywhere, PyTorch default init. 1,089,181 parameters.
-    return Config(
-        name="teenygpt", family="lmforge", vocab_size=29, block_size=150, d_model=32, n_layer=4,
-        attention=AttentionConfig(n_head=8), mlp=MLPConfig(hidden=128 * 32, activation="gelu"),
-        norm=NormConfig(kind="layernorm", placement="post"), position=PositionConfig(kind="learned"),
-        tie_embeddings=False, lm_head_bias=True, embed_dropout=0.1, init="torch",
-        bos_id=28, pad_id=0,
-    )
-
-
-def _gpt2(name: str, n_layer: int, d_model: int, n_head: int) -> Config:
-    # Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", Table 2, and the
-    # released checkpoints' config.json: vocab 50257, context 1024, MLP 4d with tanh-GELU, pre-LN with a
-    # final LN, learned positions, tied embeddings, biases on. Dropout 0 for pre-training (as nanoGPT).
-    return Config(
-        name=name, family="gpt2", vocab_size=50257, block_size=1024, d_model=d_model, n_layer=n_layer,
-        attention=AttentionConfig(n_head=n_head), mlp=MLPConfig(hidden=4 * d_model, activation="gelu_tanh"),
-        norm=NormConfig(kind="layernorm", eps=1e-5), position=PositionConfig(kind="learned"),
-        tie_embeddings=True, bos_id=50256, eos_id=50256,
-    )
-
-
-def _llama_like(name: str, family: str, *, vocab: int, ctx: int, d: int, layers: int, heads: int,
-                kv: int, ffn: int, theta: float, eps: float, tied: bool, window: int | None = None,
-                qkv_bias: bool = False, head_dim: int | None = None) -> Config:
-    return Config(
-        name=name, family=family, vocab_size=vocab, block_size=ctx, d_model=d, n_layer=layers,
-        attention=AttentionConfig(n_head=heads, n_kv_head=kv, head_dim=head_dim, qkv_bias=qkv_bias,
-                                  out_bias=False, sliding_window=window),
-        mlp=MLPConfig(hidden=ffn, activation="swiglu", bias=False),
-        norm=NormConfig(kind="rmsnorm", eps=eps, bias=False),
-        position=PositionConfig(kind="rope", rope_theta=theta), tie_embeddings=tied,
-    )
-
-
-def _smollm2_135m() -> Config:
-    # HuggingFaceTB/SmolLM2-135M config.json (Allal et al. 2025, "SmolLM2"): 30 layers, d 576, 9 heads,
-    # 3 KV heads, SwiGLU FFN 1536, RoPE theta 1e5, RMSNorm eps 1e-5, vocab 49152, context 8192, tied.
-    c = _llama_like("smollm2-135m", "llama", vocab=49152, ctx=8192, d=576, layers=30, heads=9, kv=3,
-                    ffn=1536, theta=100000.0, eps=1e-5, tied=True)
-    c.bos_id, c.eos_id, c.pad_id = 1, 2, 2
-    return c
-
-
-def _llama_110m() -> Config:
-    # Karpathy's llama2.c "stories110M": dim 768, 12 layers, 12 heads (MHA), hidden 2048
-    # (= 2/3 * 4 * 768 rounded to 32), vocab 32000 (Llama-2 SentencePiece), context 1024, tied.
-    # 109.5M parameters.
-    c = _llama_like("llama-110m", "llama", vocab=32000, ctx=1024, d=768, layers=12, heads=12, kv=12,
-                    ffn=2048, theta=10000.0, eps=1e-5, tied=True)
-    c.bos_id, c.eos_id = 1, 2
-    return c
-
-
-def _mistral_7b() -> Config:
-    # Jiang et al. 2023, "Mistral 7B", Table 1: dim 4096, 32 layers, head_dim 128, hidden 14336,
-    # 32 heads, 8 KV heads, sliding window 4096, context 8192 (as released), vocab 32000. Untied.
-    c = _llama_like("mistral-7b", "mistral", vocab=32000, ctx=8192, d=4096, layers=32, heads=32, kv=8,
-                    ffn=14336, theta=10000.0, eps=1e-5, tied=False, window=4096)
-    c.bos_id, c.eos_id = 1, 2
-    return c
-
-
-def _falcon_7b() -> Config:
-    # Almazrouei et al. 2023, "The Falcon Series of Open Language Models", and tiiuae/falcon-7b
-    # config.json: d 4544, 32 layers, 71 heads of 64, multi-query attention (1 KV head), parallel
-    # attention + MLP sharing one LayerNorm, GELU MLP 4d, RoPE, no biases, vocab 65024, context 2048.
-    return Config(
-        name="falcon-7b", family="falcon", vocab_size=65024, block_size=2048, d_model=4544, n_layer=32,
-        attention=AttentionConfig(n_head=71, n_kv_head=1, qkv_bias=False, out_bias=False),
-        mlp=MLPConfig(hidden=4 * 4544, activation="gelu", bias=False),
-        norm=NormConfig(kind="layernorm", eps=1e-5), position=PositionConfig(kind="rope"),
-        parallel_residual=True, tie_embeddings=True, bos_id=11, eos_id=11,
-    )
-
-
-def _qwen2_0_5b() -> Config:
-    # Qwen/Qwen2-0.5B config.json (Yang et al. 2024, "Qwen2 Technical Report"): d 896, 24 layers,
-    # 14 heads, 2 KV heads, SwiGLU 4864, RoPE theta 1e6, RMSNorm 1e-6, vocab 151936, bias on Q/K/V only.
-    return _llama_like("qwen2-0.5b", "qwen2", vocab=151936, ctx=32768, d=896, layers=24, heads=14, kv=2,
-                       ffn=4864, theta=1000000.0, eps=1e-6, tied=True, qkv_bias=True)
-
-
-def _tiny(family: str) -> Config:
-    """A few-thousand-parameter model of each family, for tests: same code paths, tiny shapes."""
-    base = {
-        "gpt2": _gpt2("tiny-gpt2", 2, 64, 4),
-        "llama": _llama_like("tiny-llama", "llama", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=2,
-                             ffn=160, theta=10000.0, eps=1e-5, tied=False),
-        "mistral": _llama_like("tiny-mistral", "mistral", vocab=256, ctx=128, d=64, layers=2, heads=4,
-                               kv=2, ffn=160, theta=10000.0, eps=1e-5, tied=False, window=16),
-        "qwen2": _llama_like("tiny-qwen2", "qwen2", vocab=256, ctx=128, d=64, layers=2, heads=4, kv=2,
-                             ffn=160, theta=1000000.0, eps=1e-6, tied=True, qkv_bias=True),
-        "falcon": dataclasses.replace(_falcon_7b(), name="tiny-falcon", vocab_size=256, block_size=128,
-                                      d_model=64, n_layer=2, attention=AttentionConfig(
-                                          n_head=4, n_kv_head=1, qkv_bias=False, out_bias=False),
-                                      mlp=MLPConfig(hidden=256, activation="gelu", bias=False),
-                                      bos_id=None, eos_id=None),
-        "teenygpt": dataclasses.replace(_teenygpt(), name="tiny-teenygpt", n_layer=2,
-                                        mlp=MLPConfig(hidden=4 * 32, activation="gelu")),
-    }[family]
-    if family == "gpt2":
-        base = dataclasses.replace(base, vocab_size=256, block_size=128, bos_id=None, eos_id=None)
-    return base
-
-
-PRESETS: dict[str, Any] = {
-    "teenygpt": _teenygpt,
-    "gpt2-124m": lambda: _gpt2("gpt2-124m", 12, 768, 12),
-    "gpt2-medium": lambda: _gpt2("gpt2-medium", 24, 1024, 16),  # 355M
-    "gpt2-large": lambda: _gpt2("gpt2-large", 36, 1280, 20),  # 774M
-    "gpt2-xl": lambda: _gpt2("gpt2-xl", 48, 1600, 25),  # 1558M
-    "smollm2-135m": _smollm2_135m,
-    "llama-110m": _llama_110m,
-    "mistral-7b": _mistral_7b,
-    "falcon-7b": _falcon_7b,
-    "qwen2-0.5b": _qwen2_0_5b,
-    **{f"tiny-{f}": (lambda f=f: _tiny(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt")},
-}
-
-
-# The block families' presets (MoE, SSMs, linear attention, RetNet, RWKV, LSTM, LSH, Transformer-XL, hybrids)
-# and the encoder presets (BERT, RoBERTa, MiniLM, T5, the Transformer) live in their own tables; imported
-# here so that one `get_preset` serves every family. The order of PRESETS is the order `list_presets` gives.
-from lmforge.encoder_presets import ENCODER_PRESETS  # noqa: E402
-from lmforge.family_presets import FAMILY_PRESETS  # noqa: E402
-
-PRESETS.update(FAMILY_PRESETS)
-PRESETS.update(ENCODER_PRESETS)
-
-
-def list_presets() -> list[str]:
-    """Names of all presets."""
-    return list(PRESETS)
-
-
-def get_preset(name: str) -> Config:
-    """A fresh `Config` for a named preset; an unknown name raises `ConfigError` naming the nearest ones."""
-    if name not in PRESETS:
-        near = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(near)}?" if near else ""
-        raise ConfigError(f"unknown preset {name!r}.{hint} Available presets: {', '.join(PRESETS)}")
-    return PRESETS[name]().validate()

@@ -2,7 +2,8 @@
 each citing where its numbers come from.
 
 They are ordinary `Config`s: the same blocks as the decoders with `attention.causal=False`, post-norm,
-token-type embeddings and a norm on the embeddings. `config.py` merges this table into `PRESETS`.
+token-type embeddings and a norm on the embeddings. `lmforge.presets` merges this table into
+`PRESETS`.
 """
 
 from __future__ import annotations

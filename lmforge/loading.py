@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lmforge.config import Config, get_preset
+from lmforge.config import Config
 from lmforge.errors import ConfigError, FormatError
 from lmforge.interop import hf
 from lmforge.models import DecoderLM, make_model
@@ -23,6 +23,7 @@ from lmforge.models.build import empty_model, no_init
 from lmforge.models.decoder import tied_key
 from lmforge.models.ngram import MODEL_TYPE as NGRAM_TYPE
 from lmforge.models.ngram import NGramLM
+from lmforge.presets import get_preset
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

@@ -5,9 +5,9 @@ import importlib.util
 import pytest
 import torch
 
-from lmforge.config import get_preset
 from lmforge.llm import LLM
 from lmforge.loading import build
+from lmforge.presets import get_preset
 
 
 def have_smollm2() -> bool:

@@ -19,10 +19,10 @@ from lmforge.adapt import (
     trainable_parameters,
     unmerge_adapters,
 )
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError, FormatError
 from lmforge.llm import LLM, load
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import get_preset
 from lmforge.llm import LLM
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]

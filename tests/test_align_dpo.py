@@ -10,11 +10,11 @@ from conftest import assert_rel_close
 from preferences import toy_pairs
 
 from lmforge.align import DPO, Pair, PreferencePairs, collate, sequence_logps, tokenize_pairs
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.interop import hf
 from lmforge.loading import build
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.train import OptimConfig, TrainConfig, Trainer
 from lmforge.train.objectives import build_objective
 

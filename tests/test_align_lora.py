@@ -6,8 +6,8 @@ from preferences import toy_pairs
 
 from lmforge.adapt import apply_lora, disable_adapters
 from lmforge.align import DPO, Pair, PreferencePairs, collate, sequence_logps
-from lmforge.config import get_preset
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.train import OptimConfig, TrainConfig, Trainer
 
 

@@ -5,9 +5,9 @@ import torch
 from conftest import assert_rel_close
 
 from lmforge.align.ppo import PPO, Rollouts, TokenCountReward, gae
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.train import OptimConfig, TrainConfig, Trainer
 
 

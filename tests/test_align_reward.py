@@ -7,10 +7,10 @@ from conftest import assert_rel_close
 from preferences import toy_pairs
 
 from lmforge.align import Pair, PreferencePairs, RewardModel, RewardObjective, collate
-from lmforge.config import get_preset
 from lmforge.errors import FormatError
 from lmforge.models import DecoderLM
 from lmforge.models.scalar_heads import ScalarHead
+from lmforge.presets import get_preset
 from lmforge.train import OptimConfig, TrainConfig, Trainer
 from lmforge.train.objectives import build_objective
 

@@ -5,11 +5,11 @@ import torch
 import transformers
 from conftest import assert_rel_close
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import GenerationConfig, beam_search, generate_ids, iter_tokens
 from lmforge.interop import hf
 from lmforge.loading import build
+from lmforge.presets import get_preset
 
 PROMPTS = [[5, 17, 99, 3, 45], [8, 9]]  # run as one left-padded batch on our side
 
@@ -96,8 +96,8 @@ def test_beam_search_does_not_stream(pair):
 
 def test_beam_search_on_a_hybrid_model_reorders_recurrent_states():
     """tiny-jamba mixes attention and Mamba layers: beams' scores equal an uncached recomputation."""
-    from lmforge.config import get_preset as preset
     from lmforge.models import DecoderLM
+    from lmforge.presets import get_preset as preset
 
     torch.manual_seed(0)
     model = DecoderLM(preset("tiny-jamba")).eval()

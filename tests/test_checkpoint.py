@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import sys, time
     import torch
-    from lmforge.config import get_preset
+    from lmforge.presets import get_preset
     from lmforge.models import DecoderLM
     from lmforge.tokenizers import CharTokenizer
     from lmforge.train import CausalLM, OptimConfig, PaddedSequences, TrainConfig, Trainer
@@ -120,8 +120,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def _tiny_trainer(run_dir, steps=12, every=4, **train_kw):
-    from lmforge.config import get_preset
     from lmforge.models import DecoderLM
+    from lmforge.presets import get_preset
     from lmforge.tokenizers import CharTokenizer
     from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
 

@@ -4,11 +4,11 @@ close to the eager step, one compilation reused across lengths, and clear errors
 import pytest
 import torch
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.infer.compiled import compiled_decode
 from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ from lmforge.compress import (
 )
 from lmforge.compress.distill import Distill, student_from_teacher
 from lmforge.compress.prune import block_linears
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.llm import LLM, load
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.train import OptimConfig, TokenWindows, TrainConfig, Trainer
 
 

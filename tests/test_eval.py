@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.cli import main
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError, FormatError
 from lmforge.evaluate import perplexity, sliding_nll
 from lmforge.llm import LLM
 from lmforge.loading import build
+from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 
 TEXT = ("Shall I compare thee to a summer's day? Thou art more lovely and more temperate: rough winds do shake "

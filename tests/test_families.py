@@ -9,12 +9,13 @@ import torch
 from conftest import assert_rel_close
 
 import lmforge
-from lmforge.config import CHANNEL_MIXERS, TOKEN_MIXERS, get_preset
+from lmforge.config import CHANNEL_MIXERS, TOKEN_MIXERS
 from lmforge.data.corpus import corpus_works, read_work
 from lmforge.errors import ConfigError
 from lmforge.llm import LLM
-from lmforge.models import DecoderLM
-from lmforge.models.mixers import channel_mixers, token_mixers
+from lmforge.models import DecoderLM, make_model
+from lmforge.models.mixers import channel_mixer, token_mixer
+from lmforge.presets import get_preset
 from lmforge.tokenizers.char import CharTokenizer
 from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
 
@@ -52,9 +53,11 @@ def test_tiny_family_trains_saves_loads_generates(name, tmp_path):
     assert a == back.generate("to be or not", max_new_tokens=20, temperature=0) and len(a) > 0
 
 
-def test_mixer_registries_match_the_config_names():
-    assert set(token_mixers()) == set(TOKEN_MIXERS)
-    assert set(channel_mixers()) | {"none"} == set(CHANNEL_MIXERS)
+def test_every_mixer_name_resolves_to_its_class():
+    for name in TOKEN_MIXERS:
+        assert token_mixer(name).attr and hasattr(token_mixer(name), "new_state")
+    assert channel_mixer("none") is None
+    assert all(channel_mixer(name).attr for name in CHANNEL_MIXERS if name != "none")
 
 
 def test_unknown_block_type_names_the_valid_ones():
@@ -129,7 +132,7 @@ def test_rwkv_parallel_and_recurrent_wkv_agree_with_the_definition():
 
 def test_rwkv_halves_must_pair():
     with pytest.raises(ConfigError, match="use 'rwkv\\+rwkv'"):
-        get_preset("tiny-rwkv").replace(block="rwkv+mlp")
+        make_model(get_preset("tiny-rwkv").replace(block="rwkv+mlp"))
 
 
 def test_window_with_global_tokens_sees_the_first_tokens_from_afar():

@@ -13,10 +13,10 @@ from conftest import assert_rel_close
 from safetensors.torch import load_file
 
 from lmforge.cli import main
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError, FormatError
 from lmforge.llm import LLM, load
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 from lmforge.train.allocator import allocator_mode
 

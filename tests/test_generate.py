@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lmforge import kernels
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import GenerationConfig, TextStream, generate_ids, sample_next
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ from conftest import assert_rel_close, rel_tol
 from gguf import GGMLQuantizationType as Q
 
 import lmforge
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError, FormatError
 from lmforge.interop import gguf as gg
 from lmforge.interop.gguf_file import GGUFFile, dequantize
 from lmforge.interop.gguf_layout import permute, unpermute, unpermute_index
 from lmforge.llm import LLM
 from lmforge.loading import build
+from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "

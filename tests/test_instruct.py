@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import assert_rel_close
 
-from lmforge.config import get_preset
 from lmforge.data.instruct import (
     InstructionBatches,
     collate,
@@ -22,6 +21,7 @@ from lmforge.data.instruct import (
 )
 from lmforge.errors import FormatError
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 from lmforge.train.objectives import CausalLM
 

@@ -11,10 +11,10 @@ import transformers
 from safetensors.torch import save_file
 
 import lmforge
-from lmforge.config import get_preset
 from lmforge.errors import FormatError
 from lmforge.llm import LLM
 from lmforge.loading import build
+from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2")

@@ -17,9 +17,9 @@ from torch import nn
 
 import lmforge
 from lmforge import kernels
-from lmforge.config import get_preset
 from lmforge.infer import packed
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.quant import Int4Linear, Int8Linear, Q8Linear
 from lmforge.quant.int4_layout import CANONICAL, KNOWN_LAYOUTS, int4_layout, pack_int4, unpack_int4, unpack_int4_rows
 

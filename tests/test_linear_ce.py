@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from conftest import assert_rel_close
 
 from lmforge.adapt import apply_lora
-from lmforge.config import get_preset
 from lmforge.models import DecoderLM
 from lmforge.models.linear_ce import linear_cross_entropy
+from lmforge.presets import get_preset
 from lmforge.train.objectives import CausalLM
 
 # fp32, each compared against its own scale: a head of 101 (or tiny-llama's 256) logits, 37 (48) tokens summed

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.config import get_preset
 from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.interop import gguf as gg
 from lmforge.interop import registry
 from lmforge.llm import LLM
 from lmforge.loading import build
+from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup-test builds it)")

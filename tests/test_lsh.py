@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_rel_close
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import GenerationConfig, generate_ids
-from lmforge.models import DecoderLM
-from lmforge.models.mixers import MixerContext
+from lmforge.models import DecoderLM, make_model
+from lmforge.models.mixers.base import MixerContext
 from lmforge.models.mixers.lsh import hash_vectors, lsh_attention, lsh_attention_exact
+from lmforge.presets import get_preset
 
 
 def full_shared_qk_attention(qk, v):
@@ -88,10 +88,10 @@ def test_cached_decoding_equals_the_full_pass():
 def test_bad_lsh_configs_are_refused_with_the_fix():
     base = get_preset("tiny-lsh")
     with pytest.raises(ConfigError, match="lsh.n_buckets must be 1 or a positive even number"):
-        base.replace(**{"lsh.n_buckets": 3})
+        make_model(base.replace(**{"lsh.n_buckets": 3}))
     with pytest.raises(ConfigError, match=r"block_size \(128\) must be a multiple of lsh.chunk_len \(48\)"):
-        base.replace(**{"lsh.chunk_len": 48})
+        make_model(base.replace(**{"lsh.chunk_len": 48}))
     with pytest.raises(ConfigError, match="lsh_attention shares queries and keys.*n_kv_head"):
-        base.replace(**{"attention.n_kv_head": 2})
+        make_model(base.replace(**{"attention.n_kv_head": 2}))
     with pytest.raises(ConfigError, match="lsh.n_hashes must be positive"):
-        base.replace(**{"lsh.n_hashes": 0})
+        make_model(base.replace(**{"lsh.n_hashes": 0}))

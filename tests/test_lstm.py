@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import assert_rel_close
 
-from lmforge.config import get_preset
 from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 
 
 def _model(seed: int = 0) -> DecoderLM:

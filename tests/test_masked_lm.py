@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.config import get_preset
 from lmforge.data.corpus import read_work
 from lmforge.errors import ConfigError
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 from lmforge.tokenizers.wordpiece import special_id, train_wordpiece
 from lmforge.train.batches import TokenWindows

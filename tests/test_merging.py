@@ -6,10 +6,10 @@ from conftest import assert_rel_close
 
 from lmforge.cli import main
 from lmforge.compress.merging import dare, elect_and_merge, merge_models, merge_state_dicts, merge_tensors, trim
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.llm import LLM, load
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 
 BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
 # task vectors t1, t2, t3 and the fine-tunes they make

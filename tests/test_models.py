@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import assert_rel_close
 
-from lmforge.config import get_preset, list_presets
 from lmforge.errors import ConfigError
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset, list_presets
 
 # decoder-only and encoder presets (encoder-decoders: tests/test_seq2seq.py)
 TINY = [n for n in list_presets() if n.startswith("tiny-") and not get_preset(n).is_encoder_decoder]

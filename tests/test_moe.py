@@ -11,12 +11,12 @@ import transformers
 from conftest import assert_rel_close
 from hf_parity import assert_hf_round_trip
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.interop import hf
 from lmforge.loading import build
-from lmforge.models import DecoderLM
+from lmforge.models import DecoderLM, make_model
 from lmforge.models.mixers.moe import MoE
+from lmforge.presets import get_preset
 from lmforge.train import CausalLM
 
 
@@ -127,7 +127,7 @@ def test_aux_loss_reaches_the_training_loss_and_its_gradient():
                                           ({"capacity_factor": 0.0}, "capacity_factor must be positive")])
 def test_bad_moe_configs_are_refused(over, message):
     with pytest.raises(ConfigError, match=message):
-        _moe(**over)
+        make_model(get_preset("tiny-moe").replace(**{f"moe.{k}": v for k, v in over.items()}))
 
 
 def test_mixtral_shape_preset():

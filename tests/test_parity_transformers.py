@@ -9,10 +9,10 @@ import torch
 import transformers
 from conftest import assert_rel_close
 
-from lmforge.config import get_preset
 from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.interop import hf
 from lmforge.loading import build
+from lmforge.presets import get_preset
 
 
 def _configs():

@@ -15,8 +15,8 @@ import torch
 
 import lmforge
 from lmforge import kernels, precision
-from lmforge.config import get_preset
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
 from lmforge.train import metrics as metrics_mod
 from lmforge.train.recipe import from_dict

@@ -9,9 +9,9 @@ from conftest import assert_rel_close
 
 import lmforge
 from lmforge.adapt import apply_qlora
-from lmforge.config import get_preset
 from lmforge.interop import gguf as gg
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.quant import NF4Linear
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))

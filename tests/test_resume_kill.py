@@ -52,9 +52,9 @@ def tokenizers(tmp_path_factory, text) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     """A saved tiny Llama with a BPE tokenizer: the pretrained model.source of the SFT and DPO cases."""
-    from lmforge.config import get_preset
     from lmforge.llm import LLM
     from lmforge.models import DecoderLM
+    from lmforge.presets import get_preset
     from lmforge.tokenizers import train_bpe
 
     tok = train_bpe([ROOT / "tests" / "assets" / "tokenizers" / "corpus.txt"], vocab_size=320)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.llm import LLM
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 from lmforge.train.recipe import from_dict
 from lmforge.train.run import build_run

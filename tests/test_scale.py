@@ -23,9 +23,9 @@ from conftest import assert_rel_close, rel_tol
 
 import lmforge
 from lmforge.cli import main
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.train import TrainConfig
 from lmforge.train.batches import BatchSource
 from lmforge.train.distributed import resolve_batch

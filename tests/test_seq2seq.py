@@ -10,12 +10,12 @@ import transformers
 from conftest import assert_rel_close
 
 import lmforge
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.infer.beam import beam_search
 from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.interop import hf_t5
 from lmforge.models import EncoderDecoderLM, make_model
+from lmforge.presets import get_preset
 
 
 def _hf_t5(ff: str, tied: bool, seed: int = 0, std: float = 0.3):

@@ -15,10 +15,10 @@ import transformers
 
 import lmforge
 from lmforge.cli import main
-from lmforge.config import get_preset
 from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.interop import gguf as gg
 from lmforge.interop.gguf_file import GGUFFile
+from lmforge.presets import get_preset
 
 pytestmark = pytest.mark.slow
 

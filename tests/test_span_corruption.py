@@ -11,10 +11,10 @@ import torch
 import transformers
 
 import lmforge
-from lmforge.config import get_preset
 from lmforge.data.corpus import read_work
 from lmforge.errors import ConfigError
 from lmforge.models import make_model
+from lmforge.presets import get_preset
 from lmforge.tokenizers import load_tokenizer, train_bpe
 from lmforge.tokenizers.unigram import sentinel_ids, train_unigram
 from lmforge.train.batches import TokenWindows

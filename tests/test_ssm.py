@@ -8,11 +8,11 @@ import transformers
 from conftest import assert_rel_close
 from hf_parity import assert_hf_round_trip
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
 from lmforge.interop import hf
-from lmforge.models import DecoderLM
+from lmforge.models import DecoderLM, make_model
 from lmforge.models.mixers.mamba import selective_scan
+from lmforge.presets import get_preset
 
 
 def test_chunked_scan_equals_the_step_by_step_recurrence():
@@ -39,7 +39,7 @@ def test_decode_state_does_not_grow_with_position():
 
 def test_bad_ssm_config_is_refused():
     with pytest.raises(ConfigError, match="ssm.d_state must be a positive integer"):
-        get_preset("tiny-mamba").replace(**{"ssm.d_state": 0})
+        make_model(get_preset("tiny-mamba").replace(**{"ssm.d_state": 0}))
 
 
 @pytest.mark.slow
@@ -69,4 +69,4 @@ def test_s4d_convolution_and_recurrence_agree():
     assert_rel_close(torch.cat([y1, y2], 1), y_rec, terms=70 * 32)
     assert_rel_close(h2, h_rec, terms=70)
     with pytest.raises(ConfigError, match="even number for s4d"):
-        get_preset("tiny-s4d").replace(**{"ssm.d_state": 7})
+        make_model(get_preset("tiny-s4d").replace(**{"ssm.d_state": 7}))

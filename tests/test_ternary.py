@@ -7,9 +7,9 @@ import torch
 from conftest import assert_rel_close
 
 import lmforge
-from lmforge.config import get_preset
 from lmforge.data.corpus import corpus_works, read_work
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.quant import is_quantized, quantize
 from lmforge.quant.ternary import (
     BitLinear,

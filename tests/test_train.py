@@ -15,9 +15,9 @@ import yaml
 from conftest import assert_rel_close
 
 from lmforge.cli import main
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError, FormatError
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 from lmforge.train import (
     CausalLM,
     OptimConfig,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import assert_rel_close
 
-from lmforge.config import get_preset
 from lmforge.errors import ConfigError
-from lmforge.models import DecoderLM
+from lmforge.models import DecoderLM, make_model
+from lmforge.presets import get_preset
 from lmforge.train import OptimConfig, TrainConfig, Trainer
 from lmforge.train.segments import SegmentLM, StreamSegments
 
@@ -156,7 +156,7 @@ def test_segment_memory_is_checkpointed_and_resume_is_exact(tmp_path):
 
 def test_bad_input_is_refused():
     with pytest.raises(ConfigError, match="xl.mem_len must be a non-negative integer"):
-        get_preset("tiny-xl").replace(**{"xl.mem_len": -1})
+        make_model(get_preset("tiny-xl").replace(**{"xl.mem_len": -1}))
     with pytest.raises(ConfigError, match="segment recurrence needs layers that carry a memory"):
         SegmentLM().loss(DecoderLM(get_preset("tiny-llama")), {"input_ids": torch.zeros(1, 4, dtype=torch.long),
                                                                "labels": torch.zeros(1, 4, dtype=torch.long)})

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Config, get_preset
+from lmforge.config import Config
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 
 # the claimed complexities, after Peng et al. 2024's table: (training time, training memory, decode time per token,
 # decode memory)

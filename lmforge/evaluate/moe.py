@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Config, get_preset
+from lmforge.config import Config
 from lmforge.models import DecoderLM
+from lmforge.presets import get_preset
 
 
 def moe_pair(d_model: int = 256, n_layer: int = 4, vocab: int = 256, n_experts: int = 8, top_k: int = 2

@@ -12,7 +12,7 @@ give, k + 1 tokens per pass at best.
 Drafters: `PromptLookup` copies what followed an earlier occurrence of the context's last n-gram (no
 model; pays off when the output repeats its input, e.g. rewriting or quoting a passage), and
 `DraftModel` runs a smaller model of the same tokenizer with its own KV cache. Rejected tokens leave
-both caches by `KVCache.rollback`.
+both caches by `Cache.rollback`.
 """
 
 from __future__ import annotations

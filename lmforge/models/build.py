@@ -1,4 +1,4 @@
-"""Models built for a loader to fill: parameters allocated, random initialisation skipped."""
+"""Building models: the model a config describes, and empty ones for a loader to fill."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ from torch import nn
 
 from lmforge.config import Config
 from lmforge.models.decoder import DecoderLM
-from lmforge.models.seq2seq import make_model
+from lmforge.models.seq2seq import EncoderDecoderLM
+
+
+def make_model(cfg: Config, init_weights: bool = True) -> nn.Module:
+    """The model for a config: a `DecoderLM`, or an `EncoderDecoderLM` when `cfg.encoder_layers` > 0.
+
+    Both check the config (`Config.validate`) and the settings of the mixers it uses
+    (`lmforge.models.mixers.check_mixers`), raising `ConfigError` before anything is allocated.
+    """
+    return EncoderDecoderLM(cfg, init_weights) if cfg.is_encoder_decoder else DecoderLM(cfg, init_weights)
 
 
 @contextlib.contextmanager

@@ -108,6 +108,3 @@ def _repeat_state(state, n: int):
         if isinstance(t, torch.Tensor):
             setattr(new, name, t.repeat_interleave(n, 0))
     return new
-
-
-KVCache = Cache  # the name from when every layer was attention

@@ -1,8 +1,8 @@
 """The decoder-only language model: every family lmforge serves, chosen by `Config`.
 
 Reads top to bottom: embeddings (+ learned positions) -> n_layer blocks -> final norm -> LM head.
-A block is a token mixer (attention: MHA/GQA/MQA with optional RoPE and sliding window, or another
-family from `lmforge.models.mixers`) and a channel mixer (MLP, ...), chosen per layer by
+A block (`lmforge.models.block`) is a token mixer (attention: MHA/GQA/MQA with optional RoPE and sliding
+window, or another family from `lmforge.models.mixers`) and a channel mixer (MLP, ...), chosen per layer by
 `Config.block` / `Config.layers`, with one norm/residual rule around them: pre-norm (GPT-2, Llama),
 post-norm (teenyGPT, the original Transformer) or parallel (Falcon).
 """
@@ -18,12 +18,14 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
 from lmforge.errors import ConfigError
+from lmforge.models.block import Block
 from lmforge.models.cache import Cache
 from lmforge.models.heads import Pooler, build_lm_head, output_layer
 from lmforge.models.layers import RelativePositionBias, Rotary, make_norm, sinusoid_table
 from lmforge.models.linear_ce import linear_cross_entropy
-from lmforge.models.mixers import MixerContext, channel_mixers, token_mixers
-from lmforge.models.mixers.attention import CrossAttention, Unpadded, build_mask
+from lmforge.models.mixers import check_mixers
+from lmforge.models.mixers.attention import Unpadded, build_mask
+from lmforge.models.mixers.base import MixerContext
 
 
 def matmul_flops(model: nn.Module) -> float:
@@ -53,65 +55,6 @@ def tied_key(cfg: Config) -> str | None:
     return "lm_head.decoder.weight" if cfg.head == "mlm" else "lm_head.weight"
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-class Block(nn.Module):
-    """One block: a token mixer and a channel mixer, each with a residual connection and a norm.
-
-    The mixers sit under their own attribute names (`attn`, `mlp`, ...: see each class's `attr`), so
-    state-dict keys read like the family's; `token_mixer` / `channel_mixer` reach them generically.
-    The channel mixer may be absent ("none", as in Mamba): the block is then x + mixer(norm(x)).
-    """
-
-    def __init__(self, cfg: Config, layer: int = 0):
-        super().__init__()
-        token, channel = cfg.layer_mixers()[layer]
-        self.placement = "parallel" if cfg.parallel_residual else cfg.norm.placement
-        tcls = token_mixers()[token]
-        ccls = channel_mixers()[channel] if channel != "none" else None
-        self.tname, self.cname = tcls.attr, ccls.attr if ccls else None
-        self.norm_1 = make_norm(cfg)
-        self.add_module(self.tname, tcls(cfg))
-        if cfg.attention.cross:  # a decoder of an encoder-decoder: attend to the encoder's output in between
-            self.norm_cross = make_norm(cfg)
-            self.cross_attn = CrossAttention(cfg)
-        else:
-            self.cross_attn = None
-        self.norm_2 = None if cfg.parallel_residual or ccls is None else make_norm(cfg)
-        if ccls is not None:
-            self.add_module(self.cname, ccls(cfg))
-        self.drop = nn.Dropout(cfg.resid_dropout)
-
-    @property
-    def token_mixer(self) -> nn.Module:
-        return self._modules[self.tname]
-
-    @property
-    def channel_mixer(self) -> nn.Module | None:
-        return self._modules[self.cname] if self.cname else None
-
-    def forward(self, x: torch.Tensor, ctx: MixerContext, state=None) -> torch.Tensor:
-        # x: (B, T, C); state: this layer's decode state (from the cache) or None
-        mix, ffn = self._modules[self.tname], self._modules[self.cname] if self.cname else None
-        cross = self.cross_attn
-        # dropout is the identity in eval: skipping the call saves two dispatches per layer and token at decode
-        drop = self.drop if self.training and self.drop.p else _identity
-        if self.placement == "pre":  # x + f(norm(x))
-            x = x + drop(mix(self.norm_1(x), ctx, state))
-            if cross is not None:
-                x = x + drop(cross(self.norm_cross(x), ctx, state))
-            return x if ffn is None else x + drop(ffn(self.norm_2(x), ctx, state))
-        if self.placement == "post":  # norm(x + f(x))
-            x = self.norm_1(x + drop(mix(x, ctx, state)))
-            if cross is not None:
-                x = self.norm_cross(x + drop(cross(x, ctx, state)))
-            return x if ffn is None else self.norm_2(x + drop(ffn(x, ctx, state)))
-        h = self.norm_1(x)  # parallel: x + mix(norm(x)) + ffn(norm(x))
-        return x + drop(mix(h, ctx, state)) + drop(ffn(h, ctx, state))
-
-
 class DecoderLM(nn.Module):
     """A causal language model. `model(input_ids)` maps (B, T) token ids to (B, T, vocab) logits.
 
@@ -124,7 +67,7 @@ class DecoderLM(nn.Module):
 
     def __init__(self, cfg: Config, init_weights: bool = True):
         super().__init__()
-        self.config = cfg.validate()
+        self.config = check_mixers(cfg.validate())
         if cfg.is_encoder_decoder:
             raise ConfigError(f"config {cfg.name!r} is an encoder-decoder (encoder_layers={cfg.encoder_layers}): build "
                               "it with lmforge.models.make_model (an EncoderDecoderLM), not DecoderLM")
@@ -259,12 +202,41 @@ class DecoderLM(nn.Module):
         attn_mask: (B, 1, T, T) bool, True = may attend: a caller's own visibility pattern (XLNet-style
         permutation orders) in place of the causal / padding mask; no cache.
         """
-        cfg = self.config
         if cache is not None and getattr(cache, "packed", False):
             return self._packed_hidden_states(input_ids, cache)
-        B, T = input_ids.shape
-        device = input_ids.device
+        T, device = input_ids.shape[1], input_ids.device
         start = cache.length if cache is not None else 0
+        self._check_context(start, T, cache)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(torch.bool)
+        positions = self._positions(input_ids, attention_mask, cache)
+        mask, unpadded, padded = self._attention_mask(attention_mask, cache, start, T, device)
+        if segment_ids is not None:  # packed examples: block-diagonal causal mask, positions per segment
+            if cache is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be used with a KV cache")
+            mask, positions = self._segment_mask(segment_ids, mask, device)
+        if attn_mask is not None:
+            if cache is not None or unpadded is not None or segment_ids is not None:
+                raise ValueError("attn_mask replaces the model's own mask: use it without a cache, padding or segments")
+            mask = attn_mask.to(torch.bool)
+        if self.rel_bias is not None:  # T5: one additive bias for all layers, with the mask folded in
+            if unpadded is not None:
+                mask, unpadded = unpadded.attn_mask, None
+            mask = self._with_relative_bias(mask, start, T, device)
+
+        x = self._embed(input_ids, positions, inputs_embeds, token_type_ids)  # (B, T, C)
+        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        ctx = MixerContext(positions, rope, mask, attention_mask if padded and unpadded is None else None, start,
+                           memory, memory_mask)
+        x = self._run_blocks(x, ctx, cache, unpadded)
+        if cache is not None:
+            cache.length = start + T
+            cache.next_pos += attention_mask.sum(1) if attention_mask is not None else T
+        return self.norm_f(x) if self.norm_f is not None else x
+
+    def _check_context(self, start: int, T: int, cache: Cache | None) -> None:
+        """Refuse T new tokens after `start` that do not fit the context (or the cache); say why when it helps."""
+        cfg = self.config
         if cache is not None and not cfg.attention.causal:
             raise ConfigError("a bidirectional encoder has no KV cache: it reads its whole input at once")
         limit = cache.max_len if cache is not None else cfg.block_size - cfg.embedding.position_offset
@@ -277,16 +249,24 @@ class DecoderLM(nn.Module):
                 why = "; this model has no position limit: raise block_size (e.g. replace(block_size=...))"
             raise ConfigError(f"sequence of {start + T} tokens exceeds the context of {limit} "
                               f"(or the cache's capacity){why}")
-        # positions: (B, T). Left padding shifts each row so its first real token has position 0.
+
+    def _positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   cache: Cache | None) -> torch.Tensor:
+        """Position ids (B, T). Left padding shifts each row so its first real token has position 0."""
+        B, T = input_ids.shape
         if attention_mask is not None:
-            attention_mask = attention_mask.to(torch.bool)
             offsets = attention_mask.long().cumsum(1) - 1
         else:
-            offsets = torch.arange(T, device=device).expand(B, T)
+            offsets = torch.arange(T, device=input_ids.device).expand(B, T)
         base = cache.next_pos.unsqueeze(1) if cache is not None else 0
-        positions = (base + offsets).clamp(min=0) + cfg.embedding.position_offset
+        return (base + offsets).clamp(min=0) + self.config.embedding.position_offset
 
-        # mask: None whenever SDPA's built-in causal mask (or no mask for one query) is exact
+    def _attention_mask(self, attention_mask: torch.Tensor | None, cache: Cache | None, start: int, T: int,
+                        device: torch.device) -> tuple:
+        """(mask, unpadded, padded) for the self-attention of T tokens after `start`, and the cache's key mask
+        advanced over them. mask is None whenever SDPA's built-in causal mask (or no mask for one query) is
+        exact; unpadded is an `Unpadded` (then also the mask) when a bidirectional model leaves padding out."""
+        cfg = self.config
         window = cfg.attention.sliding_window
         L = start + T
         padded = attention_mask is not None and not attention_mask.all()
@@ -299,54 +279,48 @@ class DecoderLM(nn.Module):
             needs_mask = padded or (window is not None and T > window)
             key_valid = attention_mask if padded else None
         needs_mask = needs_mask and self.has_attention and cfg.attention.causal
-        n_global = cfg.attention.global_tokens
-        mask = build_mask(key_valid, start, T, L, window, device, n_global) if needs_mask else None
+        mask = build_mask(key_valid, start, T, L, window, device, cfg.attention.global_tokens) if needs_mask else None
         unpadded = None
         if not cfg.attention.causal and padded:
             # bidirectional: every query sees every real key; padding is left out of the computation
             mask = unpadded = Unpadded(attention_mask)
-        if segment_ids is not None:  # packed examples: block-diagonal causal mask, positions per segment
-            if cache is not None:
-                raise ValueError("segment_ids (packed training rows) cannot be used with a KV cache")
-            idx = torch.arange(T, device=device).expand(B, T)
-            first = torch.ones_like(segment_ids, dtype=torch.bool)
-            first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-            positions = idx - torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values
-            same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
-            mask = same & (build_mask(None, 0, T, T, window, device, n_global) if mask is None else mask)
-        if attn_mask is not None:
-            if cache is not None or unpadded is not None or segment_ids is not None:
-                raise ValueError("attn_mask replaces the model's own mask: use it without a cache, padding or segments")
-            mask = attn_mask.to(torch.bool)
-        if self.rel_bias is not None:  # T5: one additive bias for all layers, with the mask folded in
-            if unpadded is not None:
-                mask, unpadded = unpadded.attn_mask, None
-            if mask is None and cfg.attention.causal and T > 1:
-                mask = build_mask(None, start, T, L, window, device, n_global)
-            bias = self.rel_bias.table(start, T, L)  # (1, nh, T, L)
-            mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+        return mask, unpadded, padded
 
-        x = self._embed(input_ids, positions, inputs_embeds, token_type_ids)  # (B, T, C)
-        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        ctx = MixerContext(positions, rope, mask, attention_mask if padded and unpadded is None else None, start,
-                           memory, memory_mask)
-        if unpadded is not None:
-            x = unpadded.pack(x)  # (1, N + 1, C); attention spreads its Q/K/V (and rotates them) per row
-        if cache is None:
-            for block in self.blocks:
-                if self.activation_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(block, x, ctx, use_reentrant=False)
-                else:
-                    x = block(x, ctx)
-            if unpadded is not None:
-                x = unpadded.unpack(x)  # (B, T, C), zeros at padding
-        else:
+    def _segment_mask(self, segment_ids: torch.Tensor, mask, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, positions) of packed rows (B, T): a token sees only its own segment, positions restart in each."""
+        B, T = segment_ids.shape
+        idx = torch.arange(T, device=device).expand(B, T)
+        first = torch.ones_like(segment_ids, dtype=torch.bool)
+        first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        positions = idx - torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
+        a = self.config.attention
+        causal = build_mask(None, 0, T, T, a.sliding_window, device, a.global_tokens) if mask is None else mask
+        return same & causal, positions
+
+    def _with_relative_bias(self, mask, start: int, T: int, device: torch.device) -> torch.Tensor:
+        """T5's relative position bias (1, nh, T, L) with a bool mask folded in as the dtype's minimum."""
+        a = self.config.attention
+        L = start + T
+        if mask is None and a.causal and T > 1:
+            mask = build_mask(None, start, T, L, a.sliding_window, device, a.global_tokens)
+        bias = self.rel_bias.table(start, T, L)  # (1, nh, T, L)
+        return bias if mask is None else bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+
+    def _run_blocks(self, x: torch.Tensor, ctx: MixerContext, cache: Cache | None, unpadded) -> torch.Tensor:
+        """The blocks on embeddings x (B, T, C); without a cache, packed when `unpadded` and checkpointed when on."""
+        if cache is not None:
             for block, state in zip(self.blocks, cache.layers):
                 x = block(x, ctx, state)
-        if cache is not None:
-            cache.length = L
-            cache.next_pos += attention_mask.sum(1) if attention_mask is not None else T
-        return self.norm_f(x) if self.norm_f is not None else x
+            return x
+        if unpadded is not None:
+            x = unpadded.pack(x)  # (1, N + 1, C); attention spreads its Q/K/V (and rotates them) per row
+        for block in self.blocks:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, ctx, use_reentrant=False)
+            else:
+                x = block(x, ctx)
+        return unpadded.unpack(x) if unpadded is not None else x  # (B, T, C), zeros at padding
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

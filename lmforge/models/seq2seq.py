@@ -181,7 +181,3 @@ class BoundDecoder(nn.Module):
         return self.decoder(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=logits_to_keep,
                             memory=self.memory if first else None, memory_mask=self.memory_mask if first else None)
 
-
-def make_model(cfg: Config, init_weights: bool = True) -> nn.Module:
-    """The model for a config: a `DecoderLM`, or an `EncoderDecoderLM` when `cfg.encoder_layers` > 0."""
-    return EncoderDecoderLM(cfg, init_weights) if cfg.is_encoder_decoder else DecoderLM(cfg, init_weights)

@@ -34,8 +34,10 @@ import yaml
 
 from lmforge.adapt.config import AdapterConfig
 from lmforge.align.config import AlignConfig
-from lmforge.config import Config, get_preset
+from lmforge.config import Config
 from lmforge.errors import ConfigError, FormatError
+from lmforge.models.mixers import check_mixers
+from lmforge.presets import get_preset
 from lmforge.train.optim import OptimConfig
 from lmforge.train.trainer import TrainConfig
 from lmforge.train.typed import coerce
@@ -120,8 +122,8 @@ class Recipe:
         overrides = {k: v for k, v in _flatten(self.model).items() if k != "preset"}
         if vocab_size is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = vocab_size
-        try:
-            return get_preset(self.model["preset"]).replace(**overrides)
+        try:  # the mixers' own settings too, so that a bad one stops the run before anything is built
+            return check_mixers(get_preset(self.model["preset"]).replace(**overrides))
         except ConfigError as e:
             raise ConfigError(f"model: {e}") from None
 

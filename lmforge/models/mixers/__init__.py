@@ -1,11 +1,10 @@
 """Token mixers and channel mixers: the two halves of every block, each chosen by config.
 
-A block (`lmforge.models.decoder.Block`) is a **token mixer** (mixes information across positions:
-attention, and the families of issue 11: SSMs, linear attention, RWKV time-mix, retention; the
-classical LSTM) followed by
-a **channel mixer** (per position: MLP, mixture of experts, RWKV channel-mix), with one norm/residual
-rule around them. `Config.block` ("token+channel") picks the default for every layer and
-`Config.layers` (one such string per layer) overrides it, e.g. Jamba's interleaving.
+A block (`lmforge.models.block.Block`) is a **token mixer** (mixes information across positions:
+attention, and its alternatives: SSMs, linear attention, RWKV time-mix, retention, LSH and Transformer-XL
+attention, the classical LSTM) followed by a **channel mixer** (per position: MLP, mixture of experts, RWKV
+channel-mix), with one norm/residual rule around them. `Config.block` ("token+channel") picks the default for
+every layer and `Config.layers` (one such string per layer) overrides it, e.g. Jamba's interleaving.
 
 The interface every mixer implements (one file per mixer in this package):
 
@@ -26,74 +25,56 @@ state-dict prefix, e.g. `blocks.0.attn.`), and `resid_projs`, names of the linea
 into the residual stream (scaled at GPT-2 init). A mixer may report an auxiliary loss through `aux_loss`
 (a 0-d tensor, or None), which `DecoderLM.aux_loss()` sums for the training objective.
 
+Each mixer may check the settings it reads with a classmethod `check(cfg) -> list[str]` (the problems
+found; none when it has no such method): `check_mixers` runs those of the mixers a config uses, and
+`DecoderLM` calls it when it builds the blocks.
+
+`lmforge.config.TOKEN_MIXERS` / `CHANNEL_MIXERS` map each config name to its class as "module:Class", imported
+on first use (`token_mixer`, `channel_mixer`); a new mixer is its module and one line in that table. The shared
+`RecurrentState` and `MixerContext` live in `lmforge.models.mixers.base`.
+
 Left padding: `ctx.pad` is (B, T) bool, True at real tokens, or None when no row is padded. A
 recurrent mixer zeroes its input at padding so its state is exactly what the real tokens build.
 """
 
 from __future__ import annotations
 
-import torch
+import importlib
+
+from lmforge.config import CHANNEL_MIXERS, TOKEN_MIXERS, Config
+from lmforge.errors import ConfigError
 
 
-class RecurrentState:
-    """Base of fixed-size decode states: every tensor attribute has the batch as its first dimension."""
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-
-    def bytes(self) -> int:
-        """Memory held by the state (the same at every position)."""
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
-
-    def reorder(self, rows: torch.Tensor, length: int = 0) -> None:
-        """Row i takes over row `rows[i]`'s state (beam search)."""
-        for k, t in self._tensors().items():
-            setattr(self, k, t[rows].clone())
-
-    def repeat_rows(self, n: int) -> RecurrentState:
-        """A copy in which each row appears `n` times in a row."""
-        new = object.__new__(type(self))
-        new.__dict__.update({k: t.repeat_interleave(n, 0) for k, t in self._tensors().items()})
-        return new
+def _resolve(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-class MixerContext:
-    """What all layers of one forward pass share.
-
-    positions: (B, T) position ids; rope: (cos, sin) tables or None; mask: attention mask
-    (B or 1, 1, T, L) bool, or float scores to add (T5's relative bias), or None for plain causal; pad:
-    (B, T) bool or None; start: slot of the first of these T tokens in the cache (0 without one).
-    memory: (B, S, C) an encoder's output that cross-attention reads, memory_mask: (B, S) bool, True at its
-    real tokens (None: all real); both None when the cache already holds the cross keys/values.
-    """
-
-    __slots__ = ("positions", "rope", "mask", "pad", "start", "memory", "memory_mask")
-
-    def __init__(self, positions: torch.Tensor, rope, mask: torch.Tensor | None, pad: torch.Tensor | None,
-                 start: int, memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None):
-        self.positions, self.rope, self.mask, self.pad, self.start = positions, rope, mask, pad, start
-        self.memory, self.memory_mask = memory, memory_mask
+def token_mixer(name: str) -> type:
+    """The token mixer class for a config name (a key of `TOKEN_MIXERS`)."""
+    return _resolve(TOKEN_MIXERS[name])
 
 
-def token_mixers() -> dict[str, type]:
-    """Token mixer classes by config name."""
-    from lmforge.models.mixers.attention import Attention
-    from lmforge.models.mixers.linear_attention import LinearAttention
-    from lmforge.models.mixers.lsh import LSHAttention
-    from lmforge.models.mixers.lstm import LSTM
-    from lmforge.models.mixers.mamba import Mamba
-    from lmforge.models.mixers.retention import Retention
-    from lmforge.models.mixers.rwkv import RWKVTimeMix
-    from lmforge.models.mixers.s4d import S4D
-    from lmforge.models.mixers.xl import XLAttention
-    return {"attention": Attention, "mamba": Mamba, "s4d": S4D, "linear_attention": LinearAttention,
-            "retention": Retention, "rwkv": RWKVTimeMix, "lstm": LSTM, "lsh_attention": LSHAttention,
-            "xl_attention": XLAttention}
+def channel_mixer(name: str) -> type | None:
+    """The channel mixer class for a config name; None for "none" (the block has no channel mixer, as Mamba's)."""
+    path = CHANNEL_MIXERS[name]
+    return _resolve(path) if path else None
 
 
-def channel_mixers() -> dict[str, type]:
-    """Channel mixer classes by config name ("none": the block has no channel mixer, as Mamba's)."""
-    from lmforge.models.layers import MLP
-    from lmforge.models.mixers.moe import MoE
-    from lmforge.models.mixers.rwkv import RWKVChannelMix
-    return {"mlp": MLP, "moe": MoE, "rwkv": RWKVChannelMix}
+def mixer_problems(cfg: Config) -> list[str]:
+    """What the `check` of each mixer `cfg` uses finds wrong with the settings it reads (each problem once)."""
+    used = {name for pair in cfg.layer_mixers() for name in pair}
+    classes = [token_mixer(n) for n in TOKEN_MIXERS if n in used]
+    classes += [channel_mixer(n) for n in CHANNEL_MIXERS if n in used and CHANNEL_MIXERS[n]]
+    problems: list[str] = []
+    for cls in classes:
+        problems += [p for p in getattr(cls, "check", lambda cfg: [])(cfg) if p not in problems]
+    return problems
+
+
+def check_mixers(cfg: Config) -> Config:
+    """Raise `ConfigError` with the first problem `mixer_problems` finds, as `Config.validate` words its own."""
+    problems = mixer_problems(cfg)
+    if problems:
+        raise ConfigError(f"config {cfg.name!r}: {problems[0]}")
+    return cfg

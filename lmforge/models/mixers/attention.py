@@ -12,7 +12,7 @@ from torch import nn
 from lmforge.config import Config
 from lmforge.errors import ConfigError
 from lmforge.models.layers import apply_rope
-from lmforge.models.mixers import MixerContext
+from lmforge.models.mixers.base import MixerContext
 
 
 class KVState:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.models.mixers import MixerContext, RecurrentState
+from lmforge.models.mixers.base import MixerContext, RecurrentState
 
 _CHUNK = 64
 _EPS = 1e-6
@@ -62,6 +62,13 @@ class LinearAttention(nn.Module):
 
     attr = "attn"
     resid_projs = ("proj",)
+
+    @classmethod
+    def check(cls, cfg: Config) -> list[str]:
+        """One key/value head per query head."""
+        if cfg.n_kv_head != cfg.n_head:
+            return ["linear_attention has no grouped KV heads: set attention.n_kv_head = attention.n_head"]
+        return []
 
     def __init__(self, cfg: Config):
         super().__init__()

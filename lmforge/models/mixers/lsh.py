@@ -34,7 +34,7 @@ from torch import nn
 
 from lmforge.config import Config
 from lmforge.models.layers import apply_rope
-from lmforge.models.mixers import MixerContext
+from lmforge.models.mixers.base import MixerContext
 
 _SELF = -1e5  # eq. 3: a token sees itself only when no other key is available
 _MASKED = -1e9  # finite, so a row whose every key is masked cannot give NaN
@@ -176,6 +176,27 @@ class LSHAttention(nn.Module):
 
     attr = "attn"
     resid_projs = ("proj",)
+
+    @classmethod
+    def check(cls, cfg: Config) -> list[str]:
+        """Problems with the `lsh` settings and the attention settings LSH cannot honour."""
+        h, out = cfg.lsh, []
+        if not (isinstance(h.n_buckets, int) and (h.n_buckets == 1 or (h.n_buckets >= 2 and h.n_buckets % 2 == 0))):
+            out.append(f"lsh.n_buckets must be 1 or a positive even number (random rotations give n_buckets/2 "
+                       f"directions and their negatives), got {h.n_buckets!r}")
+        if not (isinstance(h.n_hashes, int) and h.n_hashes > 0):
+            out.append(f"lsh.n_hashes must be positive, got {h.n_hashes!r}")
+        if not (isinstance(h.chunk_len, int) and h.chunk_len > 0):
+            out.append(f"lsh.chunk_len must be positive, got {h.chunk_len!r}")
+        elif cfg.block_size % h.chunk_len != 0:
+            out.append(f"block_size ({cfg.block_size}) must be a multiple of lsh.chunk_len ({h.chunk_len}): "
+                       "full-length sequences are cut into whole chunks")
+        if cfg.n_kv_head != cfg.n_head:
+            out.append("lsh_attention shares queries and keys (one qk per head): set attention.n_kv_head = "
+                       "attention.n_head")
+        if cfg.attention.sliding_window is not None:
+            out.append("lsh_attention has no sliding window: unset attention.sliding_window")
+        return out
 
     def __init__(self, cfg: Config):
         super().__init__()

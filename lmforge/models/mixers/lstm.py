@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.models.mixers import MixerContext, RecurrentState
+from lmforge.models.mixers.base import MixerContext, RecurrentState
 
 
 class LSTMState(RecurrentState):

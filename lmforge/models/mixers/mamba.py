@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.models.mixers import MixerContext, RecurrentState
+from lmforge.models.mixers.base import MixerContext, RecurrentState
 
 _CHUNK = 16  # steps per chunk: exp(-a_s) stays within fp32 range while T / L Python steps stay few
 
@@ -62,6 +62,20 @@ class Mamba(nn.Module):
 
     attr = "mixer"
     resid_projs = ("out_proj",)
+
+    @classmethod
+    def check(cls, cfg: Config) -> list[str]:
+        """Problems with the `ssm` settings Mamba reads (state size, conv width, expansion, dt rank)."""
+        s = cfg.ssm
+        out = [f"ssm.{f} must be a positive integer" for f in ("d_state", "d_conv", "expand")
+               if not (isinstance(getattr(s, f), int) and getattr(s, f) > 0)]
+        if out:
+            return out
+        if s.d_conv < 2:
+            out.append("ssm.d_conv must be >= 2")
+        if not (s.dt_rank is None or s.dt_rank > 0):
+            out.append("ssm.dt_rank must be positive")
+        return out
 
     def __init__(self, cfg: Config):
         super().__init__()

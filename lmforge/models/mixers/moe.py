@@ -39,6 +39,22 @@ class MoE(nn.Module):
     attr = "moe"
     resid_projs = ()  # w_proj is a batched Parameter, scaled here
 
+    @classmethod
+    def check(cls, cfg: Config) -> list[str]:
+        """Problems with the `moe` settings (experts, top-k, widths, capacity)."""
+        m, out = cfg.moe, []
+        if not (isinstance(m.n_experts, int) and m.n_experts > 0):
+            out.append(f"moe.n_experts must be positive, got {m.n_experts}")
+        elif not (isinstance(m.top_k, int) and 0 < m.top_k <= m.n_experts):
+            out.append(f"moe.top_k must be in 1..moe.n_experts ({m.n_experts}), got {m.top_k}")
+        if not (m.hidden is None or m.hidden > 0):
+            out.append("moe.hidden must be positive")
+        if m.n_shared < 0:
+            out.append("moe.n_shared must be >= 0")
+        if not (m.capacity_factor is None or m.capacity_factor > 0):
+            out.append(f"moe.capacity_factor must be positive (or null for no limit), got {m.capacity_factor}")
+        return out
+
     def __init__(self, cfg: Config):
         super().__init__()
         m = cfg.moe

@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.config import Config
 from lmforge.models.layers import apply_rope
-from lmforge.models.mixers import MixerContext, RecurrentState
+from lmforge.models.mixers.base import MixerContext, RecurrentState
 
 _CHUNK = 64
 
@@ -66,6 +66,13 @@ class Retention(nn.Module):
 
     attr = "retention"
     resid_projs = ("proj",)
+
+    @classmethod
+    def check(cls, cfg: Config) -> list[str]:
+        """One key/value head per query head."""
+        if cfg.n_kv_head != cfg.n_head:
+            return ["retention has no grouped KV heads: set attention.n_kv_head = attention.n_head"]
+        return []
 
     def __init__(self, cfg: Config):
         super().__init__()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.models.mixers import MixerContext, RecurrentState
+from lmforge.models.mixers.base import MixerContext, RecurrentState
 
 _CHUNK = 32
 _NEG = -1e30  # log of an empty sum (finite, so that differences stay defined)
@@ -72,11 +72,21 @@ def _shift(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([first, x[:, :-1]], 1)
 
 
+def _unpaired_rwkv(cfg: Config) -> list[str]:
+    return [f"layer {i}: RWKV's time-mix and channel-mix share one decode state; use 'rwkv+rwkv'"
+            for i, (token, channel) in enumerate(cfg.layer_mixers()) if (token == "rwkv") != (channel == "rwkv")]
+
+
 class RWKVTimeMix(nn.Module):
     """RWKV-4 time mixing (token mixer)."""
 
     attr = "time_mix"
     resid_projs = ("output",)
+
+    @classmethod
+    def check(cls, cfg: Config) -> list[str]:
+        """Time-mix and channel-mix share one decode state, so every layer has both or neither."""
+        return _unpaired_rwkv(cfg)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -120,6 +130,11 @@ class RWKVChannelMix(nn.Module):
 
     attr = "channel_mix"
     resid_projs = ("value",)
+
+    @classmethod
+    def check(cls, cfg: Config) -> list[str]:
+        """Time-mix and channel-mix share one decode state, so every layer has both or neither."""
+        return _unpaired_rwkv(cfg)
 
     def __init__(self, cfg: Config):
         super().__init__()

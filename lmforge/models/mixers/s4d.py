@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.models.mixers import MixerContext, RecurrentState
+from lmforge.models.mixers.base import MixerContext, RecurrentState
 
 
 class S4DState(RecurrentState):
@@ -58,6 +58,13 @@ class S4D(nn.Module):
 
     attr = "mixer"
     resid_projs = ("out_proj",)
+
+    @classmethod
+    def check(cls, cfg: Config) -> list[str]:
+        """The modes come in conjugate pairs: an even, positive ssm.d_state."""
+        if not (cfg.ssm.d_state % 2 == 0 and cfg.ssm.d_state > 0):
+            return [f"ssm.d_state must be a positive even number for s4d (conjugate pairs), got {cfg.ssm.d_state}"]
+        return []
 
     def __init__(self, cfg: Config):
         super().__init__()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.models.mixers import MixerContext, RecurrentState
+from lmforge.models.mixers.base import MixerContext, RecurrentState
 
 
 class XLMemory(RecurrentState):
@@ -55,6 +55,18 @@ class XLAttention(nn.Module):
 
     attr = "attn"
     resid_projs = ("proj",)
+
+    @classmethod
+    def check(cls, cfg: Config) -> list[str]:
+        """Problems with `xl.mem_len` and the attention settings Transformer-XL attention cannot honour."""
+        out = []
+        if not (isinstance(cfg.xl.mem_len, int) and cfg.xl.mem_len >= 0):
+            out.append(f"xl.mem_len must be a non-negative integer, got {cfg.xl.mem_len!r}")
+        if cfg.n_kv_head != cfg.n_head:
+            out.append("xl_attention has no grouped KV heads: set attention.n_kv_head = attention.n_head")
+        if not cfg.attention.causal:
+            out.append("xl_attention is causal: set attention.causal = true")
+        return out
 
     def __init__(self, cfg: Config):
         super().__init__()
