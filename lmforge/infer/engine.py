@@ -17,7 +17,8 @@ preemption); its random generator carries on, so its output is the same.
 
 All model work happens in the engine thread, one step at a time: the fp32 decode path (`blas_decode`)
 changes process-wide thread counts for the duration of a step, so two threads must never decode at once.
-Sampling and stopping reuse `generate.py` (`sample_next`, `TextStream`, `GenerationConfig`).
+Sampling and stopping reuse `generate.py` (`sample_next`, `TextStream`, `GenerationConfig`). What `submit` returns
+(`Request`, its `Event`s and `Completion`), the engine's errors and `EngineMetrics` are in `lmforge.infer.request`.
 """
 
 from __future__ import annotations

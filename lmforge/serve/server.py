@@ -3,6 +3,8 @@
 The event loop never runs the model: requests go to the engine thread (`lmforge.infer.engine`), whose
 events come back through `loop.call_soon_threadsafe` into a per-request asyncio queue. A client that goes
 away cancels its request, which frees its batch slot and KV blocks before the next decode step.
+
+This module builds the app (`create_app`) and runs it (`serve`, `ServerThread`); the handlers are in routes.py.
 """
 
 from __future__ import annotations
