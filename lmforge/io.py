@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,20 @@ def fsync_tree(path: Path) -> None:
 
 
 def publish_dir(tmp: Path, target: Path) -> None:
-    """fsync a finished temp folder, then rename it into place, replacing `target` whole if it exists."""
+    """fsync a finished temp folder, then rename it into place, replacing `target` whole if it exists.
+
+    An existing `target` is moved aside first and deleted only once the new folder is in place; if that
+    last rename fails, the old folder is put back.
+    """
     fsync_tree(tmp)
     if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
         os.rename(target, old)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, target)
@@ -65,13 +74,18 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file atomically (temp file in the same folder, fsync, rename)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Write a file atomically (temp file in the same folder, fsync, rename).
+
+    `mode`: the file's permission bits (None keeps the temp file's owner-only 0o600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -83,6 +97,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write pretty JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def write_json(path: str | os.PathLike, obj: Any, mode: int | None = None) -> None:
+    """Atomically write pretty JSON (`mode`: as `atomic_write_bytes`)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), mode)

@@ -36,8 +36,8 @@ log = logging.getLogger("lmforge.kernels")
 # path -> "module:function" of its probe, in the order `lmforge env` shows them
 PROBES: dict[str, str] = {
     "int4": "lmforge.quant.int4_layout:probe_int4",
-    "int8": "lmforge.quant.linear:probe_int8",
-    "int8_integer": "lmforge.quant.linear:probe_int8_integer",
+    "int8": "lmforge.quant.int8:probe_int8",
+    "int8_integer": "lmforge.quant.int8:probe_int8_integer",
     "mkl_fp32": "lmforge.infer.packed:probe_mkl_fp32",
     "onednn_fp32": "lmforge.infer.packed:probe_onednn_fp32",
     "onednn_bf16": "lmforge.infer.packed:probe_onednn_bf16",

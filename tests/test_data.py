@@ -13,15 +13,8 @@ import torch
 
 from lmforge.data import corpus, shards
 from lmforge.data.corpus import TEST_WORKS, VAL_WORKS, char_passages, corpus_works, iter_documents
-from lmforge.data.shards import (
-    TokenShard,
-    dtype_for,
-    held_out_documents,
-    open_shard,
-    prepare,
-    read_manifest,
-    sample_batch,
-)
+from lmforge.data.shard_reader import TokenShard, open_shard, read_manifest, sample_batch
+from lmforge.data.shards import dtype_for, held_out_documents, prepare
 from lmforge.errors import ConfigError, FormatError
 
 ASSETS = Path(__file__).parent / "assets" / "data"

@@ -10,8 +10,9 @@ import torch
 
 import lmforge
 from lmforge.errors import ConfigError
-from lmforge.infer.engine import Engine, QueueFullError
+from lmforge.infer.engine import Engine
 from lmforge.infer.generate import GenerationConfig, generate_ids
+from lmforge.infer.request import QueueFullError
 
 T_OUT = 60  # seconds any single wait may take before the test fails instead of hanging
 

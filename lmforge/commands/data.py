@@ -27,8 +27,8 @@ def prepare(source: str = "shakespeare", tokenizer: str = "char", out: str = "",
         overwrite: replace an existing prepared folder made from other data or settings.
         progress: show a progress bar on a terminal.
     """
+    from lmforge.data.shard_reader import read_manifest
     from lmforge.data.shards import prepare as prepare_shards
-    from lmforge.data.shards import read_manifest
 
     if tokenizer == "char":
         from lmforge.tokenizers import CharTokenizer

@@ -16,7 +16,8 @@ from lmforge.data.corpus import (
     normalize_chars,
     read_work,
 )
-from lmforge.data.shards import TokenShard, open_shard, prepare, read_manifest, sample_batch
+from lmforge.data.shard_reader import TokenShard, open_shard, read_manifest, sample_batch
+from lmforge.data.shards import prepare
 
 __all__ = [
     "TEST_WORKS",

@@ -1,4 +1,4 @@
-"""Tokenized datasets on disk: one flat token file per split, read back through `np.memmap`.
+"""Tokenized datasets on disk: one flat token file per split (`lmforge.data.shard_reader` reads them back).
 
 `prepare(source, tokenizer, out_dir)` streams the documents of a source through a tokenizer and
 writes
@@ -11,27 +11,22 @@ writes
 Tokens never sit in RAM as a whole: they are appended to the files in chunks of `chunk_tokens`.
 The folder is written under a temporary name and renamed into place, so a crash leaves either the
 old folder or the new one, never half of one.
-
-`sample_batch` draws random training windows with a `torch.Generator` only, so a trainer that saves
-and restores the generator's state resumes on exactly the same batches.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from lmforge.data.corpus import (
     SPLITS,
@@ -43,10 +38,10 @@ from lmforge.data.corpus import (
     read_work,
     source_files,
 )
+from lmforge.data.shard_reader import FORMAT, MANIFEST, TokenizerLike, read_manifest
 from lmforge.errors import ConfigError, FormatError
+from lmforge.io import publish_dir, write_json
 
-FORMAT = "lmforge.tokens/1"
-MANIFEST = "manifest.json"
 DEFAULT_VAL_FRACTION = 0.0005
 CHUNK_TOKENS = 1 << 20  # tokens buffered before each write (8 MB at most)
 BATCH_DOCS = 64  # documents per encode_batch call
@@ -56,19 +51,6 @@ BATCH_DOCS = 64  # documents per encode_batch call
 PIECE_CHARS = 1 << 22
 
 SplitMode = Literal["auto", "works", "documents", "tail"]
-
-
-class TokenizerLike(Protocol):
-    eos_id: int | None
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = ...) -> list[list[int]]: ...
-
-    def hash(self) -> str: ...
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -225,6 +207,54 @@ def prepare(source: str, tokenizer: TokenizerLike, out_dir: str | os.PathLike,
     out = Path(out_dir).expanduser()
     source = str(source)
     embedded = is_embedded(source)
+    sep, vocab_size = _check_args(source, embedded, tokenizer, val_fraction, split_mode, sep_id)
+    dtype = dtype_for(vocab_size)
+
+    settings = {"source": source if embedded else str(Path(source).expanduser().resolve()),
+                "fingerprint": _source_fingerprint(source), "tokenizer_hash": tokenizer.hash(),
+                "vocab_size": vocab_size, "sep_id": int(sep), "dtype": dtype.name,
+                "split_mode_requested": split_mode, "val_fraction": 0.0 if embedded else float(val_fraction),
+                "text_field": text_field, "normalize": _callable_name(normalize)}
+    existing = _check_out_dir(out, settings, overwrite)
+    if existing is not None:
+        return existing
+
+    plan = _plan_splits(source, embedded, split_mode, val_fraction, text_field)
+    tmp, umask = _make_temp_dir(out)
+    try:
+        splits = ("train", "val", "test") if embedded else ("train", "val")
+        writers = {s: _TokenWriter(tmp / f"{s}.bin", dtype, vocab_size, chunk_tokens) for s in splits}
+        bar = _progress(plan.total_chars, progress, f"prepare {Path(source).name}")
+        skipped = _write_documents(_document_batches(source, plan, splits, text_field), tokenizer, writers, sep,
+                                   normalize, bar)
+        if sum(w.documents for w in writers.values()) == 0:
+            raise ConfigError(f"data source {source!r} has no text left after normalisation; nothing to "
+                              "train on")
+        if plan.mode == "tail" and val_fraction > 0:
+            _split_tail(tmp, writers, dtype, val_fraction)
+        manifest = {
+            "format": FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "lmforge_version": _lmforge_version(),
+            **settings,
+            "split_mode": plan.mode,
+            "documents_skipped_empty": skipped,
+            "splits": {s: {"file": f"{s}.bin", "tokens": writers[s].tokens, "documents": writers[s].documents}
+                       for s in splits},
+        }
+        if embedded:
+            manifest["works"] = {"val": list(VAL_WORKS), "test": list(TEST_WORKS)}
+        write_json(tmp / MANIFEST, manifest, mode=0o666 & ~umask)  # readable as the .bin files are
+        publish_dir(tmp, out)  # an existing folder (checked above) is replaced whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_args(source: str, embedded: bool, tokenizer: TokenizerLike, val_fraction: float,
+                split_mode: SplitMode, sep_id: int | None) -> tuple[int, int]:
+    """ConfigError for settings `prepare` cannot use; else the separator id and the vocabulary size."""
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1); 0.0005 holds out 0.05%")
     if split_mode not in ("auto", "works", "documents", "tail"):
@@ -241,111 +271,94 @@ def prepare(source: str, tokenizer: TokenizerLike, out_dir: str | os.PathLike,
     vocab_size = int(tokenizer.vocab_size)
     if not 0 <= sep < vocab_size:
         raise ConfigError(f"separator id {sep} is outside the vocabulary (vocab_size {vocab_size})")
-    dtype = dtype_for(vocab_size)
+    return sep, vocab_size
 
-    settings = {"source": source if embedded else str(Path(source).expanduser().resolve()),
-                "fingerprint": _source_fingerprint(source), "tokenizer_hash": tokenizer.hash(),
-                "vocab_size": vocab_size, "sep_id": int(sep), "dtype": dtype.name,
-                "split_mode_requested": split_mode, "val_fraction": 0.0 if embedded else float(val_fraction),
-                "text_field": text_field, "normalize": _callable_name(normalize)}
-    existing = _check_out_dir(out, settings, overwrite)
-    if existing is not None:
-        return existing
 
-    # Plan the splits: which documents (by index) go where. Reading a path source once beforehand
-    # also catches bad files before anything is written.
+@dataclass
+class _Plan:
+    """Which documents go where: whole works by split (embedded corpus), or the indices held out for "val"."""
+
+    mode: str  # works | documents | tail
+    total_chars: int
+    works: dict[str, list[str]] = field(default_factory=dict)
+    held: set[int] = field(default_factory=set)
+
+
+def _plan_splits(source: str, embedded: bool, split_mode: SplitMode, val_fraction: float,
+                 text_field: str) -> _Plan:
+    """Plan the splits. Reading a path source once beforehand also catches bad files before anything is
+    written."""
     if embedded:
-        plan = {s: corpus_works(s, source) for s in SPLITS}
-        total_chars = sum(len(read_work(n)) for names in plan.values() for n in names)
-        n_docs = sum(len(v) for v in plan.values())
-        mode = "works"
-    else:
-        n_docs, total_chars = 0, 0
-        for doc in iter_documents(source, text_field=text_field):
-            n_docs += 1
-            total_chars += len(doc)
-        if n_docs == 0 or total_chars == 0:
-            raise ConfigError(f"data source {source!r} has no text (0 documents with any characters); "
-                              "check the path, the file contents or --text-field")
-        mode = split_mode if split_mode != "auto" else ("documents" if n_docs >= 2 else "tail")
-        if mode == "documents" and n_docs < 2 and val_fraction > 0:
-            raise ConfigError(f"split_mode 'documents' needs two or more documents and {source!r} has one; "
-                              "use split_mode 'tail' or 'auto'")
-        held = held_out_documents(n_docs, val_fraction) if mode == "documents" else set()
+        works = {s: corpus_works(s, source) for s in SPLITS}
+        return _Plan("works", sum(len(read_work(n)) for names in works.values() for n in names), works=works)
+    n_docs, total_chars = 0, 0
+    for doc in iter_documents(source, text_field=text_field):
+        n_docs += 1
+        total_chars += len(doc)
+    if n_docs == 0 or total_chars == 0:
+        raise ConfigError(f"data source {source!r} has no text (0 documents with any characters); "
+                          "check the path, the file contents or --text-field")
+    mode = split_mode if split_mode != "auto" else ("documents" if n_docs >= 2 else "tail")
+    if mode == "documents" and n_docs < 2 and val_fraction > 0:
+        raise ConfigError(f"split_mode 'documents' needs two or more documents and {source!r} has one; "
+                          "use split_mode 'tail' or 'auto'")
+    return _Plan(mode, total_chars, held=held_out_documents(n_docs, val_fraction) if mode == "documents" else set())
 
+
+def _make_temp_dir(out: Path) -> tuple[Path, int]:
+    """A fresh temporary folder beside `out`, readable as `out` will be; and the process's umask."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the data from other users
-    try:
-        splits = ("train", "val", "test") if embedded else ("train", "val")
-        writers = {s: _TokenWriter(tmp / f"{s}.bin", dtype, vocab_size, chunk_tokens) for s in splits}
-        bar = _progress(total_chars, progress, f"prepare {Path(source).name}")
-        skipped = 0
+    return tmp, umask
 
-        def emit(split: str, ids: list[int]) -> None:
-            w = writers[split]
+
+def _document_batches(source: str, plan: _Plan, splits: tuple[str, ...],
+                      text_field: str) -> Iterator[tuple[str, list[str]]]:
+    """(split, documents) in file order: one work at a time, or up to BATCH_DOCS documents of one split."""
+    if plan.mode == "works":
+        for s in splits:
+            for name in plan.works[s]:
+                yield s, [read_work(name)]
+        return
+    batch: list[str] = []
+    batch_split = "train"
+    for index, doc in enumerate(iter_documents(source, text_field=text_field)):
+        dest = "val" if index in plan.held else "train"
+        if batch and (dest != batch_split or len(batch) >= BATCH_DOCS):
+            yield batch_split, batch
+            batch = []
+        batch_split = dest
+        batch.append(doc)
+    if batch:
+        yield batch_split, batch
+
+
+def _write_documents(batches: Iterator[tuple[str, list[str]]], tokenizer: TokenizerLike,
+                     writers: dict[str, _TokenWriter], sep: int, normalize: Callable[[str], str] | None,
+                     bar) -> int:
+    """Encode each batch into its split's writer, every document followed by `sep`; close the writers and
+    `bar`. Returns the number of documents skipped as empty (after `normalize`)."""
+    skipped = 0
+    for split, docs in batches:
+        chars = sum(len(d) for d in docs)
+        if normalize is not None:
+            docs = [normalize(d) for d in docs]
+        kept = [d for d in docs if d]
+        skipped += len(docs) - len(kept)
+        w = writers[split]
+        for ids in _encode_docs(tokenizer, kept):
             w.write(ids)
             w.write([sep])
             w.documents += 1
-
-        def batches() -> Iterator[tuple[str, list[str]]]:
-            if embedded:
-                for s in splits:
-                    for name in plan[s]:
-                        yield s, [read_work(name)]
-                return
-            batch: list[str] = []
-            batch_split = "train"
-            for index, doc in enumerate(iter_documents(source, text_field=text_field)):
-                dest = "val" if index in held else "train"
-                if batch and (dest != batch_split or len(batch) >= BATCH_DOCS):
-                    yield batch_split, batch
-                    batch = []
-                batch_split = dest
-                batch.append(doc)
-            if batch:
-                yield batch_split, batch
-
-        for split, docs in batches():
-            chars = sum(len(d) for d in docs)
-            if normalize is not None:
-                docs = [normalize(d) for d in docs]
-            kept = [d for d in docs if d]
-            skipped += len(docs) - len(kept)
-            for ids in _encode_docs(tokenizer, kept):
-                emit(split, ids)
-            bar.update(chars)
-            bar.set_postfix(tokens=sum(w.tokens + w.n_buf for w in writers.values()), refresh=False)
-        bar.close()
-        for w in writers.values():
-            w.close()
-        if sum(w.documents for w in writers.values()) == 0:
-            raise ConfigError(f"data source {source!r} has no text left after normalisation; nothing to "
-                              "train on")
-        if mode == "tail" and val_fraction > 0:
-            _split_tail(tmp, writers, dtype, val_fraction)
-
-        manifest = {
-            "format": FORMAT,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "lmforge_version": _lmforge_version(),
-            **settings,
-            "split_mode": mode,
-            "documents_skipped_empty": skipped,
-            "splits": {s: {"file": f"{s}.bin", "tokens": writers[s].tokens, "documents": writers[s].documents}
-                       for s in splits},
-        }
-        if embedded:
-            manifest["works"] = {"val": list(VAL_WORKS), "test": list(TEST_WORKS)}
-        _write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        bar.update(chars)
+        bar.set_postfix(tokens=sum(w.tokens + w.n_buf for w in writers.values()), refresh=False)
+    bar.close()
+    for w in writers.values():
+        w.close()
+    return skipped
 
 
 def _callable_name(fn: Callable | None) -> str | None:
@@ -376,48 +389,6 @@ def _split_tail(tmp: Path, writers: dict[str, _TokenWriter], dtype: np.dtype, va
     train.documents = 1
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` (already checked to be a prepared folder) is moved
-    aside first and deleted only once the new one is in place."""
-    old = None
-    if out.exists():
-        if not any(out.iterdir()):
-            out.rmdir()
-        else:
-            old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
-            os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    _fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> Path | None:
     """None when `out` may be written; `out` itself when it already holds this exact dataset."""
     if not out.exists():
@@ -440,107 +411,3 @@ def _check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> Path
         raise ConfigError(f"output folder {out} already holds a prepared dataset that {why}; pass "
                           "overwrite=True (--overwrite) to replace it, or choose another --out")
     return None
-
-
-# ---- reading -----------------------------------------------------------------------------------------
-def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a prepared folder, after checking that every split file exists and holds
-    exactly the number of tokens the manifest records (FormatError otherwise)."""
-    folder = Path(out_dir).expanduser()
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FormatError(f"{folder} is not a prepared dataset: {MANIFEST} is missing; create it with "
-                          f"`lmforge prepare --out {folder}`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path} is corrupt ({e}); prepare the data again with --overwrite") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "splits" not in manifest:
-        raise FormatError(f"{path} is not an {FORMAT} manifest; prepare the data again with --overwrite")
-    try:
-        itemsize = np.dtype(manifest["dtype"]).itemsize
-        for split, info in manifest["splits"].items():
-            f = folder / info["file"]
-            if not f.is_file():
-                raise FormatError(f"{f} is missing (the manifest lists split {split!r}); prepare the data "
-                                  "again with --overwrite")
-            expected = int(info["tokens"]) * itemsize
-            if f.stat().st_size != expected:
-                raise FormatError(f"{f} has {f.stat().st_size} bytes but the manifest says {info['tokens']} "
-                                  f"{manifest['dtype']} tokens ({expected} bytes); the file is truncated or "
-                                  "from another run - prepare the data again with --overwrite")
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, FormatError):
-            raise
-        raise FormatError(f"{path} is missing or has a bad field ({e!r}); prepare the data again with "
-                          "--overwrite") from e
-    return manifest
-
-
-def open_shard(out_dir: str | os.PathLike, split: str = "train") -> np.ndarray:
-    """Read-only `np.memmap` of one split's tokens (an empty array for an empty split)."""
-    return TokenShard.open(out_dir, split).tokens
-
-
-@dataclass
-class TokenShard:
-    """One split of a prepared folder: its tokens (memory-mapped) and the folder's manifest."""
-
-    path: Path
-    split: str
-    tokens: np.ndarray
-    manifest: dict[str, Any]
-
-    @classmethod
-    def open(cls, out_dir: str | os.PathLike, split: str = "train") -> TokenShard:
-        manifest = read_manifest(out_dir)
-        if split not in manifest["splits"]:
-            raise ConfigError(f"{out_dir} has no split {split!r}; it has {', '.join(manifest['splits'])}")
-        info = manifest["splits"][split]
-        path = Path(out_dir).expanduser() / info["file"]
-        dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-        tokens = (np.memmap(path, dtype=dtype, mode="r") if info["tokens"] > 0
-                  else np.zeros(0, dtype=dtype))
-        return cls(path=path, split=split, tokens=tokens, manifest=manifest)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.manifest["vocab_size"])
-
-    @property
-    def tokenizer_hash(self) -> str:
-        return str(self.manifest["tokenizer_hash"])
-
-    def check_tokenizer(self, tokenizer: TokenizerLike) -> None:
-        """ConfigError unless `tokenizer` is the one these tokens were made with."""
-        if tokenizer.hash() != self.tokenizer_hash:
-            raise ConfigError(f"{self.path.parent} was prepared with another tokenizer (hash "
-                              f"{self.tokenizer_hash[:12]}, given {tokenizer.hash()[:12]}); prepare the data "
-                              "again with this tokenizer, or train with the tokenizer it was made with")
-
-    def sample_batch(self, batch_size: int, block_size: int, generator: torch.Generator,
-                     device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`sample_batch` over this split."""
-        return sample_batch(self.tokens, batch_size, block_size, generator, device)
-
-
-def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
-                 device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch_size` random windows of `tokens`: x = tokens[i:i+T], y = tokens[i+1:i+T+1], as int64
-    tensors (B, T). Start positions come from `generator` alone, so saving and restoring its state
-    (`generator.get_state()` / `set_state()`) replays the same batches."""
-    n = len(tokens)
-    if n < block_size + 1:
-        raise ConfigError(f"the split has {n} tokens, too few for block_size {block_size} (needs at least "
-                          f"{block_size + 1}); use a smaller block size or more data")
-    starts = torch.randint(n - block_size, (batch_size,), generator=generator)
-    rows = np.stack([np.asarray(tokens[i:i + block_size + 1]) for i in starts.tolist()])
-    batch = torch.from_numpy(rows.astype(np.int64))  # (B, T+1)
-    x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-    if device is not None and torch.device(device).type != "cpu":
-        x = x.pin_memory().to(device, non_blocking=True)
-        y = y.pin_memory().to(device, non_blocking=True)
-    return x, y

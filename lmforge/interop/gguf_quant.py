@@ -125,7 +125,7 @@ def export_blocks(layer) -> tuple[np.ndarray, int]:
         if np.array_equal(m, d * np.float16(-8)):
             return _join(d, None, nib), Q.Q4_0
         return _join(d, m, nib), Q.Q4_1
-    from lmforge.quant.linear import Int8Linear
+    from lmforge.quant.int8 import Int8Linear
 
     lin = torch.nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
     lin.weight = torch.nn.Parameter(layer.dequantize(), requires_grad=False)

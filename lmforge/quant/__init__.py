@@ -4,7 +4,8 @@
 `NF4Linear` (nf4.py) is also QLoRA's frozen base.
 """
 
-from lmforge.quant.linear import Int4Linear, Int8Linear, Q8Linear, QuantEmbedding, QuantLinear
+from lmforge.quant.int8 import Int8Linear
+from lmforge.quant.linear import Int4Linear, Q8Linear, QuantEmbedding, QuantLinear
 from lmforge.quant.model import METHODS, dequantize, is_quantized, quantize
 from lmforge.quant.nf4 import NF4_CODE, NF4Linear
 

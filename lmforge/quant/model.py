@@ -13,10 +13,10 @@ from torch import nn
 
 from lmforge.errors import ConfigError, FormatError
 from lmforge.quant.int4_layout import CANONICAL, convert_int4, int4_layout
+from lmforge.quant.int8 import Int8Linear
 from lmforge.quant.linear import (
     GROUP_SIZES,
     Int4Linear,
-    Int8Linear,
     Q8Linear,
     QuantEmbedding,
     QuantLinear,

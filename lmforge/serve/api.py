@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from lmforge.infer.engine import Completion
+from lmforge.infer.request import Completion
 
 
 class APIError(Exception):

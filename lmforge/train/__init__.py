@@ -9,7 +9,8 @@ that resume bit-identically, metrics and curves, and YAML recipes (`lmforge pret
 from lmforge.train.batches import BatchSource, PaddedSequences, TokenWindows, pad_sequences, shift_padded
 from lmforge.train.objectives import CausalLM, Objective, build_objective
 from lmforge.train.optim import OptimConfig, build_optimizer, lr_at
-from lmforge.train.trainer import TrainConfig, Trainer, TrainingDiverged, TrainResult
+from lmforge.train.steps import TrainingDiverged, TrainResult
+from lmforge.train.trainer import TrainConfig, Trainer
 
 __all__ = [
     "BatchSource", "CausalLM", "Objective", "OptimConfig", "PaddedSequences", "TokenWindows", "TrainConfig",

@@ -5,38 +5,34 @@ a check that the loss is finite, gradient clipping, AdamW with the warmup + cosi
 periodic validation with early stopping (the best model kept in `<run>/best`), atomic checkpoints that
 resume bit-identically (weights, optimizer, every RNG, data position), SIGTERM/SIGINT handling,
 `metrics.jsonl` + `curves.png`, and a progress bar with tokens/s, MFU and ETA.
+
+`Trainer.fit` is a short loop over named steps (steps.py); writing checkpoints and resuming from them is in
+trainer_checkpoints.py. Both are base classes of `Trainer`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import random
 import signal
-import sys
 import threading
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
-from lmforge.errors import ConfigError, LMForgeError
+from lmforge.errors import ConfigError
 from lmforge.precision import train_dtype
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed, faults
 from lmforge.train.allocator import allocator_for, apply_allocator
 from lmforge.train.batches import BatchSource
-from lmforge.train.metrics import MetricsLog, mfu_ratio, plot_curves, train_peak_flops
+from lmforge.train.metrics import MetricsLog, plot_curves
 from lmforge.train.objectives import Objective
-from lmforge.train.optim import OptimConfig, build_optimizer, lr_at
-
-
-class TrainingDiverged(LMForgeError):
-    """The loss (or gradient norm) became NaN/inf; the run stopped without saving the broken state."""
+from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.steps import TrainingSteps, TrainResult
+from lmforge.train.trainer_checkpoints import TrainerCheckpoints
 
 
 @dataclass
@@ -82,28 +78,6 @@ class TrainConfig:
     objective_args: dict[str, Any] = field(default_factory=dict)  # the objective's own options (mask_prob, ...)
 
 
-@dataclass
-class TrainResult:
-    """What a `fit()` did."""
-
-    step: int
-    stopped: str  # max_steps | max_epochs | time_budget | early_stopping | signal:SIGTERM | signal:SIGINT
-    train_loss: float | None = None
-    val: dict[str, float] = field(default_factory=dict)  # last validation metrics
-    best_val: float | None = None
-    best_step: int | None = None
-    elapsed: float = 0.0
-    tokens_per_s: float = 0.0
-    resumed_from: int | None = None
-
-    @property
-    def exit_code(self) -> int:
-        """0 when the run ended by itself; 128 + signal number when a signal stopped it (checkpoint saved)."""
-        if self.stopped.startswith("signal:"):
-            return 128 + int(getattr(signal, self.stopped.split(":")[1]))
-        return 0
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, objective: Objective, batches, dtype: str = "float32",
              device: str = "cpu") -> dict[str, float]:
@@ -126,14 +100,7 @@ def evaluate(model: nn.Module, objective: Objective, batches, dtype: str = "floa
     return objective.summarize(totals) if totals else {}
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch, Python and numpy global RNGs."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-class Trainer:
+class Trainer(TrainingSteps, TrainerCheckpoints):
     """Train `model` on batches from `data` with `objective`.
 
     Args:
@@ -267,90 +234,6 @@ class Trainer:
         keys = sorted(totals)
         return self.objective.summarize(dict(zip(keys, distributed.all_sum(self.dist, [totals[k] for k in keys]))))
 
-    def _state(self, elapsed: float) -> dict[str, Any]:
-        state = {"rng": ckpt.rng_state(), "data": self.data.state_dict(), "best_val": self.best_val,
-                 "best_step": self.best_step, "bad_evals": self.bad_evals, "tokens_seen": self.tokens_seen,
-                 "elapsed": elapsed, "threads": torch.get_num_threads(),
-                 "schedule": {"lr": lr_at(self.step, self.optim_cfg, self.cfg.max_steps),
-                              "max_steps": self.cfg.max_steps, **asdict(self.optim_cfg)}}
-        if self.dist.world_size > 1:  # every rank's own RNGs (one GPU each; ranks may draw differently)
-            import torch.distributed as dist
-
-            ranks: list[Any] = [None] * self.dist.world_size
-            dist.all_gather_object(ranks, state["rng"])
-            state["rng_ranks"] = ranks
-        return state
-
-    def _saved_rng(self, state: dict[str, Any]) -> dict[str, Any]:
-        """This rank's RNG states in a checkpoint's state (rank 0's where it was written at another world size)."""
-        ranks = state.get("rng_ranks")
-        return ranks[self.dist.rank] if ranks and len(ranks) == self.dist.world_size else state["rng"]
-
-    def save_checkpoint(self, elapsed: float = 0.0) -> Path | None:
-        """Checkpoint the current step into `<run>/checkpoints/step-N/` (atomic; prunes to keep_last)."""
-        if self.run_dir is None:
-            return None
-        llm = None if self.dist.parallel else self._llm()
-        state = self._state(elapsed)  # the RNG states the next step must start from, whatever saving does
-        if self.dist.parallel:  # sharded, every rank writes its part (dist_checkpoint.py)
-            from lmforge.train import dist_checkpoint
-
-            path = dist_checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, state, self.dist,
-                                        self._write_meta, keep_last=self.cfg.keep_last)
-        else:
-            path = ckpt.save_checkpoint(self.run_dir, self.step, llm, self.optimizer, state,
-                                        keep_last=self.cfg.keep_last, heads=self._head_tensors(),
-                                        objective_state=self.objective.state_dict(), base=self._base())
-        # a run that goes on continues from exactly the captured states, as one resumed from this checkpoint does
-        ckpt.set_rng_state(state["rng"])
-        return path
-
-    def _base(self) -> dict[str, Any] | None:
-        """The frozen base's source and fingerprint (hashed once: it does not change while training)."""
-        if self.base_source is None:
-            return None
-        if self._base_ref is None:
-            self._base_ref = {**self.base_source, **ckpt.base_fingerprint(self.model)}
-        return self._base_ref
-
-    def _write_meta(self, folder: Path) -> None:
-        """The model description beside a sharded checkpoint, so `lmforge.load` reads the folder as a model."""
-        from lmforge.io import write_json
-
-        cfg = self.model.config
-        write_json(folder / "config.json", {"model_type": "lmforge", **cfg.to_dict()})
-        write_json(folder / "lmforge.json", {"format_version": 1, "weights_layout": "dcp", "config": cfg.to_dict()})
-        if self.tokenizer is not None:
-            self.tokenizer.save(folder)
-
-    def _restore(self, c: ckpt.Checkpoint) -> float:
-        s = c.state
-        if s.get("format") == "dcp":
-            from lmforge.train import dist_checkpoint
-
-            dist_checkpoint.load(c.path, self.model, self.optimizer)
-        elif self.dist.strategy == "fsdp":
-            raise ConfigError(f"{c.path} was written by a one-process run (train.strategy: single); resume it with "
-                              "train.strategy: single or ddp, or start the fsdp run in a new run.dir")
-        else:
-            if s.get("base") is not None:  # adapter-only: this run rebuilt the base; it must be the same one
-                ckpt.check_base(c.path, s["base"], self.model)
-                ckpt.load_trainable(c.path, self.model)
-            else:
-                ckpt.load_model_weights(c.path, self.model)
-            if len(self.heads):
-                self.heads.load_state_dict(ckpt.load_heads(c.path))
-            ckpt.load_optimizer_state(c.path, self.optimizer)
-            self.objective.load_state_dict(ckpt.load_objective_state(c.path, self.device))
-        self.data.load_state_dict(s["data"])  # the global RNGs (s["rng"]): set by fit, right before the loop
-        self.step, self.best_val, self.best_step = int(s["step"]), s.get("best_val"), s.get("best_step")
-        self.bad_evals, self.tokens_seen = int(s.get("bad_evals", 0)), int(s.get("tokens_seen", 0))
-        if s.get("threads") and s["threads"] != torch.get_num_threads():
-            print(f"warning: the checkpoint was written with {s['threads']} threads, this run has "
-                  f"{torch.get_num_threads()}; results will not be bit-identical (set train.threads)",
-                  file=sys.stderr)
-        return float(s.get("elapsed", 0.0))
-
     def _own_rng(self):
         """A context in which drawing random numbers leaves the global RNGs (CPU, and this run's GPU) as they were."""
         cuda = self._device_type == "cuda"
@@ -407,188 +290,14 @@ class Trainer:
         resume: None (fresh; refuses a run folder that already has checkpoints), "auto" (newest whole
         checkpoint, or fresh if none) or a checkpoint folder.
         """
-        cfg = self.cfg
-        if self.run_dir is not None:
-            ckpt.check_resume(self.run_dir, resume)
-            if self.is_main:
-                ckpt.clean_stale_temps(self.run_dir)
-        start = self._resolve_resume(resume)
-        elapsed0 = 0.0
-        if start:
-            elapsed0 = self._restore(start)
-            if self.metrics is not None:
-                self.metrics.truncate_after(self.step)
-            if self.is_main:
-                print(f"resumed from {start.path} (step {self.step})", file=sys.stderr)
-        elif self.metrics is not None:
-            self.metrics.reset()
-        resumed_from = self.step if start else None
-
-        peak = None
-        if self.is_main:  # MFU per device: the global rate over world_size devices
-            with self._own_rng():  # the benchmark draws random matrices, as many as the machine's speed says
-                peak = (cfg.peak_flops or train_peak_flops(cfg.dtype, str(self.device))) * self.dist.world_size
-        flops_per_tok = None
-        pbar = None
-        if cfg.progress and self.is_main:
-            from tqdm.auto import tqdm
-
-            total = cfg.max_steps
-            if cfg.max_epochs is not None and getattr(self.data, "steps_per_epoch", None):
-                total = min(total, cfg.max_epochs * self.data.steps_per_epoch)
-            pbar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
-        self.model.train()
-        t_start = time.perf_counter()
-        stopped, train_loss, tok_s, last_ckpt = "max_steps", None, 0.0, self.step if start else -1
-        rate_tokens, rate_time = 0, 0.0
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        # Every global RNG is set last, right before the first step, on every rank: what ran since the process
-        # started (building the model and data, the peak FLOP/s benchmark on rank 0 alone, ...) may have drawn
-        # from them, and a checkpoint's RNG states must be the ones the step after it starts from (issue 28).
-        if start:
-            ckpt.set_rng_state(self._saved_rng(start.state))
-        else:
-            seed_everything(cfg.seed)
-
+        run = self._start(resume)
         with self._signals():
-            while True:
-                elapsed = elapsed0 + time.perf_counter() - t_start
-                got_signal = bool(self._signal)
-                if self.dist.world_size > 1:  # every rank stops at the same step: a signal on any, rank 0's clock
-                    flag, elapsed = distributed.all_sum(self.dist, [float(got_signal),
-                                                                    elapsed if self.is_main else 0.0])
-                    got_signal = flag > 0
-                if got_signal:
-                    stopped = f"signal:{self._signal or 'SIGTERM'}"
-                    break
-                if self.step >= cfg.max_steps:
-                    stopped = "max_steps"
-                    break
-                if cfg.patience and self.bad_evals >= cfg.patience:  # an early-stopped run, resumed
-                    stopped = "early_stopping"
-                    break
-                if cfg.max_epochs is not None and self.data.epoch is not None and self.data.epoch >= cfg.max_epochs:
-                    stopped = "max_epochs"
-                    break
-                if cfg.time_budget is not None and elapsed >= cfg.time_budget:
-                    stopped = "time_budget"
-                    break
-
-                t0 = time.perf_counter()
-                sched_step = self.step
-                if cfg.schedule_clock == "time" and cfg.time_budget:
-                    sched_step = max(self.step, int(elapsed / cfg.time_budget * cfg.max_steps))
-                lr = lr_at(sched_step, self.optim_cfg, cfg.max_steps)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                loss_sum, n_tok = 0.0, 0
-                for i in range(cfg.grad_accum):
-                    batch = self._to_device(self.data.next_batch())
-                    if flops_per_tok is None and hasattr(self.model, "estimate_flops"):
-                        flops_per_tok = self.model.estimate_flops(batch["input_ids"].shape[1])
-                    with distributed.grad_sync(self._wrapped, self.dist, i == cfg.grad_accum - 1), self._autocast():
-                        loss, _ = self.objective.loss(self._train_model, batch)
-                        (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.item()
-                    n_tok += self.objective.tokens(batch)
-                faults.reached("step")
-                if self.dist.world_size > 1:  # the global batch's loss and tokens
-                    loss_sum, n_tok = distributed.all_sum(self.dist, [loss_sum / self.dist.world_size, float(n_tok)])
-                    n_tok = int(n_tok)
-                train_loss = loss_sum / cfg.grad_accum
-                # the norm is computed even without clipping: NaN gradients under a finite loss must stop
-                # the run too, before they reach the weights (and a checkpoint)
-                if self.optim_cfg.grad_clip > 0:
-                    gnorm = distributed.local_value(nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip))
-                else:
-                    gnorm = distributed.local_value(nn.utils.get_total_norm([p.grad for p in params
-                                                                             if p.grad is not None]))
-                if not math.isfinite(train_loss) or not math.isfinite(gnorm):
-                    self._diverged(train_loss, gnorm, pbar)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.tokens_seen += n_tok
-
-                dt = time.perf_counter() - t0
-                rate_tokens, rate_time = rate_tokens + n_tok, rate_time + dt
-                if rate_time > 2.0:  # a rate over the last couple of seconds, not one noisy step
-                    tok_s, rate_tokens, rate_time = rate_tokens / rate_time, 0, 0.0
-                elif tok_s == 0.0:
-                    tok_s = n_tok / dt
-                mfu = mfu_ratio(flops_per_tok, tok_s, peak)  # in [0, 1]
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    row = {"step": self.step, "split": "train", "loss": train_loss, "lr": lr,
-                           "tokens": self.tokens_seen, "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4),
-                           "grad_norm": gnorm}
-                    if self.data.epoch is not None:
-                        row["epoch"] = self.data.epoch
-                    self._log(row)
-                if pbar is not None:
-                    pbar.update(1)
-                    budget = ""
-                    if cfg.time_budget is not None:  # tqdm's ETA counts steps; the budget may end the run first
-                        budget = f" budget left {max(cfg.time_budget - elapsed, 0) / 60:.1f} min"
-                    pbar.set_postfix_str(f"loss {train_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s MFU {mfu:.1%}"
-                                         f"{budget}", refresh=False)
-
-                stop_early = False
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    stop_early = self._validate(pbar, elapsed)
-                if self.run_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint(elapsed0 + time.perf_counter() - t_start)
-                    faults.reached("checkpoint_published")
-                    last_ckpt = self.step
+            while not self._should_stop(run):
+                lr, gnorm, n_tok, dt = self._train_step(run)
+                self._report_step(run, lr, gnorm, n_tok, dt)
+                stop_early = self._maybe_evaluate(run)
+                self._maybe_checkpoint(run)
                 if stop_early:
-                    stopped = "early_stopping"
+                    run.stopped = "early_stopping"
                     break
-
-        elapsed = elapsed0 + time.perf_counter() - t_start
-        if stopped != "early_stopping" and (not cfg.eval_every or self.step % cfg.eval_every) and \
-                not stopped.startswith("signal") and self.step != resumed_from:
-            self._validate(pbar, elapsed)  # the run's final numbers
-        if pbar is not None:
-            pbar.close()
-        if self.run_dir is not None:
-            if last_ckpt != self.step:
-                self.save_checkpoint(elapsed)
-                faults.reached("checkpoint_published")
-            if not stopped.startswith("signal"):
-                self.save_model(self.run_dir / "model")
-            if self.metrics is not None:
-                plot_curves(self.metrics.rows(), self.run_dir / "curves.png", title=str(self.run_dir))
-                self.metrics.close()
-        if stopped.startswith("signal") and self.is_main:
-            print(f"{stopped.split(':')[1]} received: saved checkpoint step-{self.step} in "
-                  f"{self.run_dir / ckpt.CKPT_DIR if self.run_dir else '(no run folder)'}; continue with "
-                  "--resume auto", file=sys.stderr)
-        return TrainResult(step=self.step, stopped=stopped, train_loss=train_loss, val=self.last_val,
-                           best_val=self.best_val, best_step=self.best_step, elapsed=elapsed,
-                           tokens_per_s=tok_s, resumed_from=resumed_from)
-
-    def _resolve_resume(self, resume: str | None) -> ckpt.Checkpoint | None:
-        """The checkpoint to start from: rank 0 verifies and chooses, every rank takes its choice."""
-        if self.run_dir is None:
-            return None
-        if self.dist.world_size == 1:
-            return ckpt.resolve_resume(self.run_dir, resume)
-        import torch.distributed as dist
-
-        box = [ckpt.resolve_resume(self.run_dir, resume) if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _diverged(self, loss: float, gnorm: float | None, pbar) -> None:
-        if pbar is not None:
-            pbar.close()
-        self._log({"step": self.step + 1, "split": "event", "event": "non_finite",
-                   "loss": str(loss), "grad_norm": str(gnorm)})
-        if self.metrics is not None:
-            self.metrics.close()
-        last = ckpt.find_latest(self.run_dir) if self.run_dir else None
-        where = f"the last good checkpoint is {last.path} (step {last.step}); " if last else "no checkpoint was saved; "
-        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gnorm}"
-        raise TrainingDiverged(
-            f"non-finite {what} at step {self.step + 1}: training stopped without saving the broken state; {where}"
-            "lower optim.lr, raise optim.warmup_steps, keep optim.grad_clip > 0 or use train.dtype=float32, then "
-            "resume with --resume auto")
+        return self._finish(run)
