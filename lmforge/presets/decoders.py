@@ -1,7 +1,7 @@
 """Presets of the dense decoders (teenyGPT, GPT-2, SmolLM2, Llama, Mistral, Falcon, Qwen2) and their tiny test
 sizes; each function returns a fresh `Config` and says where its numbers come from.
 
-`gpt2_like` and `llama_like` are the shared builders; `lmforge.family_presets` builds on them too.
+`gpt2_like` and `llama_like` are the shared builders; `lmforge.presets.families` builds on them too.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Named presets: one table of every model lmforge knows by name, and `get_preset` / `list_presets` over it.
 
 The presets are built by three tables, each citing where its numbers come from: the dense decoders
-(`lmforge.decoder_presets`), the block families beyond dense attention (`lmforge.family_presets`: MoE, SSMs,
+(`lmforge.presets.decoders`), the block families beyond dense attention (`lmforge.presets.families`: MoE, SSMs,
 linear attention, RetNet, RWKV, LSTM, LSH, Transformer-XL, hybrids) and the encoders and encoder-decoders
-(`lmforge.encoder_presets`: BERT, RoBERTa, MiniLM, T5, the Transformer). The order of `PRESETS` is the order
+(`lmforge.presets.encoders`: BERT, RoBERTa, MiniLM, T5, the Transformer). The order of `PRESETS` is the order
 `list_presets` gives.
 """
 
@@ -13,10 +13,10 @@ import difflib
 from collections.abc import Callable
 
 from lmforge.config import Config
-from lmforge.decoder_presets import DECODER_PRESETS
-from lmforge.encoder_presets import ENCODER_PRESETS
 from lmforge.errors import ConfigError
-from lmforge.family_presets import FAMILY_PRESETS
+from lmforge.presets.decoders import DECODER_PRESETS
+from lmforge.presets.encoders import ENCODER_PRESETS
+from lmforge.presets.families import FAMILY_PRESETS
 
 PRESETS: dict[str, Callable[[], Config]] = {**DECODER_PRESETS, **FAMILY_PRESETS, **ENCODER_PRESETS}
 

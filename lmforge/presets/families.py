@@ -21,7 +21,7 @@ from lmforge.config import (
     SSMConfig,
     XLConfig,
 )
-from lmforge.decoder_presets import gpt2_like, llama_like
+from lmforge.presets.decoders import gpt2_like, llama_like
 
 
 def _mixtral_8x7b() -> Config:
