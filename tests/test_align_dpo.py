@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import assert_rel_close
-from preferences import toy_pairs
+from helpers.preferences import toy_pairs
 
 from lmforge.align import DPO, Pair, PreferencePairs, collate, sequence_logps, tokenize_pairs
 from lmforge.config import get_preset

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from preferences import toy_pairs
+from helpers.preferences import toy_pairs
 
 from lmforge.adapt import apply_lora, disable_adapters
 from lmforge.align import DPO, Pair, PreferencePairs, collate, sequence_logps

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_rel_close
-from preferences import toy_pairs
+from helpers.preferences import toy_pairs
 
 from lmforge.align import Pair, PreferencePairs, RewardModel, RewardObjective, collate
 from lmforge.config import get_preset

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import assert_rel_close
-from hf_parity import assert_hf_round_trip
+from helpers.hf_parity import assert_hf_round_trip
 
 from lmforge.config import get_preset
 from lmforge.errors import ConfigError

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from resume_kill import ROOT, Case, assert_same_run, corpus, kill_chain, launch
+from helpers.resume_kill import ROOT, Case, assert_same_run, corpus, kill_chain, launch
 
 RECIPES = ROOT / "recipes"
 PREFS = ROOT / "tests" / "assets" / "align" / "prefs.jsonl"

@@ -18,7 +18,7 @@ import openai
 import psutil
 import pytest
 import torch
-from serving import have_smollm2, tiny_chat_llm
+from helpers.serving import have_smollm2, tiny_chat_llm
 
 import lmforge
 from lmforge.serve.server import ServerThread
