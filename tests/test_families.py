@@ -132,11 +132,9 @@ def test_rwkv_halves_must_pair():
         get_preset("tiny-rwkv").replace(block="rwkv+mlp")
 
 
-def test_window_with_global_tokens_sees_the_first_tokens_from_afar():
-    torch.manual_seed(0)
-    cfg = get_preset("tiny-mistral").replace(n_layer=1, **{"attention.global_tokens": 2})
-    model = DecoderLM(cfg).eval()
-    w = cfg.attention.sliding_window
+def test_window_with_global_tokens_sees_the_first_tokens_from_afar(tiny_llm):
+    model = tiny_llm("mistral", n_layer=1, **{"attention.global_tokens": 2})
+    w = model.config.attention.sliding_window
     x = torch.randint(1, 256, (1, 3 * w))
     y, z = x.clone(), x.clone()
     y[0, 1] = (x[0, 1] + 1) % 256  # a global token: every later position sees it
@@ -153,11 +151,10 @@ def test_window_with_global_tokens_sees_the_first_tokens_from_afar():
 
 
 @pytest.mark.parametrize("name", ["tiny-mamba", "tiny-rwkv"])
-def test_beam_search_runs_on_recurrent_states(name):
+def test_beam_search_runs_on_recurrent_states(name, tiny_llm):
     """Beams reorder and repeat each layer's recurrent state: one beam equals greedy decoding."""
     from lmforge.infer.generate import GenerationConfig, generate_ids
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset(name)).eval()
+    model = tiny_llm(name)
     prompt = [[5, 9, 2, 7]]
     greedy = generate_ids(model, prompt, GenerationConfig(max_new_tokens=8, temperature=0))
     beams = generate_ids(model, prompt, GenerationConfig(max_new_tokens=8, temperature=0, num_beams=3))

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import lmforge
-from lmforge import LLM, get_preset
+from lmforge import LLM
 from lmforge.errors import ConfigError, FormatError
-from lmforge.llm import build
 from lmforge.tokenizers import train_bpe
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
@@ -19,11 +18,9 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
 
 
 @pytest.fixture(scope="module")
-def bpe_llm():
+def bpe_llm(tiny_llm):
     tok = train_bpe([TEXT], vocab_size=300)
-    cfg = get_preset("tiny-llama").replace(vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    return LLM(build(cfg, None, "test"), tok)
+    return LLM(tiny_llm("llama", vocab_size=tok.vocab_size, train=True), tok)
 
 
 def test_preset_load_and_generate_teenygpt():

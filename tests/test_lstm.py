@@ -6,15 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_rel_close
+from helpers.tiny import tiny_llm
 
-from lmforge.config import get_preset
 from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.models import DecoderLM
 
 
 def _model(seed: int = 0) -> DecoderLM:
-    torch.manual_seed(seed)
-    return DecoderLM(get_preset("tiny-lstm")).eval()
+    return tiny_llm("lstm", seed)
 
 
 def test_cached_decode_equals_full_recompute():

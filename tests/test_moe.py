@@ -104,9 +104,8 @@ def test_capacity_drops_tokens_and_their_output_is_the_residual():
     assert rows.sum().item() == block.moe.last_stats["dropped_tokens"].item()
 
 
-def test_aux_loss_reaches_the_training_loss_and_its_gradient():
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-moe"))
+def test_aux_loss_reaches_the_training_loss_and_its_gradient(tiny_llm):
+    model = tiny_llm("moe", train=True)
     x = torch.randint(0, 256, (2, 16))
     batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
     loss, stats = CausalLM().loss(model, batch)
@@ -168,11 +167,10 @@ def test_mixtral_in_memory_layout_maps_too():
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_grouped_matmul_experts_equal_the_loop_over_experts(activation):
+def test_grouped_matmul_experts_equal_the_loop_over_experts(activation, tiny_llm):
     """The CPU path (one grouped matmul per projection) against the per-expert loop other devices run:
     outputs and gradients, with an expert that receives no token."""
-    torch.manual_seed(0)
-    moe = DecoderLM(get_preset("tiny-moe").replace(**{"mlp.activation": activation})).blocks[0].moe
+    moe = tiny_llm("moe", train=True, **{"mlp.activation": activation}).blocks[0].moe
     xs = torch.randn(50, 64, requires_grad=True)
     counts = torch.tensor([10, 0, 25, 15])
     outs, grads = [], []

@@ -129,9 +129,8 @@ def test_hf_folder_round_trip_and_load(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["tiny-t5", "tiny-transformer-base"])
-def test_cached_decode_equals_full_recompute(preset, tmp_path):
-    torch.manual_seed(0)
-    model = make_model(get_preset(preset)).eval()
+def test_cached_decode_equals_full_recompute(preset, tmp_path, tiny_llm):
+    model = tiny_llm(preset)
     x, mask = _source()
     x = x % 256
     y = torch.randint(2, 256, (3, 12))
