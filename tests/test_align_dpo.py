@@ -37,6 +37,7 @@ def _examples(n=4, seed=0):
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo"])
+@pytest.mark.slow
 def test_loss_matches_trl(loss_type, tmp_path):
     """trl's DPOTrainer.compute_loss on its own collated batch, HF policy and HF reference, vs ours."""
     datasets = pytest.importorskip("datasets")

@@ -207,6 +207,7 @@ def test_compiled_decode_that_fails_or_disagrees_decodes_eagerly(monkeypatch, ca
     assert "no C++ compiler" in compiled._STEPS.pop(model).choice.reason
 
 
+@pytest.mark.slow
 def test_env_reports_cpu_kernels_and_probes_as_text_and_json():
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lmforge", "env", "--json"], capture_output=True, text=True,

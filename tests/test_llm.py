@@ -110,6 +110,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_generate_and_help(tmp_path):
     lmforge.load("preset:teenygpt").save(tmp_path / "m")
     r = _cli("generate", "hello", "--model", str(tmp_path / "m"), "--max-new-tokens", "10", "--seed", "0")

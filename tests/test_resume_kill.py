@@ -88,6 +88,7 @@ def test_causal_lm_with_dropout_killed_at_every_phase(tmp_path):
 
 @pytest.mark.parametrize("name, kill", [("masked_lm", "checkpoint_published:1"),
                                         ("span_corruption", "checkpoint_published:1"), ("permutation_lm", "step:3")])
+@pytest.mark.slow
 def test_token_objectives_resume_bit_identically(tmp_path, text, tokenizers, name, kill):
     """The objectives that draw their own noise from the global RNG: masking, span corruption, permutation."""
     recipe, tok, sets = {
@@ -102,6 +103,7 @@ def test_token_objectives_resume_bit_identically(tmp_path, text, tokenizers, nam
     _check(tmp_path, case, [kill], ["fresh", "step-2"])
 
 
+@pytest.mark.slow
 def test_transformer_xl_memory_resumes_bit_identically(tmp_path, text):
     """Transformer-XL: the segment memory carried between batches (objective.pt) and the stream position."""
     case = Case("pretrain", RECIPES / "tiny-xl" / "segments.yaml",
@@ -110,6 +112,7 @@ def test_transformer_xl_memory_resumes_bit_identically(tmp_path, text):
     _check(tmp_path, case, ["checkpoint_published:1"], ["fresh", "step-2"])
 
 
+@pytest.mark.slow
 def test_sft_with_lora_resumes_bit_identically(tmp_path, source):
     """SFT with LoRA (dropout 0.1 on the adapters) on a pretrained source: adapter-only checkpoints."""
     case = Case("finetune", RECIPES / "smollm2-135m" / "lora.yaml",
@@ -118,6 +121,7 @@ def test_sft_with_lora_resumes_bit_identically(tmp_path, source):
     _check(tmp_path, case, ["step:3"], ["fresh", "step-2"])
 
 
+@pytest.mark.slow
 def test_dpo_resumes_bit_identically(tmp_path, source):
     """DPO with LoRA (dropout 0.1) against the frozen reference, on the test preference pairs."""
     case = Case("align", RECIPES / "smollm2" / "dpo.yaml",

@@ -36,7 +36,7 @@ def _uncached_greedy(model, prompt, n):
 PROMPTS = [[5, 17, 99, 3, 5, 17, 99, 3, 5, 17], [8], list(range(30, 60)) + list(range(30, 45))]
 
 
-@pytest.mark.parametrize("drafter", ["lookup", "self", "other", "lookup-gpt2"])
+@pytest.mark.parametrize("drafter", ["lookup", "self", pytest.param("other", marks=pytest.mark.slow), "lookup-gpt2"])
 def test_greedy_is_identical_to_the_model_alone(drafter):
     model = _model("tiny-gpt2", vocab_size=256) if drafter == "lookup-gpt2" else _model()
     draft = {"self": model, "other": _model(seed=1)}.get(drafter)

@@ -268,6 +268,7 @@ print(kept, bounded, during, rss_mb())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
+@pytest.mark.slow
 def test_bounded_memory_hands_large_freed_buffers_back():
     out = subprocess.run([sys.executable, "-c", _BOUNDED_SCRIPT], env={**os.environ, "LMFORGE_KEEP_MEMORY": "1"},
                          capture_output=True, text=True, check=True).stdout.split()
@@ -288,6 +289,7 @@ def test_allocator_auto_bounds_memory_for_qlora_only():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
+@pytest.mark.slow
 def test_keep_freed_memory_stops_refaulting_large_buffers():
     def run(env_value):
         env = {**os.environ, "LMFORGE_KEEP_MEMORY": env_value}
