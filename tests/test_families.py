@@ -1,5 +1,6 @@
-"""Every block family beyond dense attention (issue 11), end to end: a tiny preset trains on the embedded
-corpus, saves and loads exactly, generates through the one generator; bad layer patterns are refused."""
+"""Every block family beyond dense attention (MoE, Mamba, the Jamba hybrid, linear attention, retention, RWKV, S4D,
+LSTM, LSH, Transformer-XL), end to end: a tiny preset trains on the embedded corpus, saves and loads exactly,
+generates through the one generator; bad layer patterns are refused."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LSH attention (Reformer, issue 11): the chunked form against its definition and against full shared-QK
+"""LSH attention (Kitaev et al. 2020, "Reformer"): the chunked form against its definition and against full shared-QK
 attention, cached decoding against the full pass, and bad configs."""
 
 from __future__ import annotations

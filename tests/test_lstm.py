@@ -1,4 +1,4 @@
-"""The LSTM token mixer (issue 9's classical recurrent baseline): cached decode equals the full pass,
+"""The LSTM token mixer (the classical recurrent baseline): cached decode equals the full pass,
 padding leaves the state alone, and it is torch's LSTM underneath (checked against the equations)."""
 
 from __future__ import annotations

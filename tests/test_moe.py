@@ -132,7 +132,7 @@ def test_bad_moe_configs_are_refused(over, message):
 def test_mixtral_shape_preset():
     with torch.device("meta"):
         model = DecoderLM(get_preset("mixtral-8x7b"), init_weights=False)
-    assert round(model.num_params() / 1e9, 1) == 46.7  # Mixtral paper: 46.7B total
+    assert round(model.num_params() / 1e9, 1) == 46.7  # Jiang et al. 2024, "Mixtral of Experts": 46.7B total
     active = model.estimate_flops(1) / 6 - model.config.vocab_size * model.config.d_model
     assert 12.5e9 < active < 13.0e9  # 12.9B active (the paper's count includes the embedding table)
 

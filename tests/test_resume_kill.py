@@ -4,7 +4,8 @@ Each case is a real recipe through the CLI (tiny models, a few steps, dropout on
 run once uninterrupted and once as a chain of SIGKILLs at named phases (`lmforge.train.faults`), each
 start resuming the last. The final model/ weights must be byte-identical and every checkpoint's state.json
 (RNG states, data position, sha256 of weights and optimizer state, ...) equal apart from `elapsed`.
-Issue 28: a run killed right after a checkpoint was published and resumed drew a different torch RNG stream.
+The kill right after a checkpoint is published matters most: a run resumed from there must draw the same torch
+RNG stream as one that never stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ COMMON = ["train.max_steps=4", "train.checkpoint_every=2", "train.keep_last=0", 
 DROPOUT = ["model.embed_dropout=0.1", "model.resid_dropout=0.1"]
 SMALL = ["model.n_layer=1", "model.d_model=32", "model.mlp.hidden=64", "model.block_size=32", "train.batch_size=4"]
 # the one kill of a short case (teenyGPT's run is killed at every phase): right after the first checkpoint is
-# published (issue 28), or mid step 3 / mid step 3's validation, after it; each resumes from step-2 and trains on
+# published (the resumed run must redraw the same RNG stream), or mid step 3 / mid step 3's validation, after it;
+# the first start begins fresh, the second resumes from step-2 and trains to the end
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Transformer-XL (issue 11): segment recurrence with relative positions. Memory across segments equals one
+"""Transformer-XL (Dai et al. 2019): segment recurrence with relative positions. Memory across segments equals one
 pass over the concatenation under the window the memory leaves visible; cached decoding equals the full pass;
 segment-recurrent training carries memory and learns."""
 
