@@ -22,7 +22,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup setup-test lint bench clean
+.PHONY: demo test test-fast setup setup-test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -58,6 +58,11 @@ lint: setup-test
 test: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
+
+# The daily loop: every test but the `slow` ones (end-to-end runs, servers, subprocesses), about 2 minutes.
+# `make test` and CI still run everything.
+test-fast: setup-test
+	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: setup-test
 	$(BIN)/python bench/decode.py

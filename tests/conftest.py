@@ -1,9 +1,11 @@
-"""Test-wide settings: never touch a hub, deterministic seeds; and the one tolerance rule of the suite."""
+"""Test-wide settings: never touch a hub, deterministic seeds; the one tolerance rule of the suite; tiny models."""
 
 import math
 import os
 
+import pytest
 import torch
+from helpers import tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -35,3 +37,16 @@ def assert_rel_close(actual, expected, rtol: float | None = None, *, dtype: torc
     scale = e.abs().max().item() if e.numel() else 0.0
     diff = (a - e).abs().max().item() if e.numel() else 0.0
     assert diff <= rtol * scale, f"{msg} max|diff| {diff:.3g} > {rtol:.3g} * max|ref| {scale:.3g}".strip()
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    """`tiny_cfg(family, **overrides)`: the `tiny-<family>` preset with dotted overrides (`helpers.tiny.tiny_cfg`)."""
+    return tiny.tiny_cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_llm():
+    """`tiny_llm(family, seed=0, *, train=False, **overrides)`: a random-weight tiny model built under a fixed seed,
+    in eval mode unless `train` (`helpers.tiny.tiny_llm`)."""
+    return tiny.tiny_llm

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import assert_rel_close, rel_tol
+from helpers.tiny import tiny_llm
 
 from lmforge.adapt import (
     LoRALinear,
@@ -22,7 +23,6 @@ from lmforge.adapt import (
 from lmforge.errors import ConfigError, FormatError
 from lmforge.llm import LLM, load
 from lmforge.models import DecoderLM
-from lmforge.presets import get_preset
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -33,8 +33,7 @@ TARGETS = {"tiny-llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 
 
 def _base(preset="tiny-llama", seed=0):
-    torch.manual_seed(seed)
-    return DecoderLM(get_preset(preset)).eval()
+    return tiny_llm(preset, seed)
 
 
 def _hf(model, folder):
@@ -151,14 +150,14 @@ def test_save_and_load_a_model_folder_with_adapters(tmp_path):
         assert_rel_close(hf(IDS).logits, model(IDS), terms=256)
 
 
-def test_bad_input_is_named(tmp_path):
+def test_bad_input_is_named(tmp_path, tiny_cfg):
     model = _base()
     with pytest.raises(ConfigError, match=r"match no layer.*q_proj"):
         apply_lora(model, target_modules=["q_prj"])
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing was changed
     apply_lora(model, r=4, target_modules=["q_proj"])
     save_adapter(model, tmp_path / "a")
-    other = DecoderLM(get_preset("tiny-llama").replace(d_model=96)).eval()
+    other = DecoderLM(tiny_cfg("llama", d_model=96)).eval()
     with pytest.raises(FormatError, match="different base model: d_model 64"):
         load_adapter(other, tmp_path / "a")
     # a peft file without our header: the shapes tell
@@ -170,7 +169,7 @@ def test_bad_input_is_named(tmp_path):
     (meta_free / "adapter_config.json").write_text((tmp_path / "a" / "adapter_config.json").read_text())
     with pytest.raises(FormatError, match="has shape"):
         load_adapter(other, meta_free)
-    gpt = DecoderLM(get_preset("tiny-gpt2")).eval()
+    gpt = DecoderLM(tiny_cfg("gpt2")).eval()
     with pytest.raises(FormatError, match="does not have"):
         load_adapter(gpt, meta_free)
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())

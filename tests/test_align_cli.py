@@ -52,6 +52,7 @@ def test_dpo_recipe_on_the_shipped_preference_set(tmp_path, tiny_source):
     assert report["step"] == 2 and 0.0 <= report["test"]["acc"] <= 1.0 and report["val_before"]["acc"] == 0.5
 
 
+@pytest.mark.slow
 def test_malformed_lines_are_reported_and_the_good_ones_kept(tmp_path, tiny_source, capsys):
     good = PREFS.read_text().splitlines()
     f = tmp_path / "mixed.jsonl"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import assert_rel_close
-from preferences import toy_pairs
+from helpers.preferences import toy_pairs
 
 from lmforge.align import DPO, Pair, PreferencePairs, collate, sequence_logps, tokenize_pairs
 from lmforge.errors import ConfigError
@@ -37,6 +37,7 @@ def _examples(n=4, seed=0):
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo"])
+@pytest.mark.slow
 def test_loss_matches_trl(loss_type, tmp_path):
     """trl's DPOTrainer.compute_loss on its own collated batch, HF policy and HF reference, vs ours."""
     datasets = pytest.importorskip("datasets")
@@ -71,9 +72,8 @@ def test_collate_masks_exactly_the_response_targets():
     assert b["loss_mask"].int().tolist() == [[0, 0, 1, 1], [1, 1, 1, 0], [0, 0, 1, 0], [1, 1, 0, 0]]
 
 
-def test_sequence_logps_match_a_direct_sum():
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama")).eval()
+def test_sequence_logps_match_a_direct_sum(tiny_llm):
+    model = tiny_llm("llama")
     pair = Pair([5, 6, 7], [8, 9], [10, 11, 12])
     logps, n = sequence_logps(model, collate([pair], 0))
     full = torch.tensor([[5, 6, 7, 8, 9]])
@@ -83,9 +83,8 @@ def test_sequence_logps_match_a_direct_sum():
     assert n.tolist() == [2, 3]
 
 
-def test_reference_free_losses_by_hand():
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama")).eval()
+def test_reference_free_losses_by_hand(tiny_llm):
+    model = tiny_llm("llama")
     batch = collate([Pair([5, 6], [7, 8, 9], [10]), Pair([4], [3, 2], [11, 12])], 0)
     logps, n = sequence_logps(model, batch)
     avg = logps / n
@@ -119,18 +118,16 @@ def test_bad_pairs_are_refused_by_name():
         tokenize_pairs([{"prompt": "a", "chosen": "", "rejected": "b"}], tok, chat=False)
 
 
-def test_dpo_needs_adapters_or_a_reference():
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama"))
+def test_dpo_needs_adapters_or_a_reference(tiny_llm):
+    model = tiny_llm("llama", train=True)
     with pytest.raises(ConfigError, match="adapters"):
         DPO("dpo").loss(model, collate([Pair([1, 2], [3], [4])], 0))
 
 
 @pytest.mark.slow
-def test_dpo_training_raises_preference_accuracy():
-    torch.manual_seed(0)
-    policy = DecoderLM(get_preset("tiny-llama"))
-    reference = DecoderLM(get_preset("tiny-llama"))
+def test_dpo_training_raises_preference_accuracy(tiny_llm):
+    policy = tiny_llm("llama", train=True)
+    reference = DecoderLM(policy.config)
     reference.load_state_dict(policy.state_dict())
     objective = DPO("dpo", beta=0.5, reference=reference)
     data = PreferencePairs(toy_pairs(), batch_size=8, pad_id=0, val_pairs=toy_pairs(16, seed=1))

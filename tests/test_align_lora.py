@@ -2,18 +2,17 @@
 
 import pytest
 import torch
-from preferences import toy_pairs
+from helpers.preferences import toy_pairs
+from helpers.tiny import tiny_llm
 
 from lmforge.adapt import apply_lora, disable_adapters
 from lmforge.align import DPO, Pair, PreferencePairs, collate, sequence_logps
 from lmforge.models import DecoderLM
-from lmforge.presets import get_preset
 from lmforge.train import OptimConfig, TrainConfig, Trainer
 
 
 def _policy_and_base(seed=0):
-    torch.manual_seed(seed)
-    base = DecoderLM(get_preset("tiny-llama")).eval()
+    base = tiny_llm("llama", seed)
     policy = DecoderLM(base.config).eval()
     policy.load_state_dict(base.state_dict())
     apply_lora(policy, r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])

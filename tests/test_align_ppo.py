@@ -27,9 +27,8 @@ def test_gae_matches_a_hand_computed_example():
     assert_rel_close(ret, (want + values) * mask, terms=3)
 
 
-def test_clipped_losses_by_hand():
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama").replace(vocab_size=16)).eval()
+def test_clipped_losses_by_hand(tiny_llm):
+    model = tiny_llm("llama", vocab_size=16)
     obj = PPO(d_model=64, reference=model, clip=0.2, clip_value=0.1, vf_coef=0.5)
     x = torch.randint(0, 16, (2, 5))
     y = torch.randint(0, 16, (2, 5))
@@ -75,12 +74,11 @@ def ppo_run(policy, reference=None, steps=40, kl_coef=0.05, lr=3e-3):
 
 
 @pytest.mark.slow
-def test_ppo_raises_a_toy_reward_with_bounded_kl():
+def test_ppo_raises_a_toy_reward_with_bounded_kl(tiny_llm):
     """One model in memory: LoRA adapters train, the reference is the same weights with them off."""
     from lmforge.adapt import apply_lora
 
-    torch.manual_seed(0)
-    policy = DecoderLM(get_preset("tiny-llama").replace(vocab_size=16))
+    policy = tiny_llm("llama", vocab_size=16, train=True)
     apply_lora(policy, r=8, alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
     frozen = {n: p.clone() for n, p in policy.named_parameters() if not p.requires_grad}
     before, after = ppo_run(policy, None, lr=2e-2)
@@ -92,13 +90,12 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl():
             assert torch.equal(p, frozen[n]), n
 
 
-def test_backward_through_frozen_packed_layers():
+def test_backward_through_frozen_packed_layers(tiny_llm):
     """Rollouts pack the linears for decoding; training after them must still backpropagate through frozen
     ones (LoRA freezes the base weights) into what trains, with the same gradient as unpacked layers."""
     from lmforge.infer.packed import pack_linears
 
-    torch.manual_seed(0)
-    a = DecoderLM(get_preset("tiny-llama"))
+    a = tiny_llm("llama", train=True)
     b = DecoderLM(a.config)
     b.load_state_dict(a.state_dict())
     pack_linears(a)

@@ -4,20 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_rel_close
-from preferences import toy_pairs
+from helpers.preferences import toy_pairs
 
 from lmforge.align import Pair, PreferencePairs, RewardModel, RewardObjective, collate
 from lmforge.errors import FormatError
-from lmforge.models import DecoderLM
 from lmforge.models.scalar_heads import ScalarHead
-from lmforge.presets import get_preset
 from lmforge.train import OptimConfig, TrainConfig, Trainer
 from lmforge.train.objectives import build_objective
 
 
-def test_bradley_terry_loss_by_hand():
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama")).eval()
+def test_bradley_terry_loss_by_hand(tiny_llm):
+    model = tiny_llm("llama")
     obj = build_objective("reward", d_model=64)
     batch = collate([Pair([5, 6], [7, 8, 9], [10]), Pair([4], [3, 2], [11, 12])], 0)
     loss, stats = obj.loss(model, batch)
@@ -36,9 +33,8 @@ def test_scalar_head_reads_the_last_real_token():
 
 
 @pytest.mark.slow
-def test_reward_training_learns_the_preference_and_saves_its_head(tmp_path):
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama"))
+def test_reward_training_learns_the_preference_and_saves_its_head(tmp_path, tiny_llm):
+    model = tiny_llm("llama", train=True)
     obj = RewardObjective(d_model=64)
     data = PreferencePairs(toy_pairs(), 8, 0, val_pairs=toy_pairs(16, seed=1))
     cfg = TrainConfig(max_steps=20, eval_every=0, checkpoint_every=10, progress=False, peak_flops=1e11)
@@ -56,8 +52,7 @@ def test_reward_training_learns_the_preference_and_saves_its_head(tmp_path):
 
     # resuming restores the head with the model: 10 more steps from step 10 end where the first run ended
     cfg2 = TrainConfig(max_steps=20, eval_every=0, checkpoint_every=10, progress=False, peak_flops=1e11)
-    torch.manual_seed(1)
-    tr2 = Trainer(DecoderLM(get_preset("tiny-llama")), RewardObjective(d_model=64),
+    tr2 = Trainer(tiny_llm("llama", seed=1, train=True), RewardObjective(d_model=64),
                   PreferencePairs(toy_pairs(), 8, 0), cfg2, OptimConfig(lr=3e-3, warmup_steps=2),
                   run_dir=tmp_path / "run")
     tr2.fit(resume=str(tmp_path / "run" / "checkpoints" / "step-10"))
@@ -65,10 +60,9 @@ def test_reward_training_learns_the_preference_and_saves_its_head(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_a_folder_without_a_head_is_refused(tmp_path):
+def test_a_folder_without_a_head_is_refused(tmp_path, tiny_llm):
     from lmforge.llm import LLM
 
-    torch.manual_seed(0)
-    LLM(DecoderLM(get_preset("tiny-llama"))).save(tmp_path / "m")
+    LLM(tiny_llm("llama", train=True)).save(tmp_path / "m")
     with pytest.raises(FormatError, match="no heads.safetensors"):
         RewardModel.load(tmp_path / "m")

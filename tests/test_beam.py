@@ -94,13 +94,9 @@ def test_beam_search_does_not_stream(pair):
         next(iter_tokens(pair[0], PROMPTS, GenerationConfig(num_beams=2)))
 
 
-def test_beam_search_on_a_hybrid_model_reorders_recurrent_states():
+def test_beam_search_on_a_hybrid_model_reorders_recurrent_states(tiny_llm):
     """tiny-jamba mixes attention and Mamba layers: beams' scores equal an uncached recomputation."""
-    from lmforge.models import DecoderLM
-    from lmforge.presets import get_preset as preset
-
-    torch.manual_seed(0)
-    model = DecoderLM(preset("tiny-jamba")).eval()
+    model = tiny_llm("jamba")
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
     prompt = [5, 17, 99, 3]

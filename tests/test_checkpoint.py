@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny import tiny_llm
 
 from lmforge.train import checkpoint as ckpt
 
@@ -120,13 +121,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def _tiny_trainer(run_dir, steps=12, every=4, **train_kw):
-    from lmforge.models import DecoderLM
-    from lmforge.presets import get_preset
     from lmforge.tokenizers import CharTokenizer
     from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
 
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-gpt2").replace(vocab_size=29, block_size=16))
+    model = tiny_llm("gpt2", vocab_size=29, block_size=16, train=True)
     toks = (torch.arange(4000) % 27 + 1).numpy().astype("uint16")
     tc = TrainConfig(max_steps=steps, batch_size=4, eval_every=0, checkpoint_every=every, keep_last=0,
                      progress=False, peak_flops=1e11, **train_kw)

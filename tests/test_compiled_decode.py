@@ -7,14 +7,11 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.infer.compiled import compiled_decode
 from lmforge.infer.generate import GenerationConfig, generate_ids
-from lmforge.models import DecoderLM
-from lmforge.presets import get_preset
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = DecoderLM(get_preset("tiny-llama")).eval()
+def model(tiny_llm):
+    m = tiny_llm("llama")
     with torch.no_grad():
         m.lm_head.weight.mul_(20)  # clear argmax margins, so rounding differences cannot flip a token
     return m

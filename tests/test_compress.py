@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_rel_close
+from helpers.tiny import tiny_llm
 
 from lmforge.cli import main
 from lmforge.compress import (
@@ -21,14 +22,11 @@ from lmforge.compress.distill import Distill, student_from_teacher
 from lmforge.compress.prune import block_linears
 from lmforge.errors import ConfigError
 from lmforge.llm import LLM, load
-from lmforge.models import DecoderLM
-from lmforge.presets import get_preset
 from lmforge.train import OptimConfig, TokenWindows, TrainConfig, Trainer
 
 
 def _model(preset="tiny-llama", seed=0, **kw):
-    torch.manual_seed(seed)
-    return DecoderLM(get_preset(preset).replace(**kw)).eval()
+    return tiny_llm(preset, seed, **kw)
 
 
 def test_magnitude_prune_zeroes_the_smallest_exactly():

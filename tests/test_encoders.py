@@ -76,10 +76,8 @@ def test_bare_encoder_parity_and_pooler(name):
     assert_rel_close(pooled, out.pooler_output, 1e-4)
 
 
-def test_padding_does_not_change_real_tokens():
-    torch.manual_seed(0)
-    cfg = lmforge.get_preset("tiny-bert")
-    m = build(cfg, None, "t").eval()
+def test_padding_does_not_change_real_tokens(tiny_llm):
+    m = tiny_llm("bert")
     ids = torch.randint(5, 256, (1, 7))
     padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1)
     mask = torch.tensor([[1] * 7 + [0] * 4])
@@ -98,11 +96,10 @@ def test_padding_does_not_change_real_tokens():
     assert_rel_close(grads[1], grads[0], terms=256)
 
 
-def test_packing_for_many_rows_changes_only_rounding():
+def test_packing_for_many_rows_changes_only_rounding(tiny_llm):
     from lmforge.infer.packed import PackedLinear, pack_linears
 
-    torch.manual_seed(0)
-    m = build(lmforge.get_preset("tiny-bert"), None, "t").eval()
+    m = tiny_llm("bert")
     ids = torch.randint(5, 256, (3, 9))
     keys = list(m.state_dict())
     with torch.no_grad():
@@ -128,9 +125,8 @@ def test_packing_for_many_rows_changes_only_rounding():
         assert fc._kind == "fp32" and fc.fused(torch.randn(4, fc.in_features), "gelu") is None
 
 
-def test_bidirectional_sees_the_future():
-    torch.manual_seed(0)
-    m = build(lmforge.get_preset("tiny-bert"), None, "t").eval()
+def test_bidirectional_sees_the_future(tiny_llm):
+    m = tiny_llm("bert")
     ids = torch.randint(5, 256, (1, 8))
     changed = ids.clone()
     changed[0, -1] = (ids[0, -1] + 1) % 256
@@ -221,9 +217,8 @@ def test_gguf_export_of_an_encoder_is_a_clear_error(tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_custom_attention_mask_replaces_the_causal_one():
-    torch.manual_seed(0)
-    m = build(lmforge.get_preset("tiny-llama"), None, "t").eval()
+def test_custom_attention_mask_replaces_the_causal_one(tiny_llm):
+    m = tiny_llm("llama")
     x = torch.randint(0, 256, (2, 10))
     tril = torch.ones(10, 10, dtype=torch.bool).tril().expand(2, 1, 10, 10)
     with torch.no_grad():

@@ -21,11 +21,9 @@ TEXT = ("Shall I compare thee to a summer's day? Thou art more lovely and more t
 
 
 @pytest.fixture(scope="module")
-def llm():
+def llm(tiny_llm):
     tok = train_bpe([TEXT], vocab_size=300)
-    cfg = get_preset("tiny-llama").replace(vocab_size=tok.vocab_size, block_size=128)
-    torch.manual_seed(0)
-    return LLM(build(cfg, None, "test"), tok, "tiny")
+    return LLM(tiny_llm("llama", vocab_size=tok.vocab_size, block_size=128, train=True), tok, "tiny")
 
 
 def _direct(model, ids):

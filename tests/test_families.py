@@ -1,5 +1,6 @@
-"""Every block family beyond dense attention (issue 11), end to end: a tiny preset trains on the embedded
-corpus, saves and loads exactly, generates through the one generator; bad layer patterns are refused."""
+"""Every block family beyond dense attention (MoE, Mamba, the Jamba hybrid, linear attention, retention, RWKV, S4D,
+LSTM, LSH, Transformer-XL), end to end: a tiny preset trains on the embedded corpus, saves and loads exactly,
+generates through the one generator; bad layer patterns are refused."""
 
 from __future__ import annotations
 
@@ -135,11 +136,9 @@ def test_rwkv_halves_must_pair():
         make_model(get_preset("tiny-rwkv").replace(block="rwkv+mlp"))
 
 
-def test_window_with_global_tokens_sees_the_first_tokens_from_afar():
-    torch.manual_seed(0)
-    cfg = get_preset("tiny-mistral").replace(n_layer=1, **{"attention.global_tokens": 2})
-    model = DecoderLM(cfg).eval()
-    w = cfg.attention.sliding_window
+def test_window_with_global_tokens_sees_the_first_tokens_from_afar(tiny_llm):
+    model = tiny_llm("mistral", n_layer=1, **{"attention.global_tokens": 2})
+    w = model.config.attention.sliding_window
     x = torch.randint(1, 256, (1, 3 * w))
     y, z = x.clone(), x.clone()
     y[0, 1] = (x[0, 1] + 1) % 256  # a global token: every later position sees it
@@ -156,11 +155,10 @@ def test_window_with_global_tokens_sees_the_first_tokens_from_afar():
 
 
 @pytest.mark.parametrize("name", ["tiny-mamba", "tiny-rwkv"])
-def test_beam_search_runs_on_recurrent_states(name):
+def test_beam_search_runs_on_recurrent_states(name, tiny_llm):
     """Beams reorder and repeat each layer's recurrent state: one beam equals greedy decoding."""
     from lmforge.infer.generate import GenerationConfig, generate_ids
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset(name)).eval()
+    model = tiny_llm(name)
     prompt = [[5, 9, 2, 7]]
     greedy = generate_ids(model, prompt, GenerationConfig(max_new_tokens=8, temperature=0))
     beams = generate_ids(model, prompt, GenerationConfig(max_new_tokens=8, temperature=0, num_beams=3))

@@ -16,7 +16,6 @@ from lmforge.cli import main
 from lmforge.errors import ConfigError, FormatError
 from lmforge.llm import LLM, load
 from lmforge.models import DecoderLM
-from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 from lmforge.train.allocator import allocator_mode
 
@@ -25,13 +24,12 @@ RECIPES = sorted((ROOT / "recipes" / "smollm2-135m").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def tiny_source(tmp_path_factory):
+def tiny_source(tmp_path_factory, tiny_llm):
     """A saved tiny Llama with a ChatML BPE tokenizer, standing in for SmolLM2 in the recipes."""
     tok = train_bpe([ROOT / "tests" / "assets" / "tokenizers" / "corpus.txt"], vocab_size=320)
-    torch.manual_seed(0)
-    cfg = get_preset("tiny-llama").replace(vocab_size=320, block_size=1024, eos_id=tok.eos_id, bos_id=None)
+    model = tiny_llm("llama", vocab_size=320, block_size=1024, eos_id=tok.eos_id, bos_id=None, train=True)
     folder = tmp_path_factory.mktemp("src") / "tiny"
-    LLM(DecoderLM(cfg), tok).save(folder)
+    LLM(model, tok).save(folder)
     return folder
 
 

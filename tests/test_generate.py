@@ -13,9 +13,8 @@ from lmforge.presets import get_preset
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = DecoderLM(get_preset("tiny-llama")).eval()
+def model(tiny_llm):
+    m = tiny_llm("llama")
     with torch.no_grad():  # sharpen the random model so that sampling and greedy differ visibly
         m.lm_head.weight.mul_(20)
     return m
@@ -171,11 +170,10 @@ def test_packed_linears_change_nothing_but_speed():
 
 
 @pytest.mark.cpu_kernels
-def test_blas_decode_matches_and_gives_the_threads_back():
+def test_blas_decode_matches_and_gives_the_threads_back(tiny_llm):
     from lmforge.infer.packed import _openblas, blas_decode, pack_linears
 
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-gpt2")).eval()
+    model = tiny_llm("gpt2")
     x = torch.randint(0, 256, (3, 1))
     with torch.no_grad():
         plain = model(x)
@@ -222,11 +220,10 @@ def test_blas_decode_is_chosen_by_dtype_rows_and_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("setting", ["0", "1"])
-def test_greedy_decode_is_the_same_with_and_without_blas(monkeypatch, setting):
+def test_greedy_decode_is_the_same_with_and_without_blas(monkeypatch, setting, tiny_llm):
     from lmforge.infer.speculative import speculative_tokens
 
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama")).eval()
+    model = tiny_llm("llama")
     prompt = torch.randint(0, 256, (12,)).tolist()
     gen = GenerationConfig(max_new_tokens=12, temperature=0)
     with torch.no_grad():

@@ -11,6 +11,7 @@ import torch
 import transformers
 from conftest import assert_rel_close, rel_tol
 from gguf import GGMLQuantizationType as Q
+from helpers.tiny import tiny_llm
 
 import lmforge
 from lmforge.errors import ConfigError, FormatError
@@ -18,8 +19,6 @@ from lmforge.interop import gguf as gg
 from lmforge.interop.gguf_file import GGUFFile, dequantize
 from lmforge.interop.gguf_layout import permute, unpermute, unpermute_index
 from lmforge.llm import LLM
-from lmforge.loading import build
-from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
@@ -32,12 +31,9 @@ def tokenizer():
 
 
 def _llm(preset: str, tok=None, seed: int = 0, **overrides) -> LLM:
-    cfg = get_preset(preset)
     if tok is not None:
         overrides.setdefault("vocab_size", tok.vocab_size)
-    cfg = cfg.replace(**overrides) if overrides else cfg
-    torch.manual_seed(seed)
-    model = build(cfg, None, "test")
+    model = tiny_llm(preset, seed, train=True, **overrides)
     with torch.no_grad():  # norms away from 1 and biases away from 0, so that a mix-up would show
         for n, p in model.named_parameters():
             if p.dim() == 1:

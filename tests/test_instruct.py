@@ -20,8 +20,6 @@ from lmforge.data.instruct import (
     to_messages,
 )
 from lmforge.errors import FormatError
-from lmforge.models import DecoderLM
-from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 from lmforge.train.objectives import CausalLM
 
@@ -67,12 +65,11 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tok):
     assert all(all_mask)
 
 
-def test_packed_rows_compute_each_example_as_alone(tok):
+def test_packed_rows_compute_each_example_as_alone(tok, tiny_llm):
     rows = load_splits("shakespeare-instruct")["val"][:5]
     ex = render_rows(tok, rows, 10_000)
     T = sum(len(e.ids) for e in ex[:3]) + 7
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama").replace(vocab_size=320, block_size=T + 8)).eval()
+    model = tiny_llm("llama", vocab_size=320, block_size=T + 8)
     row = pack(ex[:3], T, pad_id=0)[0]
     assert row["segment_ids"].unique().tolist() == [-1, 0, 1, 2]
     with torch.no_grad():

@@ -13,8 +13,6 @@ from safetensors.torch import save_file
 import lmforge
 from lmforge.errors import FormatError
 from lmforge.llm import LLM
-from lmforge.loading import build
-from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
@@ -68,10 +66,8 @@ def test_transformers_folder_loads_with_same_logits(tmp_path, family, tokenizer)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_saved_folder_loads_in_transformers_with_same_logits(tmp_path, family, tokenizer):
-    cfg = get_preset(f"tiny-{family}").replace(vocab_size=tokenizer.vocab_size)
-    torch.manual_seed(1)
-    model = build(cfg, None, "test")
+def test_saved_folder_loads_in_transformers_with_same_logits(tmp_path, family, tokenizer, tiny_llm):
+    model = tiny_llm(family, 1, vocab_size=tokenizer.vocab_size, train=True)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
@@ -80,7 +76,7 @@ def test_saved_folder_loads_in_transformers_with_same_logits(tmp_path, family, t
     llm.save(tmp_path / "m")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert type(ref).__name__.lower().startswith(family.replace("gpt2", "gpt2lm"))
-    assert _diff(llm.model, ref, cfg.vocab_size) <= 1e-4
+    assert _diff(llm.model, ref, model.config.vocab_size) <= 1e-4
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
     if family != "qwen2":  # transformers 5 imposes Qwen2's own pre-tokenizer on any qwen2 folder's tokenizer
         assert hf_tok.encode(TEXT[:100]) == tokenizer.encode(TEXT[:100])

@@ -18,8 +18,6 @@ from torch import nn
 import lmforge
 from lmforge import kernels
 from lmforge.infer import packed
-from lmforge.models import DecoderLM
-from lmforge.presets import get_preset
 from lmforge.quant import Int4Linear, Int8Linear, Q8Linear
 from lmforge.quant.int4_layout import CANONICAL, KNOWN_LAYOUTS, int4_layout, pack_int4, unpack_int4, unpack_int4_rows
 
@@ -156,13 +154,12 @@ def test_w8a8_probe_takes_7_bit_activations_where_8_bit_sums_overflow(monkeypatc
     (torch.bfloat16, "onednn_bf16", "_linear_pointwise"),
     (torch.float32, "mkl_fp32", "_mkl_linear"),
 ])
-def test_packed_linear_kernels_returning_garbage_are_caught(dtype, path, name, monkeypatch, fresh):
+def test_packed_linear_kernels_returning_garbage_are_caught(dtype, path, name, monkeypatch, fresh, tiny_llm):
     if (path == "mkl_fp32" and not torch._C.has_mkl) or not torch.backends.mkldnn.is_available():
         pytest.skip("this PyTorch build lacks the library (e.g. ARM): the probe already picks F.linear")
     namespace = torch.ops.mkldnn if path.startswith("onednn") else torch.ops.mkl
     _patch(monkeypatch, namespace, name)
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-gpt2")).eval().to(dtype)
+    model = tiny_llm("gpt2").to(dtype)
     x = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         plain = model(x)
@@ -179,12 +176,11 @@ def test_blas_decode_returning_garbage_is_caught(monkeypatch, fresh):
     assert not kernels.choices()["blas_decode"].fast
 
 
-def test_compiled_decode_that_fails_or_disagrees_decodes_eagerly(monkeypatch, caplog):
+def test_compiled_decode_that_fails_or_disagrees_decodes_eagerly(monkeypatch, caplog, tiny_llm):
     from lmforge.infer import compiled
     from lmforge.infer.generate import GenerationConfig, generate_ids
 
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama")).eval()
+    model = tiny_llm("llama")
     prompts = [[5, 17, 99, 3]]
     eager = generate_ids(model, prompts, GenerationConfig(max_new_tokens=8, temperature=0))
     gen = GenerationConfig(max_new_tokens=8, temperature=0, compile=True)
@@ -211,6 +207,7 @@ def test_compiled_decode_that_fails_or_disagrees_decodes_eagerly(monkeypatch, ca
     assert "no C++ compiler" in compiled._STEPS.pop(model).choice.reason
 
 
+@pytest.mark.slow
 def test_env_reports_cpu_kernels_and_probes_as_text_and_json():
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lmforge", "env", "--json"], capture_output=True, text=True,

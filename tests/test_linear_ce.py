@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_rel_close
+from helpers.tiny import tiny_llm
 
 from lmforge.adapt import apply_lora
 from lmforge.models import DecoderLM
 from lmforge.models.linear_ce import linear_cross_entropy
-from lmforge.presets import get_preset
 from lmforge.train.objectives import CausalLM
 
 # fp32, each compared against its own scale: a head of 101 (or tiny-llama's 256) logits, 37 (48) tokens summed
@@ -98,8 +98,7 @@ def test_no_gradient_work_in_evaluation_and_mismatched_shapes_are_refused():
 
 
 def _model(lora: bool) -> DecoderLM:
-    torch.manual_seed(0)
-    m = DecoderLM(get_preset("tiny-llama")).train()  # tied embeddings: the head is the embedding table
+    m = tiny_llm("llama", train=True)  # tied embeddings: the head is the embedding table
     if lora:
         apply_lora(m, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     return m

@@ -18,8 +18,6 @@ from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.interop import gguf as gg
 from lmforge.interop import registry
 from lmforge.llm import LLM
-from lmforge.loading import build
-from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup-test builds it)")
@@ -65,13 +63,11 @@ def _lmforge_greedy(llm: LLM, prompt: list[int], new: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_llm):
     """A tiny Llama trained for 60 steps on TEXT, so that its greedy choices are decisive: a random model's
     near-ties flip under any rounding (llama.cpp's 8-bit activations included) and would test nothing."""
     tok = train_bpe([TEXT], vocab_size=300)
-    cfg = get_preset("tiny-llama").replace(vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    model = build(cfg, None, "test")
+    model = tiny_llm("llama", vocab_size=tok.vocab_size, train=True)
     ids = torch.tensor(tok.encode(TEXT))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(60):

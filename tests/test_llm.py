@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import lmforge
-from lmforge import LLM, get_preset
+from lmforge import LLM
 from lmforge.errors import ConfigError, FormatError
-from lmforge.loading import build
 from lmforge.tokenizers import train_bpe
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
@@ -19,11 +18,9 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
 
 
 @pytest.fixture(scope="module")
-def bpe_llm():
+def bpe_llm(tiny_llm):
     tok = train_bpe([TEXT], vocab_size=300)
-    cfg = get_preset("tiny-llama").replace(vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    return LLM(build(cfg, None, "test"), tok)
+    return LLM(tiny_llm("llama", vocab_size=tok.vocab_size, train=True), tok)
 
 
 def test_preset_load_and_generate_teenygpt():
@@ -113,6 +110,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_generate_and_help(tmp_path):
     lmforge.load("preset:teenygpt").save(tmp_path / "m")
     r = _cli("generate", "hello", "--model", str(tmp_path / "m"), "--max-new-tokens", "10", "--seed", "0")

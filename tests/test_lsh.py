@@ -1,4 +1,4 @@
-"""LSH attention (Reformer, issue 11): the chunked form against its definition and against full shared-QK
+"""LSH attention (Kitaev et al. 2020, "Reformer"): the chunked form against its definition and against full shared-QK
 attention, cached decoding against the full pass, and bad configs."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import assert_rel_close
 
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import GenerationConfig, generate_ids
-from lmforge.models import DecoderLM, make_model
+from lmforge.models import make_model
 from lmforge.models.mixers.base import MixerContext
 from lmforge.models.mixers.lsh import hash_vectors, lsh_attention, lsh_attention_exact
 from lmforge.presets import get_preset
@@ -56,10 +56,8 @@ def test_chunked_form_equals_the_definition_when_no_bucket_overflows_a_chunk():
     assert_rel_close(y[..., 0, :], v[..., 0, :])
 
 
-def test_mixer_with_one_bucket_is_full_shared_qk_attention():
-    torch.manual_seed(0)
-    cfg = get_preset("tiny-lsh").replace(**{"lsh.n_buckets": 1, "lsh.chunk_len": 128})
-    mixer = DecoderLM(cfg).blocks[0].attn
+def test_mixer_with_one_bucket_is_full_shared_qk_attention(tiny_llm):
+    mixer = tiny_llm("lsh", train=True, **{"lsh.n_buckets": 1, "lsh.chunk_len": 128}).blocks[0].attn
     x = torch.randn(2, 40, 64)
     ctx = MixerContext(torch.arange(40).expand(2, 40), None, None, None, 0)
     with torch.no_grad():
@@ -68,10 +66,8 @@ def test_mixer_with_one_bucket_is_full_shared_qk_attention():
         assert_rel_close(mixer(x, ctx, None), ref, terms=64)
 
 
-def test_cached_decoding_equals_the_full_pass():
-    torch.manual_seed(0)
-    cfg = get_preset("tiny-lsh")  # 8 buckets, 2 rounds, chunks of 32
-    model = DecoderLM(cfg).eval()
+def test_cached_decoding_equals_the_full_pass(tiny_llm):
+    model = tiny_llm("lsh")  # 8 buckets, 2 rounds, chunks of 32
     x = torch.randint(0, 256, (2, 56))
     with torch.no_grad():
         full = model(x)

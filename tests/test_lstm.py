@@ -1,4 +1,4 @@
-"""The LSTM token mixer (issue 9's classical recurrent baseline): cached decode equals the full pass,
+"""The LSTM token mixer (the classical recurrent baseline): cached decode equals the full pass,
 padding leaves the state alone, and it is torch's LSTM underneath (checked against the equations)."""
 
 from __future__ import annotations
@@ -6,15 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_rel_close
+from helpers.tiny import tiny_llm
 
 from lmforge.infer.generate import GenerationConfig, generate_ids
 from lmforge.models import DecoderLM
-from lmforge.presets import get_preset
 
 
 def _model(seed: int = 0) -> DecoderLM:
-    torch.manual_seed(seed)
-    return DecoderLM(get_preset("tiny-lstm")).eval()
+    return tiny_llm("lstm", seed)
 
 
 def test_cached_decode_equals_full_recompute():

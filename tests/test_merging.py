@@ -83,12 +83,11 @@ def _finetune(base: DecoderLM, seed: int) -> DecoderLM:
     return m
 
 
-def test_merged_models_load_and_generate(tmp_path):
+def test_merged_models_load_and_generate(tmp_path, tiny_llm):
     from lmforge.tokenizers import CharTokenizer
 
     tok = CharTokenizer()
-    torch.manual_seed(0)
-    base = DecoderLM(get_preset("tiny-llama").replace(vocab_size=tok.vocab_size))
+    base = tiny_llm("llama", vocab_size=tok.vocab_size, train=True)
     LLM(base, tok).save(tmp_path / "base")
     for i in (1, 2):
         LLM(_finetune(base, i), tok).save(tmp_path / f"ft{i}")
@@ -118,14 +117,13 @@ def test_cli_merge_refuses_different_architectures(tmp_path, capsys):
     assert "different config" in capsys.readouterr().err
 
 
-def test_lora_fine_tunes_merge_as_whole_weights():
+def test_lora_fine_tunes_merge_as_whole_weights(tiny_llm):
     """A LoRA fine-tune enters a merge with its adapters folded in (the plain model's keys)."""
     from lmforge.adapt import apply_lora
     from lmforge.compress.merging import _plain_state
     from lmforge.loading import build
 
-    torch.manual_seed(0)
-    base = DecoderLM(get_preset("tiny-llama")).eval()
+    base = tiny_llm("llama")
     ft = DecoderLM(base.config).eval()
     ft.load_state_dict(base.state_dict())
     apply_lora(ft, r=4, alpha=8, target_modules=["q_proj", "v_proj"])

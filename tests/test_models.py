@@ -66,9 +66,8 @@ def test_cached_decoding_equals_full_forward(name):
             assert_rel_close(_incremental(model, x, split), full, terms=256, msg=f"split {split}")
 
 
-def test_bf16_model_keeps_an_fp32_cache_on_cpu():
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama")).eval()
+def test_bf16_model_keeps_an_fp32_cache_on_cpu(tiny_llm):
+    model = tiny_llm("llama")
     x = torch.randint(1, model.config.vocab_size, (2, 32))
     with torch.no_grad():
         reference = model(x)  # fp32 throughout
@@ -99,9 +98,8 @@ def test_left_padded_batch_equals_each_prompt_alone(name):
             assert torch.isfinite(cached[i]).all()
 
 
-def test_sliding_window_limits_what_a_token_sees():
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-mistral")).eval()
+def test_sliding_window_limits_what_a_token_sees(tiny_llm):
+    model = tiny_llm("mistral")
     w = model.config.attention.sliding_window
     x = torch.randint(1, 256, (1, 3 * w))
     y = x.clone()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import assert_rel_close
-from hf_parity import assert_hf_round_trip
+from helpers.hf_parity import assert_hf_round_trip
 
 from lmforge.errors import ConfigError
 from lmforge.interop import hf
@@ -104,9 +104,8 @@ def test_capacity_drops_tokens_and_their_output_is_the_residual():
     assert rows.sum().item() == block.moe.last_stats["dropped_tokens"].item()
 
 
-def test_aux_loss_reaches_the_training_loss_and_its_gradient():
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-moe"))
+def test_aux_loss_reaches_the_training_loss_and_its_gradient(tiny_llm):
+    model = tiny_llm("moe", train=True)
     x = torch.randint(0, 256, (2, 16))
     batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
     loss, stats = CausalLM().loss(model, batch)
@@ -133,7 +132,7 @@ def test_bad_moe_configs_are_refused(over, message):
 def test_mixtral_shape_preset():
     with torch.device("meta"):
         model = DecoderLM(get_preset("mixtral-8x7b"), init_weights=False)
-    assert round(model.num_params() / 1e9, 1) == 46.7  # Mixtral paper: 46.7B total
+    assert round(model.num_params() / 1e9, 1) == 46.7  # Jiang et al. 2024, "Mixtral of Experts": 46.7B total
     active = model.estimate_flops(1) / 6 - model.config.vocab_size * model.config.d_model
     assert 12.5e9 < active < 13.0e9  # 12.9B active (the paper's count includes the embedding table)
 
@@ -168,11 +167,10 @@ def test_mixtral_in_memory_layout_maps_too():
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_grouped_matmul_experts_equal_the_loop_over_experts(activation):
+def test_grouped_matmul_experts_equal_the_loop_over_experts(activation, tiny_llm):
     """The CPU path (one grouped matmul per projection) against the per-expert loop other devices run:
     outputs and gradients, with an expert that receives no token."""
-    torch.manual_seed(0)
-    moe = DecoderLM(get_preset("tiny-moe").replace(**{"mlp.activation": activation})).blocks[0].moe
+    moe = tiny_llm("moe", train=True, **{"mlp.activation": activation}).blocks[0].moe
     xs = torch.randn(50, 64, requires_grad=True)
     counts = torch.tensor([10, 0, 25, 15])
     outs, grads = [], []

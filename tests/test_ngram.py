@@ -1,4 +1,4 @@
-"""Count-based n-gram baselines (issue 9): interpolated modified Kneser-Ney and absolute-discount backoff
+"""Count-based n-gram baselines: interpolated modified Kneser-Ney and absolute-discount backoff
 against a direct, dictionary-based reading of their formulas; exact normalisation; scored by the one
 perplexity eval; save/load; the CLI; bad input."""
 

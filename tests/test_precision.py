@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny import tiny_llm
 
 import lmforge
 from lmforge import kernels, precision
-from lmforge.models import DecoderLM
-from lmforge.presets import get_preset
 from lmforge.train import CausalLM, OptimConfig, TokenWindows, TrainConfig, Trainer
 from lmforge.train import metrics as metrics_mod
 from lmforge.train.recipe import from_dict
@@ -95,8 +94,7 @@ def test_auto_follows_the_cpu_and_explicit_bf16_is_kept_with_a_warning(cpu_says,
 
 
 def _trainer(dtype, run_dir=None, **kw):
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama").replace(vocab_size=29, block_size=32))
+    model = tiny_llm("llama", vocab_size=29, block_size=32, train=True)
     toks = (torch.arange(4000) * 7 % 27 + 1).numpy().astype("uint16")
     tc = TrainConfig(max_steps=3, batch_size=4, progress=False, eval_every=0, checkpoint_every=0, dtype=dtype, **kw)
     return Trainer(model, CausalLM(), TokenWindows(toks, 4, 32, val_tokens=toks[:1000]), tc,

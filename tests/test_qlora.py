@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_rel_close
+from helpers.tiny import tiny_llm
 
 import lmforge
 from lmforge.adapt import apply_qlora
@@ -37,8 +38,7 @@ def test_native_gguf_becomes_the_same_qlora_model_as_the_dequantized_one(tmp_pat
 
 
 def _qlora(checkpointing: bool) -> DecoderLM:
-    torch.manual_seed(0)
-    m = DecoderLM(get_preset("tiny-llama")).train()
+    m = tiny_llm("llama", train=True)
     return apply_qlora(m, r=4, alpha=8, target_modules=ALL, activation_checkpointing=checkpointing)
 
 
@@ -94,8 +94,7 @@ def test_estimate_flops_counts_4_per_frozen_weight_and_6_per_trainable_one():
 
 def test_qlora_on_some_layers_saves_and_loads_back(tmp_path):
     # layers without an adapter stay NF4 too: the saved base holds their float weights
-    torch.manual_seed(0)
-    m = apply_qlora(DecoderLM(get_preset("tiny-llama")), r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    m = apply_qlora(tiny_llm("llama", train=True), r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:

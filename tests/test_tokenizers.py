@@ -129,7 +129,8 @@ def test_char_round_trip_and_decode():
     headline = CharTokenizer.normalize("Stocks Rally as Fed Holds Rates; Café Owners Cheer!")
     ids = tok.encode(headline)
     assert ids[0] == 28 and tok.decode(ids) == headline
-    # The seed reads a sampled sequence up to the first pad.
+    # teenyGPT (Tomczak, "LLMs", Deep Generative Modeling blog, teenygpt_example) reads a sampled sequence up to
+    # the first pad.
     assert tok.decode([28, 8, 9, 0, 5, 5]) == "hi"
     assert tok.decode([28, 8, 9, 0], skip_special_tokens=False) == "<bos>hi<pad>"
     assert tok.encode_batch(["ab", "c"]) == [[28, 1, 2], [28, 3]]

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import assert_rel_close
+from helpers.tiny import tiny_llm
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError, FormatError
@@ -39,8 +40,7 @@ def _tokens(n=6000):
 
 
 def _trainer(run_dir=None, steps=30, objective=None, **kw):
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-llama").replace(vocab_size=29, block_size=32))
+    model = tiny_llm("llama", vocab_size=29, block_size=32, train=True)
     toks = _tokens()
     kw = {"eval_every": 10, "checkpoint_every": 10, **kw}
     tc = TrainConfig(max_steps=steps, batch_size=8, progress=False, peak_flops=1e11, **kw)
@@ -82,8 +82,7 @@ def test_grad_accum_matches_one_big_batch():
     batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
     grads = []
     for parts in (1, 2):
-        torch.manual_seed(0)
-        model = DecoderLM(get_preset("tiny-gpt2").replace(vocab_size=29, block_size=16))
+        model = tiny_llm("gpt2", vocab_size=29, block_size=16, train=True)
         for i in range(parts):
             sl = slice(i * 8 // parts, (i + 1) * 8 // parts)
             loss, _ = CausalLM().loss(model, {k: v[sl] for k, v in batch.items()})
@@ -269,6 +268,7 @@ print(kept, bounded, during, rss_mb())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
+@pytest.mark.slow
 def test_bounded_memory_hands_large_freed_buffers_back():
     out = subprocess.run([sys.executable, "-c", _BOUNDED_SCRIPT], env={**os.environ, "LMFORGE_KEEP_MEMORY": "1"},
                          capture_output=True, text=True, check=True).stdout.split()
@@ -289,6 +289,7 @@ def test_allocator_auto_bounds_memory_for_qlora_only():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
+@pytest.mark.slow
 def test_keep_freed_memory_stops_refaulting_large_buffers():
     def run(env_value):
         env = {**os.environ, "LMFORGE_KEEP_MEMORY": env_value}

@@ -1,4 +1,4 @@
-"""Transformer-XL (issue 11): segment recurrence with relative positions. Memory across segments equals one
+"""Transformer-XL (Dai et al. 2019): segment recurrence with relative positions. Memory across segments equals one
 pass over the concatenation under the window the memory leaves visible; cached decoding equals the full pass;
 segment-recurrent training carries memory and learns."""
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_rel_close
+from helpers.tiny import tiny_llm
 
 from lmforge.errors import ConfigError
 from lmforge.models import DecoderLM, make_model
@@ -17,8 +18,7 @@ from lmforge.train.segments import SegmentLM, StreamSegments
 
 
 def _model(mem_len: int) -> DecoderLM:
-    torch.manual_seed(0)
-    return DecoderLM(get_preset("tiny-xl").replace(**{"xl.mem_len": mem_len})).eval()
+    return tiny_llm("xl", **{"xl.mem_len": mem_len})
 
 
 def _window_mask(T: int, first: list[int]) -> torch.Tensor:
@@ -110,8 +110,7 @@ def test_segment_recurrent_training_carries_memory_and_learns():
 
 def _segment_trainer(run_dir, toks, steps: int = 8, batch: int = 4) -> Trainer:
     from lmforge.tokenizers.char import CharTokenizer
-    torch.manual_seed(0)
-    model = DecoderLM(get_preset("tiny-xl").replace(vocab_size=CharTokenizer().vocab_size, **{"xl.mem_len": 16}))
+    model = tiny_llm("xl", vocab_size=CharTokenizer().vocab_size, **{"xl.mem_len": 16}, train=True)
     tc = TrainConfig(max_steps=steps, batch_size=batch, progress=False, peak_flops=1e11, eval_every=0,
                      checkpoint_every=3, keep_last=0)
     return Trainer(model, SegmentLM(), StreamSegments(toks, batch, 16), tc,

@@ -5,9 +5,8 @@ import importlib.util
 import pytest
 import torch
 
+from helpers.tiny import tiny_llm
 from lmforge.llm import LLM
-from lmforge.loading import build
-from lmforge.presets import get_preset
 
 
 def have_smollm2() -> bool:
@@ -23,10 +22,8 @@ def tiny_chat_llm(block_size: int = 256) -> LLM:
     from lmforge.interop.gguf_file import GGUFFile
 
     tok = gguf.tokenizer_from_gguf(GGUFFile(registry.resolve("smollm2")))
-    cfg = get_preset("tiny-llama").replace(vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=None,
-                                          block_size=block_size)
-    torch.manual_seed(0)
-    model = build(cfg, None, "tiny-llama")
+    model = tiny_llm("llama", vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=None, block_size=block_size,
+                     train=True)
     with torch.no_grad():  # sharpen the random model so that sampled and greedy outputs differ visibly
         model.lm_head.weight.mul_(8)
     return LLM(model, tok, "tiny-llama")

@@ -1,0 +1,1 @@
+"""Shared pieces of the test suite that are not tests: tiny models, reference checks, run launchers."""
