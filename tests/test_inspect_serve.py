@@ -121,7 +121,7 @@ def test_chat_page_attribution_tab_colours_the_last_reply(server, monkeypatch, t
         page.fill("#input", "Where is Paris?")
         page.click("#send")
         page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
-        reply = page.inner_text(".msg.assistant")
+        reply = page.evaluate("history[history.length - 1].content")  # the reply as sent, not as laid out
         page.click("#tab-attr")
         assert page.is_hidden("#log") and page.is_visible("#attr")
         page.wait_for_selector("#attr-status[data-state=done]", timeout=60_000)

@@ -9,7 +9,6 @@ from lmforge.inspect.render import (
     save_probes,
     save_rollout,
 )
-from lmforge.inspect.run import ANALYSES, analyze
 
-__all__ = ["ANALYSES", "analyze", "heatmap_png", "save_attention", "save_attribution", "save_head_ablation",
-           "save_lens", "save_probes", "save_rollout"]
+__all__ = ["heatmap_png", "save_attention", "save_attribution", "save_head_ablation", "save_lens", "save_probes",
+           "save_rollout"]
