@@ -103,6 +103,15 @@ def test_script_json_cannot_end_its_script():
         page("nope", {}, "t")
 
 
+def test_a_layer_without_heads_is_blank_not_nan(tmp_path, gpt2, ids):
+    heads = head_ablation_by_hand(gpt2, ids)
+    heads["scores"][1] = float("nan")  # as for a Mamba layer: no head to ablate
+    path = render.save_head_ablation(heads, tmp_path)
+    written = json.loads(path.with_suffix(".json").read_text())
+    assert written["scores"][1] == [None] * 4 and None not in written["scores"][0]
+    assert _embedded(path.read_text())["scores"] == written["scores"]  # strict JSON: no NaN in the page
+
+
 def _pages(tmp_path, gpt2, ids, trace, chat_llm) -> dict:
     """Every page, written from analyses computed by hand; returns name -> (html path, the data it shows)."""
     maps = trace.attention

@@ -16,17 +16,26 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmforge.errors import ConfigError
 from lmforge.inspect.html import page
 
 
+def _finite(x: Any) -> Any:
+    """NaN and infinities as None (JSON has neither), through nested lists."""
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def plain(value: Any) -> Any:
-    """JSON-ready data: tensors as (nested) lists, dataclasses as the dict of their fields, tuples as lists."""
+    """JSON-ready data: tensors as (nested) lists, dataclasses as the dict of their fields, tuples as lists,
+    NaN (e.g. the head-ablation score of a layer without attention) as None."""
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu()
-        return t.tolist() if not t.is_floating_point() else t.float().tolist()
+        return t.tolist() if not t.is_floating_point() else _finite(t.float().tolist())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):  # the contract's field names
         return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if callable(getattr(value, "to_dict", None)):
@@ -46,6 +55,13 @@ def _label(token: str, limit: int = 14) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
+def _matrix(matrix) -> torch.Tensor:
+    """A float tensor of a tensor or nested list, None (a score that does not exist) as NaN: drawn blank."""
+    if not isinstance(matrix, torch.Tensor):
+        matrix = [[float("nan") if v is None else v for v in row] for row in matrix]
+    return torch.as_tensor(matrix, dtype=torch.float32)
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -53,10 +69,10 @@ def _figure(width: float, height: float):
 
 
 def _draw(ax, matrix, rows, cols, title, *, cmap="viridis", center=None, ticks=True):
-    m = torch.as_tensor(matrix, dtype=torch.float32).numpy()
+    m = _matrix(matrix).numpy()
     kw: dict[str, Any] = {"cmap": cmap, "aspect": "auto", "interpolation": "nearest"}
     if center is not None:  # a diverging scale symmetric about `center`, so that colour means sign
-        span = float(abs(m - center).max()) or 1.0
+        span = float(np.nan_to_num(np.nanmax(abs(m - center)) if np.isfinite(m).any() else 0.0)) or 1.0
         kw.update(vmin=center - span, vmax=center + span)
     im = ax.imshow(m, **kw)
     ax.set_title(title, fontsize=9)
@@ -87,7 +103,7 @@ def heatmap_png(matrix, row_labels: list[str], col_labels: list[str], title: str
         cell: width and height of one cell in inches (wider for cells holding text).
         colorbar: the colour bar's label.
     """
-    m = torch.as_tensor(matrix, dtype=torch.float32)
+    m = _matrix(matrix)
     if m.dim() != 2 or m.shape[0] != len(row_labels) or m.shape[1] != len(col_labels):
         raise ConfigError(f"heatmap of shape {tuple(m.shape)} with {len(row_labels)} row and {len(col_labels)} "
                           "column labels")
@@ -190,10 +206,12 @@ def save_attention(trace, out_dir: str | Path, *, layer: int | None = None, head
     return _write(out_dir, name, "attention", data, "Attention", f"{len(data['tokens'])} tokens")
 
 
-def save_rollout(matrix, tokens: list[str], out_dir: str | Path, *, flow=None, name: str = "rollout") -> Path:
+def save_rollout(matrix, tokens: list[str], out_dir: str | Path, *, flow=None, note: str | None = None,
+                 name: str = "rollout") -> Path:
     """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", 2020): the (T, T)
     matrix of how much each token's representation draws on each input token through all layers, with the
-    attention flow values (T,) when given. Writes PNG, JSON and HTML; returns the HTML path."""
+    attention flow values (T,) when given (else `note` says why not). Writes PNG, JSON and HTML; returns the
+    HTML path."""
     m = plain(torch.as_tensor(matrix, dtype=torch.float32))
     if len(m) != len(tokens):
         raise ConfigError(f"rollout matrix has {len(m)} rows for {len(tokens)} tokens")
@@ -201,7 +219,7 @@ def save_rollout(matrix, tokens: list[str], out_dir: str | Path, *, flow=None, n
             "flow": None if flow is None else plain(torch.as_tensor(flow, dtype=torch.float32))}
     heatmap_png(m, tokens, tokens[: len(m[0])], "attention rollout: rows draw on columns",
                 Path(out_dir) / f"{name}.png")
-    return _write(out_dir, name, "attention", data, "Attention rollout", "Abnar & Zuidema 2020")
+    return _write(out_dir, name, "attention", data, "Attention rollout", note or "Abnar & Zuidema 2020")
 
 
 # ---- head ablation, logit lens, attribution, probes ------------------------------------------------

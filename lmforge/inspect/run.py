@@ -67,7 +67,11 @@ def analyze(llm, analysis: str, texts: list, *, layer: int | None = None, head: 
             return trace
         from lmforge.inspect.attention import attention_flow, rollout
 
-        return {"tokens": list(trace.tokens[0]), "rollout": rollout(trace), "flow": attention_flow(trace)}
+        try:  # an exact max-flow: refused past a size (a long text); the rollout is shown without it then
+            flow, note = attention_flow(trace), None
+        except ConfigError as e:
+            flow, note = None, str(e)
+        return {"tokens": list(trace.tokens[0]), "rollout": rollout(trace), "flow": flow, "flow_note": note}
     if analysis == "heads":
         from lmforge.inspect.ablation import head_ablation
 
@@ -105,7 +109,8 @@ def save(analysis: str, result: Any, out: str | Path, *, layer: int | None = Non
     if analysis == "attention":
         return render.save_attention(result, out, layer=layer, head=head)
     if analysis == "rollout":
-        return render.save_rollout(result["rollout"], result["tokens"], out, flow=result["flow"])
+        return render.save_rollout(result["rollout"], result["tokens"], out, flow=result["flow"],
+                                   note=result.get("flow_note"))
     saver = {"heads": render.save_head_ablation, "lens": render.save_lens, "attribute": render.save_attribution,
              "probe": render.save_probes}[analysis]
     return saver(result, out)
