@@ -171,7 +171,7 @@ async function explain() {
     const j = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error((j.error && j.error.message) || r.statusText);
     drawAttribution(j);
-    attrStatus("done", "explained reply token " + j.target_index + " of " + j.reply_tokens.length);
+    attrStatus("done", "explained reply token " + (j.target_index + 1) + " of " + j.reply_tokens.length);
   } catch (err) { attrStatus("error", "[" + err.message + "]"); }
 }
 function drawAttribution(j) {
