@@ -42,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lmforge.commands.serve:serve", "serve a model: OpenAI-compatible HTTP API and a chat page"),
     "convert": ("lmforge.commands.interop:convert", "convert a model between lmforge, Hugging Face and GGUF"),
     "eval": ("lmforge.commands.evaluate:eval_", "evaluate a model (perplexity, bits per byte)"),
+    "inspect": ("lmforge.commands.inspect:inspect",
+                "look inside a model: attention, rollout, head ablation, logit lens, attribution, probes"),
     "env": ("lmforge.commands.env:env", "what to paste into a bug report: the CPU, its kernels, the fast paths chosen"),
     "bench": ("lmforge.commands.evaluate:bench",
               "measure block families' time/memory growth (complexity) or MoE routing overhead (moe)"),

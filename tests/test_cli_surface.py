@@ -28,6 +28,7 @@ HELP = {
     'serve': 'serve a model: OpenAI-compatible HTTP API and a chat page',
     'convert': 'convert a model between lmforge, Hugging Face and GGUF',
     'eval': 'evaluate a model (perplexity, bits per byte)',
+    'inspect': 'look inside a model: attention, rollout, head ablation, logit lens, attribution, probes',
     'env': 'what to paste into a bug report: the CPU, its kernels, the fast paths chosen',
     'bench': "measure block families' time/memory growth (complexity) or MoE routing overhead (moe)",
 }
@@ -344,6 +345,44 @@ ARGUMENTS = {
         ('--text-field', 'text_field', 'text', None, None, 'str',
          'the JSON key holding the text in .jsonl files. (default: text)'),
         ('--output', 'output', None, None, None, 'str', 'also write the result as JSON to this file.'),
+    ],
+    'inspect': [
+        ('analysis', 'analysis', None, None, None, 'str',
+         'attention (maps per layer and head), rollout (attention rollout and flow), heads (head ablation), '
+         'lens (logit lens), attribute (integrated gradients, gradient x input or saliency) or probe (linear '
+         'probes per layer).'),
+        ('--model', 'model', 'smollm2', None, None, 'str',
+         'a model folder, a .gguf file, a short name (smollm2) or preset:<name>. (default: smollm2)'),
+        ('--text', 'text', None, None, None, 'str', 'the input text (every analysis but probe).'),
+        ('--out', 'out', 'runs/inspect', None, None, 'str',
+         'folder to write the files to (created if needed). (default: runs/inspect)'),
+        ('--layer', 'layer', None, None, None, 'int', 'attention: show only this layer.'),
+        ('--head', 'head', None, None, None, 'int', 'attention: show only this head (of every layer shown).'),
+        ('--target', 'target', None, None, None, 'str',
+         "the token to explain (lens: its rank at every layer; attribute, heads with logit_diff): a token's "
+         'text such as " Paris", or a token id; default the model\'s own next token.'),
+        ('--k', 'k', 5, None, None, 'int', 'lens: top tokens kept per layer and position. (default: 5)'),
+        ('--attribution', 'attribution', 'integrated_gradients', None, None, 'str',
+         'attribute: integrated_gradients, gradient_x_input or saliency. (default: integrated_gradients)'),
+        ('--steps', 'steps', 50, None, None, 'int', 'attribute: integrated-gradients steps. (default: 50)'),
+        ('--method', 'method', 'gausslegendre', None, None, 'str',
+         'attribute: the integration rule: gausslegendre, riemann_trapezoid, riemann_left, riemann_right or '
+         'riemann_middle. (default: gausslegendre)'),
+        ('--baseline', 'baseline', 'zeros', None, None, 'str',
+         'attribute: the integrated-gradients baseline: zeros, pad, mask or unk. (default: zeros)'),
+        ('--metric', 'metric', 'loss', None, None, 'str',
+         'heads: loss or logit_diff (then --target and --distractor name the two tokens). (default: loss)'),
+        ('--distractor', 'distractor', None, None, None, 'str', 'heads: the competing token of logit_diff.'),
+        ('--data', 'data', None, None, None, 'str',
+         'heads: a text file of sentences, one per line, ablated together (with --text if given).'),
+        ('--task', 'task', 'comedy_vs_tragedy', None, None, 'str',
+         'probe: the labelled probing task (comedy_vs_tragedy, verse_vs_prose, ...). (default: '
+         'comedy_vs_tragedy)'),
+        ('--pooling', 'pooling', 'mean', None, None, 'str',
+         "probe: mean or last (how a text's token representations become one vector). (default: mean)"),
+        ('--limit', 'limit', None, None, None, 'int', 'probe: use at most this many examples.'),
+        ('--seed', 'seed', 0, None, None, 'int', 'probe: the seed of the split and the control labels. (default: 0)'),
+        ('--dtype', 'dtype', 'float32', None, None, 'str', 'float32 or bfloat16. (default: float32)'),
     ],
     'env': [
         ('--json', 'json', False, None, 0, None, 'print the same as one JSON object.'),

@@ -152,6 +152,46 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32, the openai client's default
 
 
+class InspectRequest(BaseModel):
+    """`POST /v1/inspect` (lmforge's own): run one analysis of `lmforge.inspect` on the served model.
+
+    The input is `text`, or a conversation (`messages`, rendered with the model's chat template as for
+    /v1/chat/completions) followed by the start of the assistant's `reply`: then the token explained is the
+    reply's token `target_index`, read after the prompt and the reply's tokens before it.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt option is an error, not a default
+    model: StrictStr
+    analysis: StrictStr
+    text: StrictStr | list[StrictStr] | None = None
+    messages: list[ChatMessage] | None = None
+    reply: StrictStr | None = None
+    target_index: StrictInt = 0
+    layer: StrictInt | None = None
+    head: StrictInt | None = None
+    target: StrictStr | StrictInt | None = None
+    k: StrictInt = Field(5, ge=1, le=100)
+    attribution: StrictStr = "integrated_gradients"
+    steps: StrictInt = Field(50, ge=1, le=1000)
+    method: StrictStr = "gausslegendre"
+    baseline: StrictStr = "zeros"
+    metric: StrictStr = "loss"
+    distractor: StrictStr | StrictInt | None = None
+    task: StrictStr = "comedy_vs_tragedy"
+    pooling: StrictStr = "mean"
+    limit: StrictInt | None = None
+    seed: StrictInt = 0
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.messages or ()]
+
+    def options(self) -> dict[str, Any]:
+        """The analysis' keyword options (`lmforge.inspect.run.analyze`)."""
+        skip = {"model", "analysis", "text", "messages", "reply", "target_index"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
+
+
 # ---- responses ------------------------------------------------------------------------------------
 
 def new_id(prefix: str) -> str:

@@ -1,6 +1,7 @@
 """The chat page served at `/`: one self-contained HTML file (inline CSS and JavaScript, nothing fetched from
 elsewhere) that talks to the server's own `/v1/chat/completions` with streaming, keeps the conversation,
-shows tokens/s, sets temperature and max tokens, and stops a reply on request."""
+shows tokens/s, sets temperature and max tokens, and stops a reply on request. Its Attribution tab asks the
+server's `/v1/inspect` which tokens of the conversation drove each token of the last reply, and colours them."""
 
 from __future__ import annotations
 
@@ -22,15 +23,35 @@ _PAGE = r"""<!doctype html>
  footer form{max-width:820px;margin:auto;display:flex;gap:8px}
  textarea{flex:1;height:52px;font:inherit;padding:6px}
  button{padding:0 18px;font:inherit} #stats{font-size:.85em;color:#9ab}
+ .tab{background:#34405a;color:#fff;border:0;padding:4px 12px;border-radius:4px} .tab.on{background:#5b7bd5}
+ #attr{max-width:980px;margin:16px auto;padding:0 12px;line-height:2}
+ .tok{padding:2px 3px;margin:0 1px;border-radius:3px;white-space:pre;border:1px solid #e4e6ea}
+ .rtok{cursor:pointer} .tok.sel{outline:2px solid #111} .hint{font-size:.85em;color:#778;margin:4px 0}
+ .bar{display:inline-block;width:160px;height:11px;vertical-align:middle;border:1px solid #ccd;
+  background:linear-gradient(90deg,rgb(31,119,180),#fff,rgb(214,39,40))}
 </style></head>
 <body>
 <header><b>lmforge</b><span id="model">__MODEL__</span>
+ <button id="tab-chat" class="tab on" type="button">Chat</button>
+ <button id="tab-attr" class="tab" type="button">Attribution</button>
  <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
  <label>max tokens <input id="max_tokens" type="number" min="1" step="1" value="256"></label>
  <label __KEYSTYLE__>API key <input id="api_key" type="password" style="width:120px"></label>
  <button id="clear" type="button">New chat</button>
  <span id="stats"></span></header>
 <div id="log"></div>
+<section id="attr" hidden>
+ <label>method <select id="attr-method"><option value="integrated_gradients">integrated gradients</option>
+ <option value="gradient_x_input">gradient &times; input</option><option value="saliency">saliency</option></select>
+ </label> <label>steps <input id="attr-steps" type="number" min="1" max="1000" value="16" style="width:60px">
+ </label> <button id="attr-run" type="button">Explain</button>
+ <p id="attr-status" data-state="idle">Chat first: this tab explains the last reply.</p>
+ <p class="hint">the last reply, token by token: click one to explain it</p><div id="attr-reply"></div>
+ <p id="attr-meta"></p>
+ <p class="hint"><span id="attr-lo"></span> <span class="bar"></span> <span id="attr-hi"></span>
+ blue: pushed the token down, red: pushed it up (the conversation as the model read it)</p>
+ <div id="attr-tokens"></div><p id="attr-detail" class="hint"></p>
+</section>
 <footer><form id="form"><textarea id="input" placeholder="Message (Enter sends, Shift+Enter for a new line)">
 </textarea><button id="send" type="submit">Send</button><button id="stop" type="button" disabled>Stop</button>
 </form></footer>
@@ -42,6 +63,11 @@ $("input").value = "";
 function add(role, text) {
   const d = document.createElement("div"); d.className = "msg " + role; d.textContent = text;
   $("log").appendChild(d); window.scrollTo(0, document.body.scrollHeight); return d;
+}
+function hdrs() {
+  const h = {"Content-Type": "application/json"};
+  if ($("api_key").value) h["Authorization"] = "Bearer " + $("api_key").value;
+  return h;
 }
 function busy(on) { $("send").disabled = on; $("stop").disabled = !on; }
 $("clear").onclick = () => {
@@ -59,8 +85,7 @@ $("form").onsubmit = async e => {
   const out = add("assistant", ""); out.dataset.state = "streaming";
   const body = {model: MODEL, messages: history, stream: true, stream_options: {include_usage: true},
                 temperature: parseFloat($("temperature").value), max_tokens: parseInt($("max_tokens").value)};
-  const headers = {"Content-Type": "application/json"};
-  if ($("api_key").value) headers["Authorization"] = "Bearer " + $("api_key").value;
+  const headers = hdrs();
   controller = new AbortController(); busy(true);
   let reply = "", tokens = 0, chunks = 0, t0 = performance.now(), tFirst = null, buf = "";
   try {
@@ -102,10 +127,72 @@ $("form").onsubmit = async e => {
     if (tokens && secs > 0)
       $("stats").textContent = (tokens / secs).toFixed(1) + " tokens/s \u00b7 " + tokens + " tokens";
     if (reply) history.push({role: "assistant", content: reply});
+    attrFor = null;
     out.dataset.state = "done"; controller = null; busy(false);
   }
 };
-</script></body></html>
+__ATTR_JS__</script></body></html>
+"""
+
+
+_ATTR_JS = r"""
+// ---- the Attribution tab: which tokens of the conversation drove a token of the last reply --------
+let attrFor = null, attrIndex = 0;
+const show = t => t.replace(/\n/g, "\\n");
+function diverging(v) {
+  v = Math.max(-1, Math.min(1, v || 0)); const a = Math.abs(v), c = v >= 0 ? [214, 39, 40] : [31, 119, 180];
+  return "rgb(" + c.map(x => Math.round(255 + (x - 255) * a)).join(",") + ")";
+}
+function span(cls, text) {
+  const s = document.createElement("span"); s.className = cls; s.textContent = text; return s;
+}
+function attrStatus(state, text) { $("attr-status").dataset.state = state; $("attr-status").textContent = text; }
+function lastExchange() {
+  const n = history.length;
+  if (n < 2 || history[n - 1].role !== "assistant") return null;
+  return {messages: history.slice(0, n - 1), reply: history[n - 1].content};
+}
+function tab(which) {
+  const attr = which === "attr";
+  $("log").hidden = attr; document.querySelector("footer").hidden = attr; $("attr").hidden = !attr;
+  $("tab-chat").classList.toggle("on", !attr); $("tab-attr").classList.toggle("on", attr);
+  if (!attr) return;
+  const ex = lastExchange();
+  if (!ex) attrStatus("idle", "Chat first: this tab explains the last reply.");
+  else if (attrFor !== ex.reply) { attrIndex = 0; explain(); }
+}
+async function explain() {
+  const ex = lastExchange(); if (!ex || controller) return;
+  attrFor = ex.reply; attrStatus("loading", "computing the attribution\u2026");
+  const body = {model: MODEL, analysis: "attribute", messages: ex.messages, reply: ex.reply, target_index: attrIndex,
+                attribution: $("attr-method").value, steps: parseInt($("attr-steps").value) || 16};
+  try {
+    const r = await fetch("/v1/inspect", {method: "POST", headers: hdrs(), body: JSON.stringify(body)});
+    const j = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error((j.error && j.error.message) || r.statusText);
+    drawAttribution(j);
+    attrStatus("done", "explained reply token " + (j.target_index + 1) + " of " + j.reply_tokens.length);
+  } catch (err) { attrStatus("error", "[" + err.message + "]"); }
+}
+function drawAttribution(j) {
+  $("attr-reply").innerHTML = ""; $("attr-tokens").innerHTML = "";
+  j.reply_tokens.forEach((t, i) => {
+    const s = span("tok rtok" + (i === j.target_index ? " sel" : ""), show(t)); s.dataset.i = i;
+    s.onclick = () => { attrIndex = i; explain(); }; $("attr-reply").appendChild(s);
+  });
+  const top = Math.max(...j.scores.map(Math.abs)) || 1;
+  $("attr-lo").textContent = (-top).toPrecision(3); $("attr-hi").textContent = top.toPrecision(3);
+  j.tokens.forEach((t, i) => {
+    const s = span("tok", show(t)); s.dataset.score = j.scores[i]; s.style.background = diverging(j.scores[i] / top);
+    s.onmouseenter = () => { $("attr-detail").textContent = "\"" + show(t) + "\": " + j.scores[i].toPrecision(4); };
+    $("attr-tokens").appendChild(s);
+  });
+  $("attr-meta").textContent = "reply token \"" + show(j.reply_tokens[j.target_index]) + "\" explained by " + j.method +
+    (j.delta !== null && j.delta !== undefined ? " (completeness delta " + Number(j.delta).toExponential(2) + ")" : "");
+}
+$("tab-chat").onclick = () => tab("chat");
+$("tab-attr").onclick = () => tab("attr");
+$("attr-run").onclick = explain;
 """
 
 
@@ -113,4 +200,4 @@ def chat_page(model: str, needs_key: bool = False) -> str:
     """The page's HTML for a server serving `model` (with an API key field when the server needs one)."""
     model_js = json.dumps(model).replace("<", "\\u003c")  # never a "</script>" inside the script
     return (_PAGE.replace("__MODEL_JSON__", model_js).replace("__MODEL__", html.escape(model))
-            .replace("__KEYSTYLE__", "" if needs_key else 'style="display:none"'))
+            .replace("__KEYSTYLE__", "" if needs_key else 'style="display:none"').replace("__ATTR_JS__", _ATTR_JS))

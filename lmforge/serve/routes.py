@@ -27,6 +27,7 @@ from lmforge.serve.api import (
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
+    InspectRequest,
     chunk_body,
     completion_body,
     new_id,
@@ -255,6 +256,61 @@ async def embeddings(request: Request, body: EmbeddingRequest):
     data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(enc)]
     n = sum(len(llm.tokenizer.encode(t)) for t in texts)
     return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+def _inspect_input(s: Serving, body: InspectRequest) -> tuple[list, dict[str, Any]]:
+    """The analysis' input (texts, or one (1, T) id tensor for a conversation) and what the answer adds."""
+    if body.messages is None:
+        if body.reply is not None:
+            raise APIError(400, "reply goes with messages (the conversation it answers)", param="reply")
+        if body.text is None:
+            raise APIError(400, "give text (or messages and reply)", param="text")
+        texts = [body.text] if isinstance(body.text, str) else list(body.text)
+        if not texts or not all(t.strip() for t in texts):
+            raise APIError(400, "text is empty", param="text")
+        return texts, {}
+    tok = s.llm.tokenizer
+    if tok is None or body.text is not None or not body.reply:
+        raise APIError(400, "messages need a model with a tokenizer, a non-empty reply and no text",
+                       param="messages")
+    import torch
+
+    try:
+        prompt = tok.encode(tok.apply_chat_template(body.plain_messages(), add_generation_prompt=True),
+                            add_special_tokens=False)
+    except LMForgeError as e:
+        raise APIError(400, str(e), param="messages") from e
+    reply = tok.encode(body.reply, add_special_tokens=False)
+    j = body.target_index
+    if not 0 <= j < len(reply):
+        raise APIError(400, f"target_index {j} is out of range: the reply has {len(reply)} tokens "
+                            f"(0..{len(reply) - 1})", param="target_index")
+    _check_prompt(s, len(prompt) + j)
+    body.target = reply[j]  # the token explained, read after the prompt and the reply's tokens before it
+    extra = {"reply_tokens": [tok.decode([i]) for i in reply], "target_index": j, "prompt_tokens": len(prompt)}
+    return [torch.tensor([prompt + reply[:j]])], extra
+
+
+async def inspect(request: Request, body: InspectRequest):
+    """`POST /v1/inspect`: one analysis (`lmforge.inspect.run.analyze`) as JSON, e.g. the attribution of a reply."""
+    from lmforge.inspect.run import analyze, as_json
+
+    s = _serving(request)
+    _check_model(s, body.model)
+    texts, extra = _inspect_input(s, body)
+    opts = body.options()
+
+    def work() -> dict:
+        result = analyze(s.llm, body.analysis, texts, **opts)
+        return as_json(body.analysis, result, layer=body.layer, head=body.head)
+
+    try:  # in the engine thread: model work never overlaps a decode step
+        data = await asyncio.wrap_future(s.engine.call(work))
+    except LMForgeError as e:
+        raise APIError(400, str(e), param="analysis", code="inspect_failed") from e
+    except EngineStoppedError as e:
+        raise APIError(503, str(e), "server_error", code="shutting_down") from e
+    return {"object": "inspection", "model": s.name, "analysis": body.analysis, **extra, **data}
 
 
 async def models(request: Request):

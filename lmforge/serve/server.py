@@ -121,6 +121,7 @@ def create_app(llm, engine: Engine | None = None, model_name: str | None = None,
     app.post("/v1/completions")(routes.completions)
     app.post("/v1/chat/completions")(routes.chat_completions)
     app.post("/v1/embeddings")(routes.embeddings)
+    app.post("/v1/inspect")(routes.inspect)
     app.get("/v1/models")(routes.models)
     app.get("/health")(routes.health)
     app.get("/metrics")(routes.metrics)
