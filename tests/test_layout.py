@@ -22,9 +22,11 @@ FLOORS: list[tuple[str, ...]] = [
     ("lmforge.config", "lmforge.presets"),
     ("lmforge.data", "lmforge.tokenizers"),
     ("lmforge.models", "lmforge.quant.ternary"),  # ternary layers are a model option (Config.bitlinear)
-    ("lmforge.infer", "lmforge.adapt", "lmforge.quant", "lmforge.interop"),
+    # inspect.capture (hooks and probes on a model) sits below llm.py, whose LLM.inspect calls it
+    ("lmforge.infer", "lmforge.adapt", "lmforge.quant", "lmforge.interop", "lmforge.inspect.capture"),
     ("lmforge.loading", "lmforge.llm"),
-    ("lmforge.train", "lmforge.align", "lmforge.compress", "lmforge.evaluate", "lmforge.serve", "lmforge.env"),
+    ("lmforge.train", "lmforge.align", "lmforge.compress", "lmforge.evaluate", "lmforge.serve", "lmforge.env",
+     "lmforge.inspect"),
     ("lmforge.commands", "lmforge.cli", "lmforge.__main__", "lmforge"),
 ]
 

@@ -1,0 +1,16 @@
+"""Looking inside a model: capture and interventions, attention maps, rollout and flow, head ablation, the logit
+lens (and attribution, probes and pictures, each in its own module).
+
+Every analysis runs the model that `lmforge.load` gives, through `trace` (`lmforge.inspect.capture`): no wrapper,
+no copy of the architecture, so what is inspected is what is served.
+"""
+
+from lmforge.inspect.ablation import HeadAblation, head_ablation
+from lmforge.inspect.attention import attention_flow, attention_maps, rollout
+from lmforge.inspect.capture import Interventions, Trace, encode_inputs, target_id, trace, unwrap
+from lmforge.inspect.lens import LogitLens, logit_lens
+
+__all__ = [
+    "HeadAblation", "Interventions", "LogitLens", "Trace", "attention_flow", "attention_maps", "encode_inputs",
+    "head_ablation", "logit_lens", "rollout", "target_id", "trace", "unwrap",
+]
