@@ -293,6 +293,16 @@ def test_bad_input_gets_one_line(call, message, tiny_llm):
     _no_leftovers(model)
 
 
+def test_an_ngram_model_has_no_layers_to_inspect():
+    import numpy as np
+
+    from lmforge.models.ngram import NGramLM
+
+    llm = LLM(NGramLM.fit(np.arange(50) % 7, vocab_size=8, order=2))
+    with pytest.raises(ConfigError, match="no blocks to inspect"):
+        llm.inspect(torch.tensor([1, 2, 3]))
+
+
 def test_llm_inspect_and_attention_maps_shapes(tiny_llm):
     llm = LLM(_spread(tiny_llm("llama")))
     t = llm.inspect(torch.tensor([3, 4, 5, 6]), capture=("attention",))
@@ -313,3 +323,26 @@ def test_trace_with_grad_keeps_the_graph(tiny_llm):
     t = trace(model, torch.tensor([[1, 2, 3]]), grad=True, capture=("residual",))
     t.logits[0, -1, 5].backward()
     assert model.tok_emb.weight.grad is not None and t.residual[1].requires_grad
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "falcon", "teenygpt", "moe", "jamba",
+                                    "linear", "retnet", "rwkv", "lstm", "s4d", "lsh", "xl", "mamba", "bert",
+                                    "roberta", "transformer-base"])
+def test_every_family_traces_with_its_own_output(family, tiny_llm):
+    model = tiny_llm(family)
+    cfg = model.config
+    ids = torch.randint(5, min(cfg.vocab_size, 60), (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids, decoder_input_ids=ids[:, :4]) if cfg.is_encoder_decoder else model(ids)
+    t = trace(model, ids, decoder_input_ids=ids[:, :4] if cfg.is_encoder_decoder else None)
+    assert torch.equal(t.logits, want.float())
+    stack = model.decoder if cfg.is_encoder_decoder else model
+    n, T = len(stack.blocks), 4 if cfg.is_encoder_decoder else 9
+    kinds = [tok for tok, _ in stack.config.layer_mixers()]
+    assert t.mixers == kinds and len(t.residual) == n + 1
+    assert [a is not None for a in t.attention] == [k == "attention" for k in kinds]
+    assert all(r.shape == (2, T, cfg.d_model) for r in t.residual + t.mixer_out)
+    assert [m is None for m in t.mlp_out] == [b.channel_mixer is None for b in stack.blocks]
+    if cfg.is_encoder_decoder:
+        assert len(t.encoder_residual) == len(model.encoder.blocks) + 1 and len(t.cross_attention) == n
+    _no_leftovers(model)

@@ -47,10 +47,12 @@ def test_smollm2_attention_and_hidden_states_equal_transformers(smollm2):
     n = llm.config.n_layer
     worst_att = max(_max_diff(a, b, real[:, None, :, None].expand_as(a)) for a, b in zip(t.attention, r.attentions))
     assert worst_att <= BAR
-    worst_h = max(_max_diff(t.residual[i], r.hidden_states[i], real) / max(1.0, float(r.hidden_states[i].abs().max()))
-                  for i in range(n))
-    assert worst_h <= BAR  # of the stream's largest entry where it exceeds 1 (SmolLM2's reach the hundreds)
-    assert _max_diff(llm.model.norm_f(t.residual[n]), r.hidden_states[n], real) <= BAR
+    with torch.no_grad():
+        ours = t.residual[:n] + [llm.model.norm_f(t.residual[n])]  # transformers' last one is after the final norm
+    # SmolLM2's stream reaches 22552 (one fp32 ulp there is 0.002): an absolute 1e-5 holds only up to ~80, so
+    # hidden states are held to 1e-5 of their largest entry (measured: 1.5e-4 abs, 2.4e-7 relative at worst)
+    for h, want in zip(ours, r.hidden_states, strict=True):
+        assert _max_diff(h, want, real) <= BAR * max(1.0, float(want[real].abs().max()))
     assert rollout(t, row=1).shape == (t.input_ids.shape[1],) * 2
     assert attention_maps(t, n - 1, 0).shape == (2, t.input_ids.shape[1], t.input_ids.shape[1])
 
@@ -64,7 +66,10 @@ def test_smollm2_logit_lens(smollm2):
     with torch.no_grad():
         hs = ref(ids, output_hidden_states=True).hidden_states
         logits = torch.stack([ref.lm_head(h if i == len(hs) - 1 else ref.model.norm(h))[0] for i, h in enumerate(hs)])
-    assert torch.equal(lens.target_rank, (logits > logits[..., lens.target_id:lens.target_id + 1]).sum(-1))
+    # the rank counts logits above the target's: equal up to near-ties that rounding may order either way
+    at, eps = logits[..., lens.target_id:lens.target_id + 1], 1e-5 * float(logits.abs().max())
+    assert ((logits > at + eps).sum(-1) <= lens.target_rank).all()
+    assert (lens.target_rank <= (logits > at - eps).sum(-1)).all()
     top = logits.softmax(-1).topk(5, dim=-1).values
     assert _max_diff(lens.top_probs, top) <= BAR
 

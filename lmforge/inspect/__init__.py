@@ -7,10 +7,21 @@ no copy of the architecture, so what is inspected is what is served.
 
 from lmforge.inspect.ablation import HeadAblation, head_ablation
 from lmforge.inspect.attention import attention_flow, attention_maps, rollout
-from lmforge.inspect.capture import Interventions, Trace, encode_inputs, target_id, trace, unwrap
-from lmforge.inspect.lens import LogitLens, logit_lens
+from lmforge.inspect.capture import (
+    Interventions,
+    Trace,
+    capturing,
+    encode_inputs,
+    layer_stack,
+    target_id,
+    token_strings,
+    trace,
+    unwrap,
+)
+from lmforge.inspect.lens import LogitLens, lens_logits, logit_lens
 
 __all__ = [
-    "HeadAblation", "Interventions", "LogitLens", "Trace", "attention_flow", "attention_maps", "encode_inputs",
-    "head_ablation", "logit_lens", "rollout", "target_id", "trace", "unwrap",
+    "HeadAblation", "Interventions", "LogitLens", "Trace", "attention_flow", "attention_maps", "capturing",
+    "encode_inputs", "head_ablation", "layer_stack", "lens_logits", "logit_lens", "rollout", "target_id",
+    "token_strings", "trace", "unwrap",
 ]

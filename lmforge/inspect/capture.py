@@ -258,6 +258,14 @@ def _is_encoder_decoder(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "encoder")
 
 
+def layer_stack(model: nn.Module) -> nn.Module:
+    """The stack of blocks that `trace`'s layers index: the model, or an encoder-decoder's decoder."""
+    stack = model.decoder if _is_encoder_decoder(model) else model
+    if not hasattr(stack, "blocks"):
+        raise ConfigError(f"{type(model).__name__} has no blocks to inspect (an n-gram model has no layers)")
+    return stack
+
+
 def _record(n: int) -> dict[str, list]:
     return {"residual": [None] * (n + 1), "attention": [None] * n, "mixer_out": [None] * n, "mlp_out": [None] * n,
             "cross_attention": [None] * n}
@@ -288,10 +296,7 @@ def capturing(model: nn.Module, capture: Sequence[str] = (), interventions: Inte
     uses it around `model(ids, targets=...)`. Arguments as `trace`'s.
     """
     caps = _check_capture(capture)
-    encdec = _is_encoder_decoder(model)
-    stack = model.decoder if encdec else model
-    if not hasattr(stack, "blocks"):
-        raise ConfigError(f"{type(model).__name__} has no blocks to inspect (an n-gram model has no layers)")
+    encdec, stack = _is_encoder_decoder(model), layer_stack(model)
     iv = interventions or Interventions()
     iv.check(stack)
     keep = _keep_masks(stack, iv.head_mask)
@@ -332,6 +337,7 @@ def trace(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch.Te
             projection (0 ablates a head, per row for a (B, n_head) tensor: many ablations in one batch).
     """
     caps = _check_capture(capture)
+    layer_stack(model)
     ids = _check_ids(model, input_ids)
     encdec = _is_encoder_decoder(model)
     mask = None if attention_mask is None else attention_mask.to(ids.device)
@@ -347,7 +353,7 @@ def trace(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch.Te
     def got(name: str, r: dict | None) -> list | None:
         return None if r is None else r[name] if name in caps else []
 
-    enc, stack = rec.get("encoder"), model.decoder if encdec else model
+    enc, stack = rec.get("encoder"), layer_stack(model)
     cross = None if not encdec else rec["cross_attention"] if "attention" in caps else []
     return Trace(input_ids=ids, tokens=token_strings(tokenizer, ids), logits=out.float(),
                  residual=got("residual", rec), attention=got("attention", rec), mixer_out=got("mixer_out", rec),
@@ -373,6 +379,7 @@ def encode_inputs(model: nn.Module, tokenizer, text_or_ids) -> tuple[torch.Tenso
     Texts are encoded with the tokenizer's special tokens (a BOS, BERT's [CLS]/[SEP]) and padded: on the left
     for a decoder (as generation pads), on the right for an encoder or an encoder-decoder's source.
     """
+    layer_stack(model)
     if isinstance(text_or_ids, torch.Tensor) or (isinstance(text_or_ids, (list, tuple)) and text_or_ids
                                                  and all(isinstance(t, int) for t in text_or_ids)):
         return _check_ids(model, text_or_ids), None
