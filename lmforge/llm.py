@@ -258,6 +258,24 @@ class LLM:
         out = self._complete([ids], gen, single=True, chat=True, draft=draft)
         return [t.strip() for t in out] if isinstance(out, list) else out.strip()
 
+    # ---- inspection ----------------------------------------------------------------------------
+    def inspect(self, text_or_ids: str | list[str] | torch.Tensor,
+                capture: tuple[str, ...] = ("attention", "residual", "mixer_out", "mlp_out"), interventions=None,
+                **kw: Any):
+        """Run the model once on a text (or texts, or ids) and return what it computed inside: a `Trace`.
+
+        capture: any of "attention" (probabilities per head, fp32), "residual" (the embedding output, then the
+        stream after each block), "mixer_out", "mlp_out". interventions: an `lmforge.inspect.Interventions`
+        (heads masked, activations zeroed or patched, steering vectors). Other keywords are
+        `lmforge.inspect.trace`'s (grad, decoder_input_ids, head_weights). The model's normal calls are not
+        changed: hooks exist only during this call.
+        """
+        from lmforge.models.capture import encode_inputs, trace
+
+        ids, mask = encode_inputs(self.model, self.tokenizer, text_or_ids)
+        kw.setdefault("attention_mask", mask)
+        return trace(self.model, ids, capture=capture, interventions=interventions, tokenizer=self.tokenizer, **kw)
+
     # ---- compression ---------------------------------------------------------------------------
     def quantize(self, method: str, **options: Any) -> LLM:
         """A new `LLM` whose linear layers are quantized (this one is left as it was).

@@ -64,6 +64,7 @@ class DecoderLM(nn.Module):
     """
 
     accepts_targets = True  # forward(..., targets=labels) returns (nll, hit): see `head_nll`
+    pack_padding = True  # a padded bidirectional batch runs on its real tokens only (`Unpadded`)
 
     def __init__(self, cfg: Config, init_weights: bool = True):
         super().__init__()
@@ -282,8 +283,12 @@ class DecoderLM(nn.Module):
         mask = build_mask(key_valid, start, T, L, window, device, cfg.attention.global_tokens) if needs_mask else None
         unpadded = None
         if not cfg.attention.causal and padded:
-            # bidirectional: every query sees every real key; padding is left out of the computation
-            mask = unpadded = Unpadded(attention_mask)
+            # bidirectional: every query sees every real key; padding is left out of the computation, unless
+            # `pack_padding` is off (lmforge.inspect: every position computed, as transformers does, with hooks
+            # seeing (B, T, C) activations)
+            mask = unpadded = Unpadded(attention_mask) if self.pack_padding else None
+            if mask is None:
+                mask = attention_mask[:, None, None, :]  # (B, 1, 1, T): padding keys masked
         return mask, unpadded, padded
 
     def _segment_mask(self, segment_ids: torch.Tensor, mask, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,6 +104,9 @@ class Attention(nn.Module):
 
     attr = "attn"  # the block's attribute (state-dict prefix `blocks.i.attn.`)
     resid_projs = ("proj",)  # writes into the residual stream: scaled at GPT-2 init
+    # lmforge.inspect sets an instance's own `probe` for the length of one traced call, then deletes it: a
+    # callable (module, q, k, mask, causal, y) -> y that records the probabilities and may zero heads' outputs
+    probe = None
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -148,6 +151,8 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != nh, scale=self.scale,
             )  # (B, nh, T, hs)
+            if self.probe is not None:  # only inside lmforge.inspect.trace: one attribute test per layer otherwise
+                y = self.probe(self, q, k, mask, self.causal and mask is None and T > 1, y)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)
         if unpadded is not None:
             y = unpadded.pack(y)
@@ -164,6 +169,7 @@ class CrossAttention(nn.Module):
 
     attr = "cross_attn"
     resid_projs = ("proj",)
+    probe = None  # as `Attention.probe`
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -195,7 +201,30 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2).to(k.dtype)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head, scale=self.scale)
+        if self.probe is not None:
+            y = self.probe(self, q, k, mask, False, y)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                    scale: float | None) -> torch.Tensor:
+    """The softmax probabilities (B, nh, T, L) in fp32 that SDPA weighs the values with, written out.
+
+    q: (B, nh, T, hs); k: (B, nkv, L, hs), shared by nh / nkv query heads each (GQA); mask as SDPA takes it
+    (bool, True = may attend, or an additive float bias such as T5's); causal: SDPA's `is_causal` (queries
+    aligned with the last T keys). Scores are q k^T * scale (default hs ** -0.5) in fp32, from q and k upcast.
+    The fused kernels never form this matrix; `lmforge.inspect` calls this only for a call that asks for it.
+    """
+    nh, nkv = q.shape[1], k.shape[1]
+    if nkv != nh:
+        k = k.repeat_interleave(nh // nkv, dim=1)  # query head i reads key head i // (nh / nkv), as SDPA's GQA
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    T, L = scores.shape[-2:]
+    if mask is None and causal:
+        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return scores.softmax(-1)
 
 
 def build_mask(key_valid: torch.Tensor | None, q_start: int, T: int, L: int, window: int | None,
