@@ -106,11 +106,17 @@ def predict_probe(weights: torch.Tensor, bias: torch.Tensor, features: torch.Ten
 
 
 def _standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both splits scaled by the training split's mean and (population) standard deviation; constant
-    features are only centred (scikit-learn's StandardScaler does the same)."""
+    """Both splits scaled by the training split's mean and (population) standard deviation.
+
+    A feature counts as constant, and is only centred, when its variance is within the rounding error of
+    computing it (relative to its mean), the rule of scikit-learn's StandardScaler: scale-free, so a
+    feature that is tiny everywhere (a LayerNorm dimension with a near-zero gain) is still scaled up.
+    """
     train, test = train.double(), test.double()
-    mu, sd = train.mean(0), train.std(0, correction=0)
-    sd = torch.where(sd > 1e-12 * mu.abs().clamp(min=1.0), sd, torch.ones_like(sd))
+    n, eps = train.shape[0], torch.finfo(torch.float64).eps
+    mu, var = train.mean(0), train.var(0, correction=0)
+    constant = var <= n * eps * var + (n * mu.abs() * eps) ** 2
+    sd = torch.where(constant, torch.ones_like(var), var.sqrt())
     return (train - mu) / sd, (test - mu) / sd
 
 
