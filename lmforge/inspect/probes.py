@@ -280,6 +280,8 @@ def probe_layers(llm, task: str = "comedy_vs_tragedy", *, pooling: str = "mean",
         layers: the layers to probe (default all: 0 = embeddings .. n_layer).
         batch_size: passages per forward pass.
         max_iter: L-BFGS iterations per probe at most.
+
+    With pooling="token", n_train / n_test and the accuracies count token rows, not passages.
     """
     model, tokenizer = getattr(llm, "model", llm), getattr(llm, "tokenizer", None)
     if tokenizer is None:
