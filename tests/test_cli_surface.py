@@ -402,7 +402,8 @@ ARGUMENTS = {
     ],
 }
 
-LLM_PUBLIC = ["chat", "config", "embed", "encode_prompt", "eos_ids", "generate", "inspect", "quantize", "save", "tokenizer"]
+LLM_PUBLIC = ["chat", "config", "embed", "encode_prompt", "eos_ids", "generate", "inspect", "quantize", "save",
+              "tokenizer"]
 
 
 def _arguments(command: str) -> list[tuple]:

@@ -1,5 +1,5 @@
 """Looking inside a model: capture and interventions, attention maps, rollout and flow, head ablation, the logit
-lens (and attribution, probes and pictures, each in its own module).
+lens, attribution, linear probes, and their pictures, each in its own module.
 
 Every analysis runs the model that `lmforge.load` gives, through `trace` (`lmforge.models.capture`): no wrapper,
 no copy of the architecture, so what is inspected is what is served.
@@ -8,6 +8,8 @@ no copy of the architecture, so what is inspected is what is served.
 from lmforge.inspect.ablation import HeadAblation, head_ablation
 from lmforge.inspect.attention import attention_flow, attention_maps, rollout
 from lmforge.inspect.lens import LogitLens, lens_logits, logit_lens
+from lmforge.inspect.probes import ProbeResult, layer_features, probe_layers, train_probe
+from lmforge.inspect.probing_data import PROBING_TASKS, ProbingSet, build_probing_set
 from lmforge.inspect.render import (
     heatmap_png,
     save_attention,
@@ -34,5 +36,6 @@ __all__ = [
     "encode_inputs", "head_ablation", "layer_stack", "lens_logits", "logit_lens", "rollout", "target_id",
     "token_strings", "trace", "unwrap",
     "heatmap_png", "save_attention", "save_attribution", "save_head_ablation", "save_lens", "save_probes",
-    "save_rollout",
+    "save_rollout", "PROBING_TASKS", "ProbeResult", "ProbingSet", "build_probing_set", "layer_features",
+    "probe_layers", "train_probe",
 ]
