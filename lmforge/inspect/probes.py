@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lmforge.errors import NO_TOKENIZER, ConfigError
 from lmforge.inspect.probing_data import build_probing_set
 from lmforge.models import DecoderLM, EncoderDecoderLM
-from lmforge.models.mixers.attention import Unpadded
+from lmforge.models.capture import trace
 
 POOLINGS = ("mean", "last", "token")
 TOKENS_PER_TEXT = 8  # per-token probing keeps this many seeded positions of each passage
@@ -130,26 +130,10 @@ def _stack(model) -> DecoderLM:
 
 
 def _layer_features(model, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """The residual stream (B, T, C) at every layer: the embedding output (the input of block 0), then the
-    output of each block (before any final norm); zeros at padding for an encoder.
-
-    Temporary hooks on the blocks, removed before returning. (`lmforge.inspect.trace` captures the same.)
-    """
-    stack = _stack(model)
-    out: list[torch.Tensor] = []
-
-    def grab(x: torch.Tensor, ctx) -> None:
-        # an encoder runs its blocks on the packed real tokens (1, N + 1, C): spread them back to (B, T, C)
-        out.append(ctx.mask.unpack(x) if isinstance(ctx.mask, Unpadded) else x)
-
-    hooks = [stack.blocks[0].register_forward_pre_hook(lambda m, args: grab(args[0], args[1]))]
-    hooks += [b.register_forward_hook(lambda m, args, y: grab(y, args[1])) for b in stack.blocks]
-    try:
-        stack.hidden_states(ids, attention_mask=mask)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
+    """The residual stream (B, T, C) at every layer: the embedding output, then the output of each block (before
+    any final norm), as `trace` captures it; an encoder-decoder's encoder stack."""
+    t = trace(model, ids, attention_mask=mask, capture=("residual",))
+    return t.encoder_residual if t.encoder_residual else t.residual
 
 
 def _encode(model, tokenizer, texts: list[str]) -> list[list[int]]:
