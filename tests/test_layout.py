@@ -24,7 +24,8 @@ FLOORS: list[tuple[str, ...]] = [
     ("lmforge.models", "lmforge.quant.ternary"),  # ternary layers are a model option (Config.bitlinear)
     ("lmforge.infer", "lmforge.adapt", "lmforge.quant", "lmforge.interop"),
     ("lmforge.loading", "lmforge.llm"),
-    ("lmforge.train", "lmforge.align", "lmforge.compress", "lmforge.evaluate", "lmforge.serve", "lmforge.env"),
+    ("lmforge.train", "lmforge.align", "lmforge.compress", "lmforge.evaluate", "lmforge.serve", "lmforge.env",
+     "lmforge.inspect"),
     ("lmforge.commands", "lmforge.cli", "lmforge.__main__", "lmforge"),
 ]
 
