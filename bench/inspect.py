@@ -174,10 +174,10 @@ def run_capture(args) -> dict[str, Any]:
         ids = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
         with torch.no_grad():
             model(ids)
-        trace(model, ids, capture=capture)  # warm-up of both paths
+            trace(model, ids, capture=capture)  # warm-up of both paths
         with torch.no_grad(), common.PeakRSS() as plain:
             model(ids)
-        with common.PeakRSS() as traced:
+        with torch.no_grad(), common.PeakRSS() as traced:
             tr = trace(model, ids, capture=capture)
         fields = {f: _tensor_bytes(getattr(tr, f)) for f in ("attention", "residual", "mixer_out", "mlp_out")}
         del tr
