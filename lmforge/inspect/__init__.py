@@ -7,6 +7,7 @@ no copy of the architecture, so what is inspected is what is served.
 
 from lmforge.inspect.ablation import HeadAblation, head_ablation
 from lmforge.inspect.attention import attention_flow, attention_maps, rollout
+from lmforge.inspect.attribution import Attribution, gradient_x_input, integrated_gradients, saliency
 from lmforge.inspect.lens import LogitLens, lens_logits, logit_lens
 from lmforge.inspect.probes import ProbeResult, layer_features, probe_layers, train_probe
 from lmforge.inspect.probing_data import PROBING_TASKS, ProbingSet, build_probing_set
@@ -37,5 +38,5 @@ __all__ = [
     "token_strings", "trace", "unwrap",
     "heatmap_png", "save_attention", "save_attribution", "save_head_ablation", "save_lens", "save_probes",
     "save_rollout", "PROBING_TASKS", "ProbeResult", "ProbingSet", "build_probing_set", "layer_features",
-    "probe_layers", "train_probe",
+    "probe_layers", "train_probe", "Attribution", "gradient_x_input", "integrated_gradients", "saliency",
 ]
