@@ -368,8 +368,9 @@ ARGUMENTS = {
         ('--method', 'method', 'gausslegendre', None, None, 'str',
          'attribute: the integration rule: gausslegendre, riemann_trapezoid, riemann_left, riemann_right or '
          'riemann_middle. (default: gausslegendre)'),
-        ('--baseline', 'baseline', 'zeros', None, None, 'str',
-         'attribute: the integrated-gradients baseline: zeros, pad, mask or unk. (default: zeros)'),
+        ('--baseline', 'baseline', 'pad', None, None, 'str',
+         'attribute: the integrated-gradients baseline: pad (that token everywhere), zeros, mask or unk. '
+         '(default: pad)'),
         ('--metric', 'metric', 'loss', None, None, 'str',
          'heads: loss or logit_diff (then --target and --distractor name the two tokens). (default: loss)'),
         ('--distractor', 'distractor', None, None, None, 'str', 'heads: the competing token of logit_diff.'),

@@ -30,7 +30,7 @@ def _texts(text: str | None, data: str | None, analysis: str) -> list[str]:
 def inspect(analysis: str, model: str = "smollm2", text: str | None = None, out: str = "runs/inspect",
             layer: int | None = None, head: int | None = None, target: str | None = None, k: int = 5,
             attribution: str = "integrated_gradients", steps: int = 50, method: str = "gausslegendre",
-            baseline: str = "zeros", metric: str = "loss", distractor: str | None = None, data: str | None = None,
+            baseline: str = "pad", metric: str = "loss", distractor: str | None = None, data: str | None = None,
             task: str = "comedy_vs_tragedy", pooling: str = "mean", limit: int | None = None, seed: int = 0,
             dtype: str = "float32") -> int:
     """Look inside a model: attention maps, rollout, head ablation, logit lens, attribution or linear probes.
@@ -58,7 +58,7 @@ def inspect(analysis: str, model: str = "smollm2", text: str | None = None, out:
         steps: attribute: integrated-gradients steps.
         method: attribute: the integration rule: gausslegendre, riemann_trapezoid, riemann_left,
             riemann_right or riemann_middle.
-        baseline: attribute: the integrated-gradients baseline: zeros, pad, mask or unk.
+        baseline: attribute: the integrated-gradients baseline: pad (that token everywhere), zeros, mask or unk.
         metric: heads: loss or logit_diff (then --target and --distractor name the two tokens).
         distractor: heads: the competing token of logit_diff.
         data: heads: a text file of sentences, one per line, ablated together (with --text if given).

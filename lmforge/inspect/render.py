@@ -281,7 +281,8 @@ def save_attribution(result, out_dir: str | Path, *, name: str = "attribution") 
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(range(len(tokens)), [_label(t) for t in tokens], rotation=90, fontsize=8)
     delta = "" if data["delta"] is None else f", delta {data['delta']:.2e}"
-    ax.set_title(f"{data['method']} for target {_label(str(data['target']))!r}{delta}", fontsize=9)
+    title = f"{data['method']} for target {_label(str(data['target']))!r}{delta}"
+    ax.set_title(textwrap.fill(title, 40), fontsize=9)  # a narrow figure (few tokens) must not cut the delta off
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fig.savefig(Path(out_dir) / f"{name}.png")
     return _write(out_dir, name, "attribution", data, "Attribution",

@@ -35,7 +35,7 @@ def check(llm, analysis: str, texts: list, *, layer: int | None = None, head: in
 
 def analyze(llm, analysis: str, texts: list, *, layer: int | None = None, head: int | None = None,
             target: str | int | None = None, k: int = 5, attribution: str = "integrated_gradients",
-            steps: int = 50, method: str = "gausslegendre", baseline: str = "zeros", metric: str = "loss",
+            steps: int = 50, method: str = "gausslegendre", baseline: str = "pad", metric: str = "loss",
             distractor: str | int | None = None, task: str = "comedy_vs_tragedy", pooling: str = "mean",
             limit: int | None = None, seed: int = 0) -> Any:
     """Run the analysis named `analysis` on `llm`; returns its result.

@@ -174,7 +174,7 @@ class InspectRequest(BaseModel):
     attribution: StrictStr = "integrated_gradients"
     steps: StrictInt = Field(50, ge=1, le=1000)
     method: StrictStr = "gausslegendre"
-    baseline: StrictStr = "zeros"
+    baseline: StrictStr = "pad"
     metric: StrictStr = "loss"
     distractor: StrictStr | StrictInt | None = None
     task: StrictStr = "comedy_vs_tragedy"
