@@ -224,3 +224,13 @@ def test_architecture_howtos_name_real_files():
         assert re.search(rf"^## Add {howto}", body, re.M | re.I), howto
     files = re.findall(r"`(lmforge/[\w/.]+\.py)`", body)
     assert len(files) >= 8 and all((ROOT / f).exists() for f in files)
+
+
+def test_no_script_folder_shadows_the_standard_library():
+    """A script run as `python bench/x.py` puts bench/ first on sys.path: a bench/inspect.py would then replace
+    the standard library's `inspect` for torch itself, and every other script there would fail to start."""
+    import sys
+
+    clashes = [str(p.relative_to(ROOT)) for folder in ("bench", "tests", "tests/helpers")
+               for p in (ROOT / folder).glob("*.py") if p.stem in sys.stdlib_module_names]
+    assert clashes == []

@@ -15,30 +15,25 @@ Cases:
                    residual, mixer and MLP outputs) / tokens, and the peak-RSS growth over a plain forward,
                    at several prompt lengths (attention grows with the context, so per token it is not flat).
 
-Run: `.venv/bin/python bench/inspect.py [--cases ig,heads] [--repeats 3] [--threads 2]`. One JSON line per
+Run: `.venv/bin/python bench/inspection.py [--cases ig,heads] [--repeats 3] [--threads 2]`. One JSON line per
 case on stdout, after a `machine` line. A case whose part of `lmforge.inspect` is missing prints a
 `skipped` line instead.
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import os
-import sys
+import time
+from typing import Any
 
-# Run as a script, this file's folder comes first on sys.path, and the file's name would shadow the standard
-# library's `inspect` (which torch imports): take the folder off and reach `bench.common` from the repo root.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import torch
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench import common  # noqa: E402
+try:
+    from bench import common
+except ImportError:  # run as a script: bench/ is on sys.path
+    import common
 
 CASES = ["ig-smollm2", "heads-smollm2", "capture-smollm2"]
 PROMPTS = ["The capital of France is", "Romeo, Romeo, wherefore art thou", "def add(a, b):\n    return",
