@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import assert_rel_close
-from helpers.inspect_by_hand import attribute_by_hand, attribution_standin
+from helpers.inspect_by_hand import attribute_by_hand
 from helpers.serving import tiny_chat_llm
 
 import lmforge
@@ -80,7 +80,6 @@ def _run(capsys, model_dir, out, *argv) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("attribution", ["gradient_x_input", "saliency"])
 def test_attribute_writes_the_attribution_of_the_model(capsys, tmp_path, model_dir, monkeypatch, attribution):
-    attribution_standin(monkeypatch)  # until lmforge.inspect.attribution is merged: the definition, by hand
     data = _run(capsys, model_dir, tmp_path, "attribute", "--text", TEXT, "--attribution", attribution,
                 "--target", " Paris")
     llm = lmforge.load(str(model_dir))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_rel_close
 from helpers.browser import chromium, keep_screenshot, needs_chromium, only_local
-from helpers.inspect_by_hand import attribute_by_hand, attribution_standin
+from helpers.inspect_by_hand import attribute_by_hand
 from helpers.serving import tiny_chat_llm
 
 from lmforge.serve.server import ServerThread
@@ -59,7 +59,6 @@ def test_bad_requests_get_a_400_with_one_line(server):
 
 
 def test_attribute_of_a_text_is_the_attribution(server, monkeypatch):
-    attribution_standin(monkeypatch)
     r = _post(server, {"model": MODEL, "analysis": "attribute", "text": TEXT, "attribution": "gradient_x_input",
                        "target": " Paris"})
     assert r.status_code == 200, r.text
@@ -72,7 +71,6 @@ def test_attribute_of_a_text_is_the_attribution(server, monkeypatch):
 
 
 def test_attribute_of_a_reply_explains_its_token(server, monkeypatch):
-    attribution_standin(monkeypatch)
     llm = server.app.state.serving.llm
     messages = [{"role": "user", "content": "Where is Paris?"}]
     reply = "Paris is in France."
@@ -109,7 +107,6 @@ def test_lens_and_attention_answer_their_dicts(server):
 @pytest.mark.slow
 @needs_chromium
 def test_chat_page_attribution_tab_colours_the_last_reply(server, monkeypatch, tmp_path):
-    attribution_standin(monkeypatch)
     with chromium(tmp_path) as new_page:
         page = new_page()
         page.goto(server.url + "/", timeout=30_000)

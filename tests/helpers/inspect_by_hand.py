@@ -8,8 +8,6 @@ the last logit-lens layer equals the logits), so that the numbers the pictures s
 
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import asdict, dataclass
 
 import torch
@@ -217,21 +215,3 @@ def probes_by_hand(model: nn.Module, vocab: int, seed: int = 0) -> dict:
             out.append(float(clf.score(feats[60:], y[60:].numpy())))
     return {"task": "holds_token_7", "layers": list(range(len(stream))), "accuracy": acc, "control_accuracy": ctl,
             "selectivity": [a - c for a, c in zip(acc, ctl)], "majority": 0.5, "n_train": 60, "n_test": 20}
-
-
-def attribution_standin(monkeypatch) -> bool:
-    """Make `lmforge.inspect.attribution` importable with the by-hand functions (for this test only) when the
-    real module is not there yet (its branch not merged); returns True when the stand-in is in place."""
-    try:
-        import lmforge.inspect.attribution  # noqa: F401
-        return False
-    except ImportError:
-        pass
-    mod = types.ModuleType("lmforge.inspect.attribution")
-    for name in ("integrated_gradients", "gradient_x_input", "saliency"):
-        def run(llm, x, *, target=None, steps=16, name=name, **_):
-            return attribute_by_hand(llm, x, target=target, steps=steps, method=name)
-
-        setattr(mod, name, run)
-    monkeypatch.setitem(sys.modules, "lmforge.inspect.attribution", mod)
-    return True
